@@ -1,0 +1,87 @@
+"""Argument checks shared by the public API.
+
+Every check raises ``TypeError`` (wrong type) or ``ValueError`` (wrong value or shape)
+with a message that names the argument, what it received and what was expected.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Iterable
+
+import torch
+from torch.utils._pytree import tree_flatten_with_path, keystr
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """Return ``value`` as ``int`` if it is an integer ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    """Return ``value`` as ``float`` if it is a finite real number ``> 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0.0 and value < float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_particles(
+    particles: Any, dim: int, name: str = "particles", min_particles: int = 1
+) -> torch.Tensor:
+    """Check flat unconstrained particles of shape ``(M, D)`` or ``(T, M, D)``."""
+    if not isinstance(particles, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (M, {dim}) or (T, M, {dim}), "
+            f"got {type(particles).__name__}"
+        )
+    if not particles.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {particles.dtype}")
+    if particles.dim() not in (2, 3) or particles.size(-1) != dim:
+        raise ValueError(
+            f"{name} must have shape (M, {dim}) or (T, M, {dim}) "
+            f"(one row per particle, D = {dim} unconstrained coordinates), "
+            f"got shape {tuple(particles.shape)}"
+        )
+    if particles.size(-2) < min_particles:
+        raise ValueError(
+            f"{name} must hold at least {min_particles} particles (M), "
+            f"got shape {tuple(particles.shape)}"
+        )
+    if not bool(torch.isfinite(particles).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return particles
+
+
+def check_finite_data(args: tuple, kwargs: dict) -> None:
+    """Reject NaN/inf in any floating tensor passed to a model."""
+    leaves, _ = tree_flatten_with_path((args, kwargs))
+    for path, leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            if not bool(torch.isfinite(leaf).all()):
+                where = _describe_path(path)
+                raise ValueError(
+                    f"model argument {where} contains non-finite values (NaN or inf); "
+                    "data passed to the model must be finite"
+                )
+
+
+def _describe_path(path) -> str:
+    # path[0] selects args (0) or kwargs (1); the rest is the position inside.
+    head, rest = path[0].idx, path[1:]
+    if head == 0 and rest:
+        return f"args[{rest[0].idx}]" + keystr(rest[1:])
+    return keystr(rest) if rest else "?"

@@ -1,0 +1,112 @@
+r"""Particle posteriors and their predictive distributions.
+
+A :class:`ParticlePosterior` holds the flat particles SVGD (or gradient adaptation) produced
+for one task ``(M, D)`` or a batch of tasks ``(T, M, D)``, the model's potential, and the
+support data it was adapted on. Its predictive distribution is the equally weighted mixture
+of the particles' predictives,
+
+.. math::
+
+    p(y \mid x, D) \approx \frac{1}{M} \sum_{m=1}^{M} p(y \mid x, \theta_m).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional
+
+import pyro
+import torch
+from pyro.infer import Predictive
+
+from ._checks import check_int
+from .potential import ModelPotential
+
+__all__ = ["ParticlePosterior"]
+
+
+class ParticlePosterior:
+    """Particles of one or several tasks' posteriors.
+
+    :param potential: the model's potential (knows the sites and the model).
+    :param particles: flat unconstrained ``(M, D)`` or ``(T, M, D)``.
+    :param x_support, y_support: the data adapted on (``(K, in)``/``(K,)``, or with ``T``).
+    :param info: free-form description (method, kernel, steps...), kept for diagnostics.
+    """
+
+    def __init__(
+        self,
+        potential: ModelPotential,
+        particles: torch.Tensor,
+        x_support: Optional[torch.Tensor] = None,
+        y_support: Optional[torch.Tensor] = None,
+        info: Optional[dict] = None,
+    ):
+        self.potential = potential
+        self.particles = particles.detach()
+        self.x_support = x_support
+        self.y_support = y_support
+        self.info = dict(info or {})
+
+    @property
+    def num_particles(self) -> int:
+        return self.particles.size(-2)
+
+    @property
+    def batched(self) -> bool:
+        """True when the posterior holds a batch of tasks ``(T, M, D)``."""
+        return self.particles.dim() == 3
+
+    @property
+    def named(self) -> Dict[str, torch.Tensor]:
+        """``{site: constrained particles ((T,) M, *site_shape)}``."""
+        return self.potential.unpack(self.particles)
+
+    def task(self, index: int) -> "ParticlePosterior":
+        """The posterior of one task of a batch."""
+        if not self.batched:
+            raise ValueError("task(index) needs a batched (T, M, D) posterior")
+        sup = None if self.x_support is None else (self.x_support[index], self.y_support[index])
+        return ParticlePosterior(self.potential, self.particles[index], *(sup or (None, None)),
+                                 info=self.info)
+
+    def predict(self, x: torch.Tensor, num_samples: int = 0) -> Dict[str, torch.Tensor]:
+        """Posterior predictive at inputs ``x`` (``(N, in)``, or ``(T, N, in)`` if batched).
+
+        :param num_samples: draws of ``y`` per particle through :class:`pyro.infer.Predictive`
+            (0: none).
+        :returns: ``{"mean": (..., N), "particle_means": (..., M, N)}`` and, if asked,
+            ``"samples": (..., M * num_samples, N)``.
+        """
+        num_samples = check_int("num_samples", num_samples, 0)
+        particle_means = self.potential.model_output(self.particles, x)
+        out = {"mean": particle_means.mean(-2), "particle_means": particle_means}
+        if num_samples:
+            out["samples"] = self._sample_y(x, num_samples)
+        return out
+
+    def _sample_y(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        def draws(named, x_task):
+            # Each particle's values repeated num_samples times; Predictive loops over them.
+            reps = {k: v.repeat_interleave(num_samples, dim=0) for k, v in named.items()}
+            pred = Predictive(self.potential.model, posterior_samples=reps, return_sites=["y"])
+            return pred(x_task)["y"]
+
+        named = self.named
+        if not self.batched:
+            return draws(named, x)
+        return torch.stack(
+            [draws({k: v[t] for k, v in named.items()}, x[t]) for t in range(x.size(0))]
+        )
+
+    def log_predictive_density(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        r"""Pointwise log of the mixture predictive, :math:`\log \frac1M \sum_m p(y|x,\theta_m)`.
+
+        :returns: ``(N,)`` or ``(T, N)``.
+        """
+        log_lik = self.potential.log_likelihood(self.particles, x, y)  # (..., M, N)
+        return torch.logsumexp(log_lik, dim=-2) - math.log(self.num_particles)
+
+    def __repr__(self) -> str:
+        shape = tuple(self.particles.shape)
+        return f"ParticlePosterior(particles={shape}, sites={self.potential.site_names})"

@@ -1,0 +1,327 @@
+r"""Pyro model -> joint log density over flat, unconstrained particles.
+
+A particle is one row of a ``(M, D)`` tensor: the concatenation of every continuous latent
+site of the model, each mapped to unconstrained space with
+:func:`torch.distributions.biject_to` of its support. The potential is
+
+.. math::
+
+    \log \tilde p(u \mid \text{data}) = \log p\big(T(u), \text{data}\big)
+        + \log \left|\det \frac{\partial T(u)}{\partial u}\right|
+
+with :math:`T` the site-wise bijection, so densities of constrained sites (e.g. a Gamma
+precision sampled in log space) are correct in the space the particles move in.
+
+The user's model is plain Pyro: it is written for *one* set of latent values and never has
+to broadcast over a particle dimension. :class:`ModelPotential` vectorizes it with
+:func:`torch.func.vmap` over particles (and over tasks, whose data arrive with a leading
+task dimension). Pyro's validation is switched off *inside* the vectorized call only:
+its NaN and support checks are data-dependent control flow that ``vmap`` cannot trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import biject_to
+from torch.distributions.transforms import Transform
+from torch.utils._pytree import tree_flatten_with_path, tree_map, keystr
+
+from ._checks import check_int, check_particles
+
+__all__ = ["LatentSite", "ModelPotential"]
+
+
+@dataclass(frozen=True)
+class LatentSite:
+    """One continuous latent site of a Pyro model and its slice of a flat particle.
+
+    :ivar name: the Pyro site name.
+    :ivar shape: shape of the constrained value for one particle (plate dims included).
+    :ivar unconstrained_shape: shape after ``transform.inv`` (differs for e.g. simplexes).
+    :ivar transform: ``biject_to(support)``, unconstrained -> constrained.
+    :ivar offset: first column of the site in a flat particle.
+    :ivar size: number of columns (numel of ``unconstrained_shape``).
+    """
+
+    name: str
+    shape: torch.Size
+    unconstrained_shape: torch.Size
+    transform: Transform
+    offset: int
+    size: int
+
+    @property
+    def columns(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def first_task(args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """Slice task 0 out of task-batched model arguments (every tensor has a leading T dim)."""
+    return tree_map(lambda a: a[0] if _is_tensor(a) else a, (args, kwargs))
+
+
+def check_task_batched(num_tasks: int, args: tuple, kwargs: dict) -> None:
+    """Every tensor argument of a task-batched call must have leading dim ``num_tasks``."""
+    leaves, _ = tree_flatten_with_path((args, kwargs))
+    for path, leaf in leaves:
+        if _is_tensor(leaf) and (leaf.dim() == 0 or leaf.size(0) != num_tasks):
+            head = "args" if path[0].idx == 0 else "kwargs"
+            raise ValueError(
+                f"with particles of shape (T={num_tasks}, M, D) every tensor argument of the "
+                f"model must have a leading task dim of size {num_tasks}; "
+                f"{head}{keystr(path[1:])} has shape {tuple(leaf.shape)}"
+            )
+
+
+class ModelPotential:
+    """The joint log density of a Pyro model, evaluated on flat unconstrained particles.
+
+    :param model: a Pyro model (a function or a :class:`~pyro.nn.PyroModule`) whose latent
+        sites are all continuous. It is called with one task's data and one set of latent
+        values; it need not be vectorized.
+
+    The latent sites are discovered by tracing the model once (:meth:`setup`, called
+    lazily on first use with the first task's arguments). Shapes:
+
+    - ``particles``: ``(M, D)`` with unbatched model arguments, or ``(T, M, D)`` where every
+      tensor argument has a leading task dim ``T``;
+    - :meth:`log_density` returns ``(M,)`` or ``(T, M)``.
+    """
+
+    def __init__(self, model: Callable):
+        if not callable(model):
+            raise TypeError(f"model must be callable (a Pyro model), got {type(model).__name__}")
+        self.model = model
+        self.sites: Optional[List[LatentSite]] = None
+
+    # ------------------------------------------------------------------ site discovery
+    @property
+    def is_setup(self) -> bool:
+        return self.sites is not None
+
+    @property
+    def dim(self) -> int:
+        """D, the number of unconstrained coordinates of one particle."""
+        sites = self._require_sites()
+        return sites[-1].offset + sites[-1].size
+
+    @property
+    def site_names(self) -> List[str]:
+        return [s.name for s in self._require_sites()]
+
+    def setup(self, *args, **kwargs) -> "ModelPotential":
+        """Trace the model once with one task's arguments and record its latent sites."""
+        with torch.no_grad():
+            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        sites, offset = [], 0
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                continue
+            fn = site["fn"]
+            support = fn.support
+            if support.is_discrete or site["infer"].get("enumerate"):
+                raise ValueError(
+                    f"model has a discrete latent site '{name}' ({type(fn).__name__}); SVGD "
+                    "needs continuous latent sites: marginalize it out or observe it"
+                )
+            transform = biject_to(support)
+            value = site["value"].detach()
+            unconstrained = transform.inv(value)
+            size = unconstrained.numel()
+            sites.append(
+                LatentSite(name, value.shape, unconstrained.shape, transform, offset, size)
+            )
+            offset += size
+        if not sites:
+            raise ValueError(
+                "model has no latent sample site (every pyro.sample is observed); "
+                "there is nothing for SVGD to infer"
+            )
+        self.sites = sites
+        return self
+
+    def setup_from(self, particles: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """Set up lazily from a (possibly task-batched) call."""
+        if self.sites is None:
+            if _is_tensor(particles) and particles.dim() == 3:
+                args, kwargs = first_task(args, kwargs)
+            self.setup(*args, **kwargs)
+
+    def _require_sites(self) -> List[LatentSite]:
+        if self.sites is None:
+            raise RuntimeError(
+                "the potential has not seen the model's arguments yet: call "
+                "setup(*model_args) (or evaluate it once) first"
+            )
+        return self.sites
+
+    # ------------------------------------------------------------------ flat <-> named
+    def unpack(self, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Flat unconstrained ``(..., D)`` -> ``{site: constrained (..., *site_shape)}``."""
+        sites = self._require_sites()
+        if not _is_tensor(flat) or flat.dim() < 1 or flat.size(-1) != self.dim:
+            got = tuple(flat.shape) if _is_tensor(flat) else type(flat).__name__
+            raise ValueError(f"flat must have shape (..., {self.dim}), got {got}")
+        batch = flat.shape[:-1]
+        return {
+            s.name: s.transform(flat[..., s.columns].reshape(batch + s.unconstrained_shape))
+            for s in sites
+        }
+
+    def pack(self, named: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """``{site: constrained (..., *site_shape)}`` -> flat unconstrained ``(..., D)``."""
+        sites = self._require_sites()
+        if not isinstance(named, dict):
+            raise TypeError(f"named must be a dict of site values, got {type(named).__name__}")
+        missing = [s.name for s in sites if s.name not in named]
+        extra = sorted(set(named) - {s.name for s in sites})
+        if missing or extra:
+            raise ValueError(
+                f"named must hold exactly the latent sites {self.site_names}; "
+                f"missing {missing}, unexpected {extra}"
+            )
+        pieces, batch = [], None
+        for s in sites:
+            value = torch.as_tensor(named[s.name])
+            n = len(s.shape)
+            if tuple(value.shape[value.dim() - n :]) != tuple(s.shape) or value.dim() < n:
+                raise ValueError(
+                    f"named['{s.name}'] must have shape (..., {', '.join(map(str, s.shape))}), "
+                    f"got {tuple(value.shape)}"
+                )
+            value_batch = value.shape[: value.dim() - n]
+            if batch is None:
+                batch = value_batch
+            elif value_batch != batch:
+                raise ValueError(
+                    f"named['{s.name}'] has batch shape {tuple(value_batch)}, other sites "
+                    f"have {tuple(batch)}"
+                )
+            pieces.append(s.transform.inv(value).reshape(value_batch + (s.size,)))
+        return torch.cat(pieces, dim=-1)
+
+    def sample_prior(self, num_particles: int, *args, **kwargs) -> torch.Tensor:
+        """Draw ``num_particles`` flat particles ``(M, D)`` from the model's prior.
+
+        The model is run once per particle with one task's arguments (this is set-up, not a
+        hot path, and it keeps user models free of particle broadcasting).
+        """
+        num_particles = check_int("num_particles", num_particles, 1)
+        if self.sites is None:
+            self.setup(*args, **kwargs)
+        rows = []
+        with torch.no_grad():
+            for _ in range(num_particles):
+                trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+                rows.append(self.pack({s.name: trace.nodes[s.name]["value"] for s in self.sites}))
+        return torch.stack(rows).detach()
+
+    # ------------------------------------------------------------------ log density
+    def _conditioned_trace(self, flat: torch.Tensor, args: tuple, kwargs: dict):
+        """Run the model on one particle ``(D,)``: ``(trace, log |Jacobian|)``."""
+        values, log_jac = {}, 0.0
+        for s in self.sites:
+            u = flat[s.columns].reshape(s.unconstrained_shape)
+            x = s.transform(u)
+            values[s.name] = x
+            log_jac = log_jac + s.transform.log_abs_det_jacobian(u, x).sum()
+        trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
+            *args, **kwargs
+        )
+        return trace, log_jac
+
+    def _log_joint_one(self, flat: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Log joint of one particle ``(D,)`` and one task's data: a scalar."""
+        trace, log_jac = self._conditioned_trace(flat, args, kwargs)
+        return trace.log_prob_sum() + log_jac
+
+    def _log_likelihood_one(self, flat, args, kwargs) -> torch.Tensor:
+        trace, _ = self._conditioned_trace(flat, args, kwargs)
+        trace.compute_log_prob()
+        total = None
+        for name, site in trace.nodes.items():
+            if (site["type"] == "sample" and site["is_observed"] and name not in self._site_set
+                    and not site["infer"].get("_deterministic")):
+                total = site["log_prob"] if total is None else total + site["log_prob"]
+        if total is None:
+            raise ValueError("model has no observed site: pass the observations (e.g. y)")
+        return total
+
+    def _return_one(self, flat, args, kwargs) -> torch.Tensor:
+        trace, _ = self._conditioned_trace(flat, args, kwargs)
+        return trace.nodes["_RETURN"]["value"]
+
+    @property
+    def _site_set(self):
+        return {s.name for s in self.sites}
+
+    def _vectorized(self, fn: Callable, particles: torch.Tensor, args: tuple, kwargs: dict,
+                    randomness: str = "error"):
+        """Apply ``fn(flat (D,), args, kwargs)`` to ``(M, D)`` or ``(T, M, D)`` particles."""
+        self.setup_from(particles, args, kwargs)
+        check_particles(particles, self.dim)
+        vfn = torch.func.vmap(fn, in_dims=(0, None, None), randomness=randomness)
+        if particles.dim() == 3:
+            check_task_batched(particles.size(0), args, kwargs)
+            in_dims = tree_map(lambda a: 0 if _is_tensor(a) else None, (args, kwargs))
+            vfn = torch.func.vmap(vfn, in_dims=(0,) + in_dims, randomness=randomness)
+        # Validation off inside only: its checks branch on tensor values, which vmap forbids.
+        with pyro.validation_enabled(False):
+            return vfn(particles, args, kwargs)
+
+    def log_density(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Joint log density (unconstrained space) of ``(M, D)`` or ``(T, M, D)`` particles.
+
+        :returns: ``(M,)`` or ``(T, M)``.
+        """
+        return self._vectorized(self._log_joint_one, particles, args, kwargs)
+
+    def log_likelihood(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Pointwise log likelihood of the observed sites, per particle.
+
+        Observations must sit in a plate over data points (the usual Pyro idiom), so that
+        each observed site's ``log_prob`` has shape ``(N,)``.
+
+        :returns: ``(M, N)`` or ``(T, M, N)``.
+        """
+        return self._vectorized(self._log_likelihood_one, particles, args, kwargs)
+
+    def model_output(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The model's return value (by convention the predictive mean) per particle.
+
+        Unobserved data sites (``y=None``) are sampled along the way and discarded.
+
+        :returns: ``(M, *out)`` or ``(T, M, *out)``.
+        """
+        return self._vectorized(self._return_one, particles, args, kwargs, randomness="same")
+
+    def log_density_and_grad(
+        self, particles: torch.Tensor, *args, create_graph: bool = False, **kwargs
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Log density and its gradient with respect to each particle.
+
+        :param create_graph: keep the graph of the gradient, so that functions of it can be
+            differentiated with respect to ``particles`` again (needed to backpropagate
+            through SVGD steps).
+        :returns: ``(log_p, grad)`` with shapes ``(..., M)`` and ``(..., M, D)``.
+        """
+        with torch.enable_grad():
+            x = particles
+            if not (create_graph and particles.requires_grad):
+                x = particles.detach().requires_grad_(True)
+            log_p = self.log_density(x, *args, **kwargs)
+            # Each row's density depends on that row only, so d(sum)/dx is the per-row grad.
+            (grad,) = torch.autograd.grad(log_p.sum(), x, create_graph=create_graph)
+        if not create_graph:
+            log_p = log_p.detach()
+        return log_p, grad

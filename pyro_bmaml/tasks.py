@@ -1,0 +1,143 @@
+r"""Task sources: families of few-shot regression tasks, batched with a leading task dim.
+
+The protocol is small: a task source has ``sample(batch_size, generator) -> TaskBatch`` (a
+meta-training batch) and ``evaluation_tasks(num_tasks, seed) -> TaskBatch``. A
+:class:`TaskBatch` holds support and query sets with a leading task dim ``T``:
+``x_support (T, K, in)``, ``y_support (T, K)``, ``x_query (T, Q, in)``, ``y_query (T, Q)``.
+Any object with these two methods plugs into :meth:`~pyro_bmaml.meta.MetaLearner.fit`.
+
+:class:`Sinusoid` is the benchmark of MAML (Finn et al., 2017) and BMAML (Yoon et al., 2018):
+:math:`y = A \sin(w x - b)`, with a *finite* meta-training pool of tasks whose points are
+drawn once from a seed, as the official BMAML code does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._checks import check_choice, check_int
+
+__all__ = ["TaskBatch", "Sinusoid"]
+
+
+class TaskBatch(NamedTuple):
+    """Support and query sets of ``T`` tasks (leading dim ``T`` everywhere)."""
+
+    x_support: torch.Tensor  # (T, K, in)
+    y_support: torch.Tensor  # (T, K)
+    x_query: torch.Tensor  # (T, Q, in)
+    y_query: torch.Tensor  # (T, Q)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.x_support.size(0)
+
+    def to(self, *args, **kwargs) -> "TaskBatch":
+        return TaskBatch(*(t.to(*args, **kwargs) for t in self))
+
+    def __getitem__(self, index):
+        if isinstance(index, int):  # NamedTuple field access stays positional
+            return tuple.__getitem__(self, index)
+        return TaskBatch(*(t[index] for t in self))
+
+    def validate(self) -> "TaskBatch":
+        """Check shapes, dtypes and finiteness; raise ``ValueError`` naming the field."""
+        names = self._fields
+        for name, t in zip(names, self):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating torch.Tensor, got {type(t).__name__}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+        T = self.x_support.size(0)
+        for name, t, nd in zip(names, self, (3, 2, 3, 2)):
+            if t.dim() != nd or t.size(0) != T:
+                raise ValueError(
+                    f"{name} must have {nd} dims with leading task dim {T}, got {tuple(t.shape)}"
+                )
+        if self.x_support.size(1) == 0:
+            raise ValueError("the support set is empty (K = 0); give at least one example")
+        if self.y_support.shape != self.x_support.shape[:2]:
+            raise ValueError(
+                f"y_support must have shape {tuple(self.x_support.shape[:2])}, "
+                f"got {tuple(self.y_support.shape)}"
+            )
+        if self.y_query.shape != self.x_query.shape[:2]:
+            raise ValueError(
+                f"y_query must have shape {tuple(self.x_query.shape[:2])}, "
+                f"got {tuple(self.y_query.shape)}"
+            )
+        return self
+
+
+class Sinusoid:
+    r"""Sinusoid regression tasks :math:`y = A \sin(w x - b)`.
+
+    :param variant: ``"bmaml"`` (official BMAML ranges: A in [0.1, 5], b in [0, 2 pi],
+        w in [0.5, 2]) or ``"maml"`` (w = 1, b in [0, pi]). x ~ U[-5, 5] in both.
+    :param num_tasks: size of the finite meta-training pool, |T| (``None``: a fresh task
+        every draw).
+    :param num_support: K, support points per task.
+    :param num_query: query points per task (the paper uses K).
+    :param noise: relative noise sd: training targets get N(0, (noise * A)^2); evaluation
+        targets are noise-free.
+    :param seed: seed of the pool.
+    """
+
+    def __init__(
+        self,
+        variant: str = "bmaml",
+        num_tasks: Optional[int] = 100,
+        num_support: int = 10,
+        num_query: Optional[int] = None,
+        noise: float = 0.01,
+        seed: int = 0,
+    ):
+        self.variant = check_choice("variant", variant, ("bmaml", "maml"))
+        self.num_tasks = None if num_tasks is None else check_int("num_tasks", num_tasks, 1)
+        self.num_support = check_int("num_support", num_support, 1)
+        self.num_query = self.num_support if num_query is None else check_int("num_query", num_query, 1)
+        if not (isinstance(noise, (int, float)) and noise >= 0 and math.isfinite(noise)):
+            raise ValueError(f"noise must be a finite number >= 0, got {noise!r}")
+        self.noise = float(noise)
+        self.seed = int(seed)
+        self._pool = None
+        if self.num_tasks is not None:
+            g = torch.Generator().manual_seed(self.seed)
+            self._pool = self._draw(self.num_tasks, g, noisy=True)
+
+    def _draw(self, num_tasks: int, g: torch.Generator, noisy: bool) -> TaskBatch:
+        def u(lo, hi, *shape):
+            return lo + (hi - lo) * torch.rand(*shape, generator=g)
+
+        amp = u(0.1, 5.0, num_tasks, 1)
+        if self.variant == "bmaml":
+            phase, freq = u(0.0, 2 * math.pi, num_tasks, 1), u(0.5, 2.0, num_tasks, 1)
+        else:
+            phase, freq = u(0.0, math.pi, num_tasks, 1), torch.ones(num_tasks, 1)
+        n = self.num_support + self.num_query
+        x = u(-5.0, 5.0, num_tasks, n)
+        y = amp * torch.sin(freq * x - phase)
+        if noisy and self.noise > 0:
+            y = y + self.noise * amp * torch.randn(num_tasks, n, generator=g)
+        k = self.num_support
+        return TaskBatch(x[:, :k, None], y[:, :k], x[:, k:, None], y[:, k:])
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
+        """A meta-training batch of ``batch_size`` tasks (distinct tasks of the pool)."""
+        batch_size = check_int("batch_size", batch_size, 1)
+        if self._pool is None:
+            return self._draw(batch_size, generator, noisy=True)
+        if batch_size > self.num_tasks:
+            raise ValueError(
+                f"batch_size ({batch_size}) exceeds the pool of num_tasks={self.num_tasks} tasks"
+            )
+        index = torch.randperm(self.num_tasks, generator=generator)[:batch_size]
+        return self._pool[index]
+
+    def evaluation_tasks(self, num_tasks: int = 100, seed: int = 12345) -> TaskBatch:
+        """Held-out tasks with noise-free targets (fixed by ``seed``)."""
+        num_tasks = check_int("num_tasks", num_tasks, 1)
+        return self._draw(num_tasks, torch.Generator().manual_seed(seed), noisy=False)

@@ -1,0 +1,37 @@
+"""The command line: a tiny train + evaluate round trip, and clear errors."""
+
+import json
+
+import pytest
+
+from pyro_bmaml.cli import main
+
+
+def test_train_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--iterations", "3", "--hidden", "8", "--particles", "3",
+                 "--num-tasks", "12", "--eval-tasks", "5", "--out", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test MSE" in printed and "test NLL" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["iterations"] == 3 and metrics["mse"][0] > 0
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval-tasks", "5"]) == 0
+    assert "after 3 meta-iterations" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--bogus"], ["train", "--particles", "0"], ["train", "--hidden", "4,x"],
+    ["train", "--method", "vi"], ["fly"],
+])
+def test_bad_arguments_exit_2(argv):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+
+
+def test_bad_values_are_reported(tmp_path, capsys):
+    assert main(["train", "--particles", "1", "--out", str(tmp_path)]) == 2
+    assert "--particles must be >= 2" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

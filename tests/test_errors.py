@@ -1,0 +1,105 @@
+"""Bad input raises a clear TypeError/ValueError naming the argument."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.optim import Adam
+
+import pyro_bmaml as pb
+from models_for_tests import normal_gamma_regression, regression_data
+
+
+def _svgd(model=normal_gamma_regression, **kw):
+    args = dict(kernel=pb.RBFSteinKernel(), optim=Adam({"lr": 0.1}), num_particles=5,
+                max_plate_nesting=0)
+    args.update(kw)
+    return pb.SVGD(model, **args)
+
+
+def test_discrete_latent_site():
+    def model():
+        pyro.sample("k", dist.Categorical(torch.ones(3) / 3))
+
+    with pytest.raises(ValueError, match="discrete latent site 'k'"):
+        _svgd(model).step()
+
+
+def test_no_latent_site():
+    def model(y):
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match="no latent sample site"):
+        _svgd(model).step(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(num_particles=1), ValueError, "num_particles must be >= 2"),
+    (dict(num_particles=2.5), TypeError, "num_particles must be an int"),
+    (dict(mode="joint"), ValueError, "mode must be one of"),
+    (dict(kernel="rbf"), TypeError, "kernel must be"),
+    (dict(optim=torch.optim.Adam), TypeError, "optim must be a pyro.optim.PyroOptim"),
+    (dict(max_plate_nesting=-1), ValueError, "max_plate_nesting"),
+])
+def test_constructor_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        _svgd(**kw)
+
+
+def test_model_not_callable():
+    with pytest.raises(TypeError, match="model must be callable"):
+        pb.ModelPotential(3)
+
+
+def test_transport_arguments():
+    X, y = regression_data()
+    svgd = _svgd()
+    init = svgd.init_particles(X, y)
+    with pytest.raises(ValueError, match=r"particles must have shape \(M, 4\)"):
+        svgd.transport(init[:, :3], X, y, num_steps=1, step_size=0.1)
+    with pytest.raises(ValueError, match="at least 2 particles"):
+        svgd.transport(init[:1], X, y, num_steps=1, step_size=0.1)
+    with pytest.raises(TypeError, match="floating dtype"):
+        svgd.transport(init.long(), X, y, num_steps=1, step_size=0.1)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        svgd.transport(init.tolist(), X, y, num_steps=1, step_size=0.1)
+    with pytest.raises(ValueError, match="particles contains non-finite"):
+        svgd.transport(init * float("nan"), X, y, num_steps=1, step_size=0.1)
+    with pytest.raises(ValueError, match="num_steps must be >= 0"):
+        svgd.transport(init, X, y, num_steps=-1, step_size=0.1)
+    with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
+        svgd.transport(init, X, y, num_steps=1, step_size=0.0)
+    with pytest.raises(ValueError, match="step_size"):
+        svgd.transport(init, X, y, num_steps=1, step_size=-1e-3)
+    bad_y = y.clone()
+    bad_y[3] = float("inf")
+    with pytest.raises(ValueError, match=r"args\[1\] contains non-finite"):
+        svgd.transport(init, X, bad_y, num_steps=1, step_size=0.1)
+    with pytest.raises(ValueError, match="leading task dim of size 2"):
+        svgd.transport(init.expand(2, 5, 4), X, y, num_steps=1, step_size=0.1)
+
+
+def test_step_rejects_non_finite_data():
+    X, y = regression_data()
+    with pytest.raises(ValueError, match=r"args\[0\] contains non-finite"):
+        _svgd().step(X * float("nan"), y)
+
+
+def test_step_rejects_param_store_in_stock_layout():
+    X, y = regression_data()
+    pyro.param("svgd_particles", torch.zeros(20))
+    with pytest.raises(ValueError, match="one row per particle"):
+        _svgd().step(X, y)
+
+
+def test_pack_errors():
+    X, y = regression_data()
+    potential = pb.ModelPotential(normal_gamma_regression).setup(X, y)
+    with pytest.raises(ValueError, match="missing \\['w'\\]"):
+        potential.pack({"tau": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"named\['w'\] must have shape"):
+        potential.pack({"tau": torch.ones(3), "w": torch.ones(3, 2)})
+    with pytest.raises(ValueError, match=r"flat must have shape \(\.\.\., 4\)"):
+        potential.unpack(torch.ones(3, 5))
+    with pytest.raises(RuntimeError, match="setup"):
+        pb.ModelPotential(normal_gamma_regression).dim

@@ -1,0 +1,16 @@
+"""The README's python example runs as written."""
+
+import re
+from pathlib import Path
+
+
+def test_readme_python_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "README has no python example"
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    w_mean = namespace["svgd"].get_named_particles()["w"].mean(0)
+    assert (w_mean - namespace["torch"].tensor([1.0, -2.0, 0.5])).abs().max() < 0.3
+    assert namespace["theta0"].grad is not None
