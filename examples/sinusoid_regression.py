@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import pyro
@@ -33,7 +33,12 @@ def run_one(job):
     learner = build_learner(config)
     tasks = Sinusoid("bmaml", num_tasks, k, seed=seed)
     t0 = time.time()
-    learner.fit(tasks, iterations, meta_batch_size=10, seed=seed, progress=False)
+    try:
+        learner.fit(tasks, iterations, meta_batch_size=10, seed=seed, progress=False)
+    except FloatingPointError as err:  # report a diverged run instead of losing the table
+        return {"method": method, "M": m if method != "maml" else 1, "K": k, "T": num_tasks,
+                "seed": seed, "mse": float("nan"), "nll": float("nan"), "error": str(err),
+                "seconds": time.time() - t0}
     metrics = evaluate(learner, tasks.evaluation_tasks(eval_tasks))
     return {"method": method, "M": m if method != "maml" else 1, "K": k, "T": num_tasks,
             "seed": seed, "mse": metrics["mse"][0], "nll": metrics["nll"][0],
@@ -47,8 +52,9 @@ def summarize(rows):
     table = []
     for (k, t, method, m), rs in sorted(groups.items()):
         entry = {"K": k, "T": t, "method": method, "M": m, "seeds": len(rs)}
+        entry["diverged"] = sum("error" in r for r in rs)
         for key in ("mse", "nll"):
-            vals = torch.tensor([r[key] for r in rs], dtype=torch.float64)
+            vals = torch.tensor([r[key] for r in rs if "error" not in r], dtype=torch.float64)
             se = vals.std().item() / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")
             entry[key] = [vals.mean().item(), se]
         table.append(entry)
@@ -63,27 +69,50 @@ def main():
     p.add_argument("--num-tasks", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--particles", type=int, nargs="+", default=[10])
     p.add_argument("--eval-tasks", type=int, default=100)
+    p.add_argument("--methods", nargs="+", default=["bmaml", "emaml", "maml"],
+                   choices=["bmaml", "emaml", "maml"])
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--from-runs", type=Path, nargs="+", default=None,
+                   help="build the table from logged runs (*.runs.jsonl) instead of training")
     p.add_argument("--out", type=Path, default=Path("results/sinusoid"))
     args = p.parse_args()
     jobs = [(method, m, k, t, s, args.iterations, args.eval_tasks)
             for k in args.shots for t in args.num_tasks for m in args.particles
-            for method in ("bmaml", "emaml", "maml") for s in args.seeds]
+            for method in args.methods for s in args.seeds]
     jobs = list(dict.fromkeys(j if j[0] != "maml" else ("maml", 1) + j[2:] for j in jobs))
-    with ProcessPoolExecutor(args.workers) as pool:
-        rows = list(pool.map(run_one, jobs))
-    table = summarize(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.from_runs:
+        rows = [json.loads(line) for f in args.from_runs for line in f.read_text().splitlines()]
+        write_tables(args, rows)
+        return
+    log = args.out.with_suffix(".runs.jsonl")
+    rows = []
+    with ProcessPoolExecutor(args.workers) as pool, log.open("w") as f:
+        # biggest jobs first; each finished run is logged at once, so partial results survive
+        futures = [pool.submit(run_one, j) for j in sorted(jobs, key=lambda j: -j[1])]
+        for fut in as_completed(futures):
+            row = fut.result()
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(json.dumps(row), flush=True)
+    write_tables(args, rows)
+
+
+def write_tables(args, rows):
+    table = summarize(rows)
     budget = {"iterations": args.iterations, "meta_batch": 10, "lr": 1e-3, "step_size": 1e-3,
-              "network": "1-40-40-40-1", "seeds": args.seeds, "eval_tasks": args.eval_tasks}
+              "network": "1-40-40-40-1", "seeds": sorted({r["seed"] for r in rows}),
+              "eval_tasks": args.eval_tasks}
     args.out.with_suffix(".json").write_text(json.dumps({"budget": budget, "table": table,
                                                          "runs": rows}, indent=2))
     lines = [f"Budget: {json.dumps(budget)}", "",
-             "| K | T | method | M | test MSE (mean +- s.e. over seeds) | mixture NLL |",
-             "|---|---|---|---|---|---|"]
+             "| K | T | method | M | test MSE (mean +- s.e. over seeds) | mixture NLL | diverged |",
+             "|---|---|---|---|---|---|---|"]
     for e in table:
         lines.append(f"| {e['K']} | {e['T']} | {e['method']} | {e['M']} | "
-                     f"{e['mse'][0]:.3f} +- {e['mse'][1]:.3f} | {e['nll'][0]:.3f} +- {e['nll'][1]:.3f} |")
+                     f"{e['mse'][0]:.3f} +- {e['mse'][1]:.3f} | {e['nll'][0]:.3f} +- {e['nll'][1]:.3f} "
+                     f"| {e['diverged']}/{e['seeds']} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

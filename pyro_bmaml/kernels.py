@@ -113,6 +113,10 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
         python float when it is constant)."""
         raise NotImplementedError
 
+    def _profile_derivatives(self, r: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(f(r), f'(r), f''(r))``, used by the kernelized Stein discrepancy."""
+        raise NotImplementedError(f"{type(self).__name__} does not give second derivatives")
+
     def describe(self) -> str:
         """A short description, e.g. for logs and ArviZ attributes."""
         return f"{type(self).__name__}(bandwidth={self.bandwidth_rule!r})"
@@ -236,6 +240,10 @@ class RBFSteinKernel(SteinKernel, pyro.infer.RBFSteinKernel):
     def _log_profile(self, r):
         return -r, -1.0  # d log f / dr is constant: a scalar saves a (M, M, D) tensor
 
+    def _profile_derivatives(self, r):
+        f = torch.exp(-r)
+        return f, -f, f
+
 
 class IMQSteinKernel(SteinKernel, pyro.infer.IMQSteinKernel):
     r"""Inverse multi-quadric kernel :math:`k(x, y) = (\alpha + r)^\beta`; a differentiable,
@@ -266,6 +274,12 @@ class IMQSteinKernel(SteinKernel, pyro.infer.IMQSteinKernel):
     def _log_profile(self, r):
         base = self.alpha + r
         return self.beta * base.log(), self.beta / base
+
+    def _profile_derivatives(self, r):
+        base = self.alpha + r
+        f = base.pow(self.beta)
+        df = self.beta * f / base
+        return f, df, (self.beta - 1.0) * df / base
 
     def describe(self) -> str:
         return (

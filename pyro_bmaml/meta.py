@@ -183,6 +183,12 @@ class BMAML(MetaLearner):
     :param leader_steps: s, extra SVGD steps of the leader on support + query.
     :param objective: ``"chaser"`` (the paper's) or ``"bfa"``.
     :param mode: SVGD kernel mode, ``"multivariate"`` (the paper's) or ``"univariate"``.
+    :param distance_sites: the latent sites whose coordinates enter the chaser distance.
+        ``"auto"`` (default): the model's ``chaser_sites`` attribute when it has one, else all
+        sites. :class:`~pyro_bmaml.models.BayesianMLP` names its network weights there,
+        leaving out the precisions, as the official code does: with them in, the loss
+        rewards moving the noise precision, whose SVGD steps scale with it, and meta-training
+        diverged in our runs (see the README's notes).
     See :class:`MetaLearner` for the other arguments (paper: M = 10, n = s = 1, eps = 1e-3).
     """
 
@@ -198,15 +204,37 @@ class BMAML(MetaLearner):
         kernel: Optional[SteinKernel] = None,
         objective: str = "chaser",
         mode: str = "multivariate",
+        distance_sites: Union[str, Sequence[str]] = "auto",
         init: InitSpec = "prior",
         example_args: Optional[Sequence] = None,
     ):
         num_particles = check_int("num_particles", num_particles, 2)
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args)
+        self.distance_sites, self._distance_columns = self._resolve_sites(distance_sites)
         self.leader_steps = check_int("leader_steps", leader_steps, 1)
         self.kernel = RBFSteinKernel(bandwidth="median") if kernel is None else as_differentiable_kernel(kernel)
         self.objective = check_choice("objective", objective, ("chaser", "bfa"))
         self.mode = check_choice("mode", mode, ("multivariate", "univariate"))
+
+    def _resolve_sites(self, distance_sites):
+        names = self.potential.site_names
+        if isinstance(distance_sites, str):
+            check_choice("distance_sites", distance_sites, ("auto",))
+            distance_sites = getattr(self.model, "chaser_sites", names)
+        distance_sites = list(distance_sites)
+        unknown = [n for n in distance_sites if n not in names]
+        if unknown or not distance_sites:
+            raise ValueError(
+                f"distance_sites must be a non-empty list of the model's latent sites {names}, "
+                f"got unknown {unknown}" if unknown else "distance_sites must not be empty"
+            )
+        columns = torch.zeros(self.potential.dim, dtype=torch.bool)
+        for site in self.potential.sites:
+            if site.name in distance_sites:
+                columns[site.columns] = True
+        if bool(columns.all()):
+            return distance_sites, None
+        return distance_sites, columns
 
     def adapt_particles(self, particles, x, y, num_steps):
         return transport(
@@ -227,12 +255,15 @@ class BMAML(MetaLearner):
         y_all = torch.cat([batch.y_support, batch.y_query], dim=1)
         with torch.no_grad():  # the leader is a target: no graph, stop-gradient
             leader = self.adapt_particles(chaser.detach(), x_all, y_all, self.leader_steps)
-        return (chaser - leader).pow(2).sum((-1, -2)).mean()
+        diff = chaser - leader
+        if self._distance_columns is not None:
+            diff = diff[..., self._distance_columns.to(diff.device)]
+        return diff.pow(2).sum((-1, -2)).mean()
 
     def describe(self, steps=None):
         info = super().describe(steps)
         info.update(kernel=self.kernel.describe(), mode=self.mode, objective=self.objective,
-                    leader_steps=self.leader_steps)
+                    leader_steps=self.leader_steps, distance_sites=",".join(self.distance_sites))
         return info
 
 

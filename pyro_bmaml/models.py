@@ -105,8 +105,9 @@ class BayesianMLP:
         return h.squeeze(-1) if self.out_features == 1 else h
 
     def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        lam = pyro.sample("weight_precision", dist.Gamma(*self.weight_precision_prior))
-        gam = pyro.sample("noise_precision", dist.Gamma(*self.noise_precision_prior))
+        # prior parameters on x's device and dtype (a CPU scalar breaks vmap on CUDA)
+        lam = pyro.sample("weight_precision", dist.Gamma(*map(x.new_tensor, self.weight_precision_prior)))
+        gam = pyro.sample("noise_precision", dist.Gamma(*map(x.new_tensor, self.noise_precision_prior)))
         w_scale = lam.rsqrt()
         weights = {}
         for i, (n_in, n_out) in enumerate(self.layer_sizes):
@@ -122,6 +123,12 @@ class BayesianMLP:
             obs = dist.Normal(mean, gam.rsqrt())
             pyro.sample("y", obs.to_event(1) if self.out_features > 1 else obs, obs=y)
         return mean
+
+    @property
+    def chaser_sites(self):
+        """The network's weight and bias sites: the coordinates BMAML's chaser loss compares
+        (the official code leaves the precisions out)."""
+        return [f"layer{i}.{kind}" for i in range(len(self.layer_sizes)) for kind in ("weight", "bias")]
 
     def example_args(self):
         """Small dummy ``(x, y)`` to trace the model's sites with."""

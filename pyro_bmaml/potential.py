@@ -243,7 +243,8 @@ class ModelPotential:
     def _log_joint_one(self, flat: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """Log joint of one particle ``(D,)`` and one task's data: a scalar."""
         trace, log_jac = self._conditioned_trace(flat, args, kwargs)
-        return trace.log_prob_sum() + log_jac
+        # Plates' subsample sites add a constant 0 that lives on the CPU: leave them out.
+        return trace.log_prob_sum(lambda name, site: not site_is_subsample(site)) + log_jac
 
     def _log_likelihood_one(self, flat, args, kwargs) -> torch.Tensor:
         trace, _ = self._conditioned_trace(flat, args, kwargs)

@@ -70,7 +70,7 @@ def transport(
     step_size: float,
     mode: str = "multivariate",
     create_graph: Optional[bool] = None,
-    callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+    callback: Optional[Callable[..., None]] = None,
     **kwargs,
 ) -> torch.Tensor:
     r"""Run ``num_steps`` SVGD steps from ``particles``; differentiable in ``particles``.
@@ -85,8 +85,9 @@ def transport(
     :param mode: ``"multivariate"`` (default here, as the paper) or ``"univariate"``.
     :param create_graph: keep the autograd graph to ``particles`` (second-order terms
         included). Defaults to ``True`` when grad mode is on and ``particles`` requires grad.
-    :param callback: optional ``callback(step, particles, log_p)`` called before each step and
-        once after the last one (``step == num_steps``; its ``log_p`` is then ``None``).
+    :param callback: optional ``callback(step, particles, log_p, grad_log_p)`` called before
+        each step, and once after the last one with ``step == num_steps`` (its ``log_p`` and
+        ``grad_log_p`` are then ``None``: they would cost one more model evaluation).
     :param kwargs: the model's keyword arguments.
     :returns: particles after ``num_steps`` steps, same shape as ``particles``.
     :raises FloatingPointError: naming the step at which particles or log densities became
@@ -110,7 +111,7 @@ def transport(
                 "the model's priors"
             )
         if callback is not None:
-            callback(step, x, log_p)
+            callback(step, x, log_p, grad)
         with torch.set_grad_enabled(create_graph):
             x = x + step_size * svgd_direction(x, grad, kernel, mode)
         if not bool(torch.isfinite(x).all()):
@@ -118,7 +119,7 @@ def transport(
                 f"SVGD step {step}: particles became non-finite; lower step_size"
             )
     if callback is not None:
-        callback(num_steps, x, None)
+        callback(num_steps, x, None, None)
     return x
 
 

@@ -44,13 +44,18 @@ def test_leader_is_detached_meta_gradient_goes_through_chaser_only():
     ya = torch.cat([batch.y_support, batch.y_query], 1)
     leader = pb.transport(learner.potential, learner.kernel, chaser.detach(), xa, ya,
                           num_steps=1, step_size=1e-2)
-    (explicit,) = torch.autograd.grad(chaser, theta0, grad_outputs=2 * (chaser - leader) / 2,
+    # only the network sites enter the distance (the precisions are left out, as upstream)
+    mask = learner._distance_columns.double()
+    assert 0 < mask.sum() < mask.numel()
+    (explicit,) = torch.autograd.grad(chaser, theta0,
+                                      grad_outputs=2 * (chaser - leader) * mask / 2,
                                       retain_graph=True)
     assert torch.allclose(grad, explicit, rtol=1e-8, atol=1e-10)
     # without the stop-gradient the gradient would differ: the test has power
     leader_graph = pb.transport(learner.potential, learner.kernel, chaser, xa, ya,
                                 num_steps=1, step_size=1e-2)
-    (no_stop,) = torch.autograd.grad((chaser - leader_graph).pow(2).sum((-1, -2)).mean(), theta0)
+    (no_stop,) = torch.autograd.grad(
+        ((chaser - leader_graph) * mask).pow(2).sum((-1, -2)).mean(), theta0)
     assert not torch.allclose(no_stop, explicit, rtol=1e-3)
 
 
@@ -71,8 +76,10 @@ def test_chaser_meta_gradient_matches_finite_differences():
     leader = pb.transport(learner.potential, learner.kernel, chaser(theta_star), xa, ya,
                           num_steps=1, step_size=1e-2)
 
+    mask = learner._distance_columns.double()
+
     def loss(theta):
-        return (chaser(theta) - leader).pow(2).sum((-1, -2)).mean()
+        return ((chaser(theta) - leader) * mask).pow(2).sum((-1, -2)).mean()
 
     g = torch.Generator().manual_seed(1)
     for _ in range(6):
@@ -80,6 +87,21 @@ def test_chaser_meta_gradient_matches_finite_differences():
         eps = 1e-6
         fd = (loss(theta_star + eps * d) - loss(theta_star - eps * d)) / (2 * eps)
         assert torch.allclose((grad * d).sum(), fd, rtol=1e-5, atol=1e-8)
+
+
+def test_distance_sites():
+    model = tiny_model()
+    auto = BMAML(model, num_particles=3, init="paper")
+    assert auto.distance_sites == model.chaser_sites
+    everything = BMAML(model, num_particles=3, init="paper",
+                       distance_sites=auto.potential.site_names)
+    assert everything._distance_columns is None
+    batch = tiny_batch(torch.float32)
+    everything.theta0.data = auto.theta0.data.clone()
+    # leaving the precisions out drops terms from the sum: a smaller loss
+    assert auto.meta_loss(batch) < everything.meta_loss(batch)
+    with pytest.raises(ValueError, match="unknown \\['gamma'\\]"):
+        BMAML(model, num_particles=3, distance_sites=["gamma"])
 
 
 def test_bfa_meta_gradient_matches_finite_differences():
