@@ -50,7 +50,10 @@ def loop_meta_loss(learner, batch):
         xa = torch.cat([batch.x_support[t], batch.x_query[t]])
         ya = torch.cat([batch.y_support[t], batch.y_query[t]])
         leader = loop_svgd(learner, chaser.detach().requires_grad_(), xa, ya).detach()
-        losses.append((chaser - leader).pow(2).sum())
+        diff = chaser - leader
+        if learner._distance_columns is not None:  # the network sites, as BMAML.meta_loss
+            diff = diff[:, learner._distance_columns]
+        losses.append(diff.pow(2).sum())
     return torch.stack(losses).mean()
 
 

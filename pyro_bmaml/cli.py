@@ -18,9 +18,9 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .meta import BMAML, EMAML, MAML
+from .metrics import regression_metrics
 from .models import BayesianMLP
-from .tasks import Sinusoid
-from .training import evaluate
+from .tasks import Sinusoid, TaskBatch
 
 METHODS = ("bmaml", "emaml", "maml")
 
@@ -62,6 +62,44 @@ def _report(metrics: dict, num_tasks: int) -> str:
             f"   ({num_tasks} evaluation tasks, mean +- s.e.)")
 
 
+def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] = None,
+                 num_steps: Optional[int] = None) -> dict:
+    """Adapt to held-out tasks and write metrics (JSON + markdown) and plots into ``out``."""
+    from . import plots  # plotting stays out of the library's import path
+
+    out.mkdir(parents=True, exist_ok=True)
+    posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps,
+                              track_ksd=True)
+    metrics = regression_metrics(posterior, tasks.x_query, tasks.y_query)
+    ksd = posterior.info["ksd"]
+    table = {k: metrics[k] for k in ("mse", "rmse", "nll", "crps")}
+    table["ksd_squared_final"] = list(_mean_se(ksd[-1]))
+    table["coverage"] = {str(k): v for k, v in metrics["coverage"].items()}
+    table["width"] = {str(k): v for k, v in metrics["width"].items()}
+    (out / "metrics.json").write_text(json.dumps(table, indent=2))
+    lines = ["| metric | mean | s.e. |", "|---|---|---|"]
+    for key in ("mse", "rmse", "nll", "crps", "ksd_squared_final"):
+        lines.append(f"| {key} | {table[key][0]:.4g} | {table[key][1]:.2g} |")
+    for level, (mu, se) in metrics["coverage"].items():
+        width = metrics["width"][level]
+        lines.append(f"| coverage {level:.0%} (width {width[0]:.3g}) | {mu:.3f} | {se:.2g} |")
+    (out / "metrics.md").write_text("\n".join(lines) + "\n")
+    shown = min(4, tasks.num_tasks)
+    plots.plot_predictive([posterior.task(i) for i in range(shown)], out / "predictive.png",
+                          queries=[(tasks.x_query[i], tasks.y_query[i]) for i in range(shown)])
+    plots.plot_ksd(ksd, out / "ksd.png")
+    plots.plot_calibration(metrics["coverage"], out / "calibration.png", label=learner.method)
+    if history is not None and history.get("loss"):
+        plots.plot_training(history, out / "training.png")
+    return metrics
+
+
+def _mean_se(values):
+    from .metrics import mean_and_se
+
+    return mean_and_se(values)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyro-bmaml", description="Bayesian MAML on Pyro")
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,6 +125,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--eval-tasks", type=_positive(int), default=100)
     e.add_argument("--steps", type=int, default=None, help="adaptation steps (default: trained n)")
+    e.add_argument("--out", type=Path, default=None,
+                   help="report folder (default: evaluation/ beside the checkpoint)")
     return p
 
 
@@ -112,12 +152,9 @@ def train(args) -> int:
         checkpoint=str(args.out / "checkpoint.pt"), checkpoint_every=max(1, args.iterations // 10),
         seed=args.seed, progress=not args.no_progress, extra={"config": config},
     )
-    final = history["eval"][-1]
-    result = {"config": config, "mse": final["mse"], "nll": final["nll"],
-              "iterations": args.iterations}
-    (args.out / "metrics.json").write_text(json.dumps(result, indent=2))
-    print(_report({"mse": final["mse"], "nll": final["nll"]}, args.eval_tasks))
-    print(f"checkpoint: {args.out / 'checkpoint.pt'}   metrics: {args.out / 'metrics.json'}")
+    metrics = write_report(learner, eval_tasks, args.out / "evaluation", history)
+    print(_report(metrics, args.eval_tasks))
+    print(f"checkpoint: {args.out / 'checkpoint.pt'}   report: {args.out / 'evaluation'}/")
     return 0
 
 
@@ -128,10 +165,15 @@ def evaluate_cmd(args) -> int:
         raise ValueError(f"{args.checkpoint} was not written by `pyro-bmaml train` (no config)")
     learner = build_learner(config)
     learner.load_state_dict(state["learner"])
+    if args.steps is not None and args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
     tasks = Sinusoid(config["variant"], config["num_tasks"], config["shots"], seed=config["seed"])
-    metrics = evaluate(learner, tasks.evaluation_tasks(args.eval_tasks), num_steps=args.steps)
+    out = args.out or args.checkpoint.parent / "evaluation"
+    metrics = write_report(learner, tasks.evaluation_tasks(args.eval_tasks), out,
+                           state.get("history"), num_steps=args.steps)
     print(f"{config['method']} after {state['iteration']} meta-iterations")
     print(_report(metrics, args.eval_tasks))
+    print(f"report: {out}/ (metrics.md, metrics.json, predictive.png, ksd.png, calibration.png)")
     return 0
 
 

@@ -33,6 +33,7 @@ from torch import nn
 
 from ._checks import check_choice, check_int, check_positive_float
 from .kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
+from .ksd import ksd_trajectory
 from .posterior import ParticlePosterior
 from .potential import ModelPotential
 from .svgd import transport
@@ -107,9 +108,13 @@ class MetaLearner(nn.Module):
 
     # -- to implement -----------------------------------------------------------------
     def adapt_particles(
-        self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_steps: int
+        self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_steps: int,
+        callback=None,
     ) -> torch.Tensor:
-        """Adapt ``(T, M, D)`` particles on task data ``(T, N, in)``, ``(T, N)``."""
+        """Adapt ``(T, M, D)`` particles on task data ``(T, N, in)``, ``(T, N)``.
+
+        ``callback(step, particles, *rest)`` is called before each step and after the last
+        (as :func:`~pyro_bmaml.svgd.transport` does)."""
         raise NotImplementedError
 
     def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
@@ -138,22 +143,35 @@ class MetaLearner(nn.Module):
         return x, y
 
     def adapt(
-        self, x: torch.Tensor, y: torch.Tensor, num_steps: Optional[int] = None
+        self, x: torch.Tensor, y: torch.Tensor, num_steps: Optional[int] = None,
+        track_ksd: bool = False,
     ) -> ParticlePosterior:
         """Adapt the learned prior to a task's support set; returns its particle posterior.
 
         :param x: ``(K, in)`` (or ``(K,)``), or ``(T, K, in)`` for T tasks at once.
         :param y: ``(K,)`` or ``(T, K)``.
         :param num_steps: adaptation steps (default: ``inner_steps``).
+        :param track_ksd: record the squared kernelized Stein discrepancy (IMQ, V-statistic)
+            to each task's posterior before every step and after the last, in
+            ``posterior.info["ksd"]`` of shape ``(steps + 1, T)`` (or ``(steps + 1,)``).
         """
         x, y = self._check_xy(x, y)
         steps = self.inner_steps if num_steps is None else check_int("num_steps", num_steps, 0)
         single = x.dim() == 2
         xb, yb = (x[None], y[None]) if single else (x, y)
+        recorded = []
+        callback = (lambda step, p, *rest: recorded.append(p.detach())) if track_ksd else None
         with torch.no_grad():
-            particles = self.adapt_particles(self._expand(xb.size(0)).detach(), xb, yb, steps)
+            particles = self.adapt_particles(
+                self._expand(xb.size(0)).detach(), xb, yb, steps, callback=callback
+            )
         particles = particles[0] if single else particles
-        return ParticlePosterior(self.potential, particles, x, y, info=self.describe(steps))
+        info = self.describe(steps)
+        info["initial_particles"] = self.theta0.detach().clone()
+        if track_ksd:
+            values = ksd_trajectory(self.potential, recorded, xb, yb)  # (steps + 1, T)
+            info["ksd"] = values[:, 0] if single else values
+        return ParticlePosterior(self.potential, particles, x, y, info=info)
 
     def describe(self, steps: Optional[int] = None) -> dict:
         """Attributes for diagnostics and checkpoints."""
@@ -236,10 +254,10 @@ class BMAML(MetaLearner):
             return distance_sites, None
         return distance_sites, columns
 
-    def adapt_particles(self, particles, x, y, num_steps):
+    def adapt_particles(self, particles, x, y, num_steps, callback=None):
         return transport(
             self.potential, self.kernel, particles, x, y,
-            num_steps=num_steps, step_size=self.step_size, mode=self.mode,
+            num_steps=num_steps, step_size=self.step_size, mode=self.mode, callback=callback,
         )
 
     def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
@@ -263,6 +281,7 @@ class BMAML(MetaLearner):
     def describe(self, steps=None):
         info = super().describe(steps)
         info.update(kernel=self.kernel.describe(), mode=self.mode, objective=self.objective,
+                    bandwidth_rule=str(self.kernel.bandwidth_rule),
                     leader_steps=self.leader_steps, distance_sites=",".join(self.distance_sites))
         return info
 
@@ -281,14 +300,18 @@ class EMAML(MetaLearner):
                  example_args: Optional[Sequence] = None):
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args)
 
-    def adapt_particles(self, particles, x, y, num_steps):
+    def adapt_particles(self, particles, x, y, num_steps, callback=None):
         create_graph = torch.is_grad_enabled() and particles.requires_grad
         theta = particles if create_graph else particles.detach()
         for step in range(num_steps):
             log_p, grad = self.potential.log_density_and_grad(theta, x, y, create_graph=create_graph)
             if not bool(torch.isfinite(log_p).all()):
                 raise FloatingPointError(f"gradient step {step}: the log density is non-finite")
+            if callback is not None:
+                callback(step, theta, log_p, grad)
             theta = theta + self.step_size * grad
+        if callback is not None:
+            callback(num_steps, theta, None, None)
         return theta
 
     def meta_loss(self, batch: TaskBatch) -> torch.Tensor:

@@ -107,6 +107,12 @@ class ParticlePosterior:
         log_lik = self.potential.log_likelihood(self.particles, x, y)  # (..., M, N)
         return torch.logsumexp(log_lik, dim=-2) - math.log(self.num_particles)
 
+    def to_inference_data(self, x_query=None, y_query=None):
+        """ArviZ ``InferenceData``; see :func:`pyro_bmaml.diagnostics.to_inference_data`."""
+        from .diagnostics import to_inference_data  # ArviZ stays out of the import path
+
+        return to_inference_data(self, x_query, y_query)
+
     def __repr__(self) -> str:
         shape = tuple(self.particles.shape)
         return f"ParticlePosterior(particles={shape}, sites={self.potential.site_names})"

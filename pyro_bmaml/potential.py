@@ -47,6 +47,8 @@ class LatentSite:
     :ivar transform: ``biject_to(support)``, unconstrained -> constrained.
     :ivar offset: first column of the site in a flat particle.
     :ivar size: number of columns (numel of ``unconstrained_shape``).
+    :ivar event_dim: trailing dims of ``shape`` that are the distribution's event dims (the
+        others are batch/plate dims).
     """
 
     name: str
@@ -55,6 +57,7 @@ class LatentSite:
     transform: Transform
     offset: int
     size: int
+    event_dim: int = 0
 
     @property
     def columns(self) -> slice:
@@ -138,9 +141,8 @@ class ModelPotential:
             value = site["value"].detach()
             unconstrained = transform.inv(value)
             size = unconstrained.numel()
-            sites.append(
-                LatentSite(name, value.shape, unconstrained.shape, transform, offset, size)
-            )
+            sites.append(LatentSite(name, value.shape, unconstrained.shape, transform, offset,
+                                    size, len(fn.event_shape)))
             offset += size
         if not sites:
             raise ValueError(
@@ -262,6 +264,29 @@ class ModelPotential:
         trace, _ = self._conditioned_trace(flat, args, kwargs)
         return trace.nodes["_RETURN"]["value"]
 
+    def _observation_site(self, trace):
+        """The first data site: a sample site that is not latent (observed, or sampled when
+        the model was called without observations)."""
+        for name, site in trace.nodes.items():
+            if (site["type"] == "sample" and name not in self._site_set
+                    and not site_is_subsample(site) and not site["infer"].get("_deterministic")):
+                return name, site
+        raise ValueError("model has no observation site")
+
+    def _moments_one(self, flat, args, kwargs):
+        trace, _ = self._conditioned_trace(flat, args, kwargs)
+        name, site = self._observation_site(trace)
+        fn = site["fn"]
+        while hasattr(fn, "base_dist"):  # Independent / expanded wrappers
+            fn = fn.base_dist
+        if not isinstance(fn, torch.distributions.Normal):
+            raise ValueError(
+                f"observed site '{name}' has a {type(fn).__name__} likelihood; the closed-form "
+                "predictive metrics need a Normal likelihood"
+            )
+        shape = site["value"].shape
+        return fn.loc.expand(shape), fn.scale.expand(shape)
+
     @property
     def _site_set(self):
         return {s.name for s in self.sites}
@@ -296,6 +321,14 @@ class ModelPotential:
         :returns: ``(M, N)`` or ``(T, M, N)``.
         """
         return self._vectorized(self._log_likelihood_one, particles, args, kwargs)
+
+    def normal_likelihood_params(self, particles, *args, **kwargs):
+        """``(loc, scale)`` of a Normal observation site per particle and data point.
+
+        :returns: two tensors ``(M, N)`` or ``(T, M, N)``.
+        :raises ValueError: if the observed site's likelihood is not Normal.
+        """
+        return self._vectorized(self._moments_one, particles, args, kwargs, randomness="same")
 
     def model_output(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The model's return value (by convention the predictive mean) per particle.

@@ -14,10 +14,16 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "test MSE" in printed and "test NLL" in printed
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["iterations"] == 3 and metrics["mse"][0] > 0
-    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval-tasks", "5"]) == 0
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert metrics["mse"][0] > 0 and set(metrics["coverage"]) == {"0.5", "0.8", "0.9", "0.95"}
+    report = tmp_path / "report"
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval-tasks", "5",
+                 "--out", str(report)]) == 0
     assert "after 3 meta-iterations" in capsys.readouterr().out
+    for name in ("metrics.md", "metrics.json", "predictive.png", "ksd.png", "calibration.png",
+                 "training.png"):
+        assert (report / name).stat().st_size > 1000 or name.startswith("metrics"), name
+        assert (report / name).stat().st_size > 0
 
 
 @pytest.mark.parametrize("argv", [

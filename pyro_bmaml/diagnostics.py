@@ -1,0 +1,169 @@
+r"""ArviZ encoding of particle posteriors. Every ArviZ call of the package lives here.
+
+:func:`to_inference_data` turns a :class:`~pyro_bmaml.posterior.ParticlePosterior` (one task
+or a batch) into an :class:`arviz.InferenceData`:
+
+=============================== ===========================================================
+group                           content, dims after ``(chain, draw)``
+=============================== ===========================================================
+``posterior``                   every latent site: ``(task, *site_dims)``; ``chain`` has size
+                                1, ``draw`` has size M and a ``particle`` coordinate
+``prior``                       the meta-learned initial particles (the learned prior, when
+                                the posterior came from a meta-learner): ``(*site_dims)``
+``observed_data``               support targets ``y``: ``(task, support)``
+``constant_data``               support inputs ``x``: ``(task, support, feature)``
+``log_likelihood``              ``y``: per particle and support point, ``(task, support)``
+``posterior_predictive``        ``y``: one draw per particle at the support inputs
+``predictions``                 ``y``: one draw per particle at the query inputs,
+                                ``(task, query)`` (when query inputs are given)
+``predictions_constant_data``   query inputs ``x``: ``(task, query, feature)``
+=============================== ===========================================================
+
+Attributes: inference method, number of particles, kernel and bandwidth rule, number of
+steps, step size (whatever the posterior's ``info`` holds).
+
+**What not to read off it.** The particles are M deterministic points of one transport,
+not Markov chains: R-hat needs several chains (with one it is NaN), ESS would depend only on
+the order the particles are stored in, and PSIS-LOO's Pareto k-hat is unreliable at S = 10
+draws. :func:`summary` therefore asks ArviZ for ``kind="stats"`` only. Use the kernelized
+Stein discrepancy (:mod:`pyro_bmaml.ksd`) and held-out predictive scores
+(:mod:`pyro_bmaml.metrics`) instead.
+
+**ArviZ 1.x.** ArviZ >= 1.0 replaces ``InferenceData`` with ``xarray.DataTree``. The groups
+above are built as ``xarray.Dataset`` s (:func:`inference_data_groups`) and only
+:func:`to_inference_data` wraps them: on 1.x, wrapping them as
+``xarray.DataTree.from_dict(groups)`` is the one change needed.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .posterior import ParticlePosterior
+
+__all__ = ["inference_data_groups", "to_inference_data", "summary"]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _site_arrays(potential, flat: torch.Tensor, with_task: bool):
+    """Named site values as numpy ``(1, M, [task,] *site_dims)`` with plate singletons
+    squeezed, and their dim names."""
+    arrays, dims = {}, {}
+    named = potential.unpack(flat)  # (T, M, *shape) or (M, *shape)
+    for site in potential.sites:
+        value = named[site.name]
+        lead = value.dim() - len(site.shape)
+        batch_ndim = len(site.shape) - site.event_dim
+        keep = [i for i, n in enumerate(site.shape) if i >= batch_ndim or n != 1]
+        value = value.reshape(value.shape[:lead] + tuple(site.shape[i] for i in keep))
+        if with_task:  # (T, M, ...) -> (M, T, ...)
+            value = value.transpose(0, 1)
+        arrays[site.name] = _np(value)[None]
+        dims[site.name] = (["task"] if with_task else []) + [
+            f"{site.name}_dim_{j}" for j in range(len(keep))
+        ]
+    return arrays, dims
+
+
+def _draw_coords(ds, num_particles):
+    return ds.assign_coords(particle=("draw", np.arange(num_particles)))
+
+
+def inference_data_groups(
+    posterior: ParticlePosterior,
+    x_query: Optional[torch.Tensor] = None,
+    y_query: Optional[torch.Tensor] = None,
+) -> Dict[str, "object"]:
+    """The groups of :func:`to_inference_data` as ``{name: xarray.Dataset}``."""
+    import xarray as xr
+
+    batched = posterior.batched
+    post = posterior if batched else _as_batch(posterior)
+    potential, m = post.potential, post.num_particles
+    groups: Dict[str, xr.Dataset] = {}
+
+    def dataset(arrays, dims):
+        return xr.Dataset({k: (["chain", "draw"] + dims[k], v) for k, v in arrays.items()})
+
+    arrays, dims = _site_arrays(potential, post.particles, with_task=True)
+    groups["posterior"] = dataset(arrays, dims)
+    init = posterior.info.get("initial_particles")
+    if init is not None:
+        arrays, dims = _site_arrays(potential, init, with_task=False)
+        groups["prior"] = dataset(arrays, dims)
+
+    if post.x_support is not None:
+        x, y = post.x_support, post.y_support
+        groups["observed_data"] = xr.Dataset({"y": (["task", "support"], _np(y))})
+        groups["constant_data"] = xr.Dataset({"x": (["task", "support", "feature"], _np(x))})
+        with torch.no_grad():
+            log_lik = potential.log_likelihood(post.particles, x, y)  # (T, M, K)
+            draws = post.predict(x, num_samples=1)["samples"]  # (T, M, K)
+        dim = ["chain", "draw", "task", "support"]
+        groups["log_likelihood"] = xr.Dataset({"y": (dim, _np(log_lik.transpose(0, 1))[None])})
+        groups["posterior_predictive"] = xr.Dataset({"y": (dim, _np(draws.transpose(0, 1))[None])})
+    if x_query is not None:
+        xq = x_query if batched else x_query[None]
+        with torch.no_grad():
+            draws = post.predict(xq, num_samples=1)["samples"]
+        groups["predictions"] = xr.Dataset(
+            {"y": (["chain", "draw", "task", "query"], _np(draws.transpose(0, 1))[None])})
+        const = {"x": (["task", "query", "feature"], _np(xq))}
+        if y_query is not None:
+            const["y"] = (["task", "query"], _np(y_query if batched else y_query[None]))
+        groups["predictions_constant_data"] = xr.Dataset(const)
+
+    attrs = {k: v for k, v in posterior.info.items()
+             if isinstance(v, (str, int, float, bool)) and not isinstance(v, bool)}
+    attrs.setdefault("inference_method", "svgd")
+    attrs["num_particles"] = m
+    for name, ds in groups.items():
+        if "draw" in ds.dims:
+            ds = _draw_coords(ds, m)
+        groups[name] = ds.assign_attrs(attrs)
+    return groups
+
+
+def _as_batch(posterior: ParticlePosterior) -> ParticlePosterior:
+    sup = posterior.x_support
+    return ParticlePosterior(
+        posterior.potential, posterior.particles[None],
+        None if sup is None else sup[None],
+        None if sup is None else posterior.y_support[None],
+        info=posterior.info,
+    )
+
+
+def to_inference_data(
+    posterior: ParticlePosterior,
+    x_query: Optional[torch.Tensor] = None,
+    y_query: Optional[torch.Tensor] = None,
+):
+    """ArviZ :class:`~arviz.InferenceData` of a particle posterior (see the module doc).
+
+    :param x_query, y_query: optional query inputs (``(Q, in)`` or ``(T, Q, in)``) and
+        targets, encoded in ``predictions`` / ``predictions_constant_data``.
+    """
+    import arviz as az
+
+    return az.InferenceData(**inference_data_groups(posterior, x_query, y_query))
+
+
+def summary(idata, **kwargs):
+    """``az.summary(..., kind="stats")``: means, sds and HDIs, without R-hat / ESS / MCSE
+    (meaningless for SVGD particles, see the module doc)."""
+    import arviz as az
+
+    kwargs.setdefault("kind", "stats")
+    if kwargs["kind"] != "stats":
+        raise ValueError(
+            "only kind='stats' is meaningful for SVGD particles (R-hat, ESS and MCSE assume "
+            f"Markov chains); got kind={kwargs['kind']!r}"
+        )
+    return az.summary(idata, **kwargs)

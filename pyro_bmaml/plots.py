@@ -1,0 +1,151 @@
+"""Plots of particle posteriors, adaptation and training, written to files.
+
+Matplotlib's object API (``matplotlib.figure.Figure``) is used directly, so nothing here
+touches pyplot's global state or needs a display. Each function saves a PNG (or any format
+the file name's suffix says) and returns the path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .metrics import mixture_quantile
+from .posterior import ParticlePosterior
+
+__all__ = ["plot_predictive", "plot_ksd", "plot_calibration", "plot_training", "plot_curves"]
+
+PathLike = Union[str, Path]
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_predictive(
+    posteriors: Sequence[ParticlePosterior],
+    path: PathLike,
+    x_range: Sequence[float] = (-5.0, 5.0),
+    truths: Optional[Sequence[Callable[[torch.Tensor], torch.Tensor]]] = None,
+    queries: Optional[Sequence[tuple]] = None,
+    num_points: int = 200,
+) -> Path:
+    """1-D regression: per-particle curves, the predictive mean, 50% and 90% bands of the
+    mixture predictive, and the support points, one panel per single-task posterior."""
+    n = len(posteriors)
+    fig = Figure(figsize=(4.2 * n, 3.2))
+    x = torch.linspace(*x_range, num_points)[:, None]
+    for i, post in enumerate(posteriors):
+        ax = fig.add_subplot(1, n, i + 1)
+        x_dev = x.to(post.particles)
+        with torch.no_grad():
+            pred = post.predict(x_dev)
+            loc, scale = post.potential.normal_likelihood_params(post.particles, x_dev)
+            bands = {q: mixture_quantile(q, loc, scale).cpu() for q in (0.05, 0.25, 0.75, 0.95)}
+        xs = x[:, 0].numpy()
+        ax.fill_between(xs, bands[0.05], bands[0.95], color="C0", alpha=0.15, label="90% band")
+        ax.fill_between(xs, bands[0.25], bands[0.75], color="C0", alpha=0.3, label="50% band")
+        for curve in pred["particle_means"].cpu():
+            ax.plot(xs, curve.numpy(), color="C0", lw=0.6, alpha=0.5)
+        ax.plot(xs, pred["mean"].cpu().numpy(), color="C0", lw=2, label="predictive mean")
+        if truths is not None:
+            ax.plot(xs, truths[i](x[:, 0]).numpy(), "k--", lw=1, label="truth")
+        if queries is not None:
+            xq, yq = queries[i]
+            ax.scatter(xq[:, 0].cpu(), yq.cpu(), s=12, color="C2", label="query", zorder=3)
+        if post.x_support is not None:
+            ax.scatter(post.x_support[:, 0].cpu(), post.y_support.cpu(), s=25, color="C3",
+                       label="support", zorder=4)
+        ax.set_title(f"task {i}")
+        ax.set_xlabel("x")
+        if i == 0:
+            ax.set_ylabel("y")
+            ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def plot_ksd(ksd: torch.Tensor, path: PathLike) -> Path:
+    """Squared KSD along adaptation steps: ``(steps + 1,)`` or ``(steps + 1, T)`` (median and
+    interquartile range over tasks)."""
+    values = ksd.detach().cpu().double()
+    if values.dim() == 1:
+        values = values[:, None]
+    steps = np.arange(values.shape[0])
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    q = torch.quantile(values, torch.tensor([0.25, 0.5, 0.75], dtype=values.dtype), dim=1)
+    ax.plot(steps, q[1].numpy(), marker="o", label="median over tasks")
+    ax.fill_between(steps, q[0].numpy(), q[2].numpy(), alpha=0.3, label="interquartile range")
+    ax.set_yscale("log")
+    ax.set_xlabel("adaptation step")
+    ax.set_ylabel("KSD$^2$ (IMQ, V-statistic)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_calibration(coverage: Dict[float, tuple], path: PathLike, label: str = "model") -> Path:
+    """Coverage of central predictive intervals vs their nominal level (mean +- s.e. over
+    tasks), with the diagonal of perfect calibration. ``coverage``: ``{level: (mean, se)}``
+    as :func:`pyro_bmaml.metrics.regression_metrics` gives it."""
+    levels = np.array(sorted(coverage))
+    means = np.array([coverage[l][0] for l in levels])
+    ses = np.array([coverage[l][1] for l in levels])
+    fig = Figure(figsize=(3.8, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    ax.errorbar(levels, means, yerr=ses, marker="o", capsize=3, label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("nominal level of the central interval")
+    ax.set_ylabel("observed coverage")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_training(history: Dict[str, list], path: PathLike) -> Path:
+    """Meta-training curves: the meta-loss per iteration and the held-out MSE and NLL."""
+    fig = Figure(figsize=(9, 3.2))
+    ax = fig.add_subplot(1, 2, 1)
+    ax.plot(history["iteration"], history["loss"], lw=0.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("meta-loss")
+    ax2 = fig.add_subplot(1, 2, 2)
+    evals = history.get("eval") or []
+    if evals:
+        its = [e["iteration"] for e in evals]
+        for key, color in (("mse", "C0"), ("nll", "C1")):
+            mu = np.array([e[key][0] for e in evals])
+            se = np.array([e[key][1] for e in evals])
+            ax2.errorbar(its, mu, yerr=se, marker="o", color=color, label=f"held-out {key}")
+        ax2.set_yscale("log")
+        ax2.legend(fontsize=8)
+    ax2.set_xlabel("meta-iteration")
+    return _save(fig, path)
+
+
+def plot_curves(
+    curves: Dict[str, tuple], path: PathLike, xlabel: str, ylabel: str, log_y: bool = True
+) -> Path:
+    """Several mean +- s.e. curves: ``{label: (x, mean, se)}`` (e.g. active learning)."""
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (x, mean, se) in curves.items():
+        x, mean, se = map(np.asarray, (x, mean, se))
+        ax.plot(x, mean, marker="o", ms=3, label=label)
+        ax.fill_between(x, mean - se, mean + se, alpha=0.25)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,272 @@
+"""ArviZ encoding, KSD, predictive metrics and plots."""
+
+import math
+
+import arviz as az
+import matplotlib
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_bmaml as pb
+from pyro_bmaml.diagnostics import summary, to_inference_data
+from pyro_bmaml.ksd import ksd, stein_kernel_matrix
+from pyro_bmaml.meta import BMAML
+from pyro_bmaml.metrics import (interval_scores, mixture_cdf, mixture_crps, mixture_quantile,
+                                regression_metrics)
+from pyro_bmaml.models import BayesianMLP
+from pyro_bmaml.posterior import ParticlePosterior
+from pyro_bmaml.tasks import Sinusoid
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def adapted():
+    pyro.set_rng_seed(0)
+    learner = BMAML(BayesianMLP(hidden=(6,)), num_particles=5, init="paper")
+    tasks = Sinusoid(num_tasks=10, num_support=4, num_query=3).evaluation_tasks(3)
+    return learner, tasks, learner.adapt(tasks.x_support, tasks.y_support, track_ksd=True)
+
+
+# ------------------------------------------------------------------ ArviZ
+def test_inference_data_groups_dims_and_shapes(adapted):
+    learner, tasks, post = adapted
+    idata = post.to_inference_data(tasks.x_query, tasks.y_query)
+    assert set(idata.groups()) == {"posterior", "prior", "observed_data", "constant_data",
+                                   "log_likelihood", "posterior_predictive", "predictions",
+                                   "predictions_constant_data"}
+    w = idata.posterior["layer0.weight"]
+    assert w.dims == ("chain", "draw", "task", "layer0.weight_dim_0", "layer0.weight_dim_1")
+    assert w.shape == (1, 5, 3, 1, 6)
+    assert idata.posterior["noise_precision"].shape == (1, 5, 3)
+    assert list(idata.posterior["particle"].values) == list(range(5))
+    named = post.named
+    assert torch.allclose(torch.as_tensor(w.values[0]), named["layer0.weight"].transpose(0, 1))
+    assert idata.prior["layer0.weight"].dims == ("chain", "draw", "layer0.weight_dim_0",
+                                                 "layer0.weight_dim_1")
+    assert torch.allclose(torch.as_tensor(idata.prior["layer0.bias"].values[0]),
+                          learner.potential.unpack(learner.theta0.detach())["layer0.bias"])
+    assert idata.observed_data["y"].dims == ("task", "support")
+    assert idata.constant_data["x"].shape == (3, 4, 1)
+    assert idata.log_likelihood["y"].shape == (1, 5, 3, 4)
+    assert idata.posterior_predictive["y"].shape == (1, 5, 3, 4)
+    assert idata.predictions["y"].dims == ("chain", "draw", "task", "query")
+    assert idata.predictions_constant_data["x"].shape == (3, 3, 1)
+    ll = learner.potential.log_likelihood(post.particles, tasks.x_support, tasks.y_support)
+    assert torch.allclose(torch.as_tensor(idata.log_likelihood["y"].values[0]), ll.transpose(0, 1))
+    attrs = idata.posterior.attrs
+    assert attrs["inference_method"] == "bmaml" and attrs["num_particles"] == 5
+    assert attrs["bandwidth_rule"] == "median" and attrs["step_size"] == 1e-3
+    assert "RBFSteinKernel" in attrs["kernel"] and attrs["num_steps"] == 1
+
+
+def test_single_task_posterior_has_a_task_dim_of_one(adapted):
+    _, tasks, post = adapted
+    idata = post.task(1).to_inference_data()
+    assert idata.posterior["noise_precision"].shape == (1, 5, 1)
+    assert idata.observed_data["y"].shape == (1, 4)
+
+
+def test_plate_singletons_are_squeezed():
+    def model(y):
+        with pyro.plate("groups", 3, dim=-1):
+            with pyro.plate("inner", 1, dim=-2):
+                mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    y = torch.tensor([[0.5, -1.0, 2.0]])
+    svgd = pb.SVGD(model, pb.RBFSteinKernel(), pyro.optim.Adam({"lr": 0.1}), 4, 2)
+    svgd.step(y)
+    assert svgd.get_named_particles()["mu"].shape == (4, 1, 3)
+    post = ParticlePosterior(svgd.potential, pyro.param("svgd_particles").detach())
+    idata = to_inference_data(post)
+    assert idata.posterior["mu"].dims == ("chain", "draw", "task", "mu_dim_0")
+    assert idata.posterior["mu"].shape == (1, 4, 1, 3)
+
+
+def test_netcdf_round_trip(adapted, tmp_path):
+    _, tasks, post = adapted
+    idata = post.to_inference_data(tasks.x_query, tasks.y_query)
+    path = tmp_path / "posterior.nc"
+    idata.to_netcdf(str(path))
+    back = az.from_netcdf(str(path))
+    assert set(back.groups()) == set(idata.groups())
+    for group in idata.groups():
+        for name, var in getattr(idata, group).data_vars.items():
+            assert (getattr(back, group)[name].values == var.values).all(), (group, name)
+    assert back.posterior.attrs["inference_method"] == "bmaml"
+
+
+def test_arviz_summary_and_plots(adapted, tmp_path):
+    import matplotlib.pyplot as plt
+
+    _, _, post = adapted
+    idata = post.to_inference_data()
+    table = summary(idata, var_names=["noise_precision"])
+    assert list(table.columns) == ["mean", "sd", "hdi_3%", "hdi_97%"]
+    assert len(table) == 3
+    with pytest.raises(ValueError, match="kind='stats'"):
+        summary(idata, kind="all")
+    for i, plot in enumerate((az.plot_posterior, az.plot_forest)):
+        axes = plot(idata, var_names=["noise_precision"])
+        fig = plt.gcf()
+        path = tmp_path / f"plot{i}.png"
+        fig.savefig(path)
+        plt.close("all")
+        assert path.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------ KSD
+def _stein_kernel_autograd(x, y, s, h, kernel):
+    """u_p(x, y) from autograd derivatives of k (D small)."""
+    x = x.clone().requires_grad_()
+    y = y.clone().requires_grad_()
+
+    def k(a, b):
+        return kernel._profile_derivatives((a - b).pow(2).sum() / h)[0]
+
+    kv = k(x, y)
+    gx, gy = torch.autograd.grad(kv, (x, y), create_graph=True)
+    trace = sum(torch.autograd.grad(gx[d], y, retain_graph=True)[0][d] for d in range(x.numel()))
+    return (kv * s(x) @ s(y) + s(x) @ gy + gx @ s(y) + trace).detach()
+
+
+@pytest.mark.parametrize("kernel", [pb.RBFSteinKernel(bandwidth="median"),
+                                    pb.IMQSteinKernel(alpha=1.0, beta=-0.5, bandwidth="median"),
+                                    pb.IMQSteinKernel(alpha=0.3, beta=-0.8, bandwidth=2.0)])
+def test_stein_kernel_against_autograd(kernel):
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+
+    def score(z):
+        return -(z - 0.5) / 2.0
+
+    u = stein_kernel_matrix(x, score(x), kernel)
+    h = kernel.bandwidth(x).item()
+    for i in range(5):
+        for j in range(5):
+            expected = _stein_kernel_autograd(x[i], x[j], score, h, kernel)
+            assert torch.allclose(u[i, j], expected, rtol=1e-8, atol=1e-10)
+
+
+def test_ksd_known_answer_gaussian_shift():
+    """p = N(0, s^2 I), q = N(mu, s^2 I), RBF with fixed h: s_p - s_q = -mu / s^2 is constant,
+    so KSD^2 = |mu|^2 / s^4 * E k(x, y) = |mu|^2 / s^4 * (1 + 4 s^2 / h)^(-D / 2)."""
+    torch.manual_seed(0)
+    d, s, h = 2, 1.5, 3.0
+    mu = torch.tensor([0.8, -0.4], dtype=torch.float64)
+    truth = mu.pow(2).sum() / s**4 * (1 + 4 * s**2 / h) ** (-d / 2)
+    kernel = pb.RBFSteinKernel(bandwidth=h)
+    estimates = []
+    for _ in range(20):
+        x = mu + s * torch.randn(400, d, dtype=torch.float64)
+        estimates.append(ksd(x, -x / s**2, kernel, statistic="u"))
+    est = torch.stack(estimates)
+    se = est.std() / math.sqrt(len(est))
+    assert abs(est.mean() - truth) < 4 * se, (est.mean(), truth, se)
+    assert truth > 10 * se  # the check can tell a shift from no shift
+
+
+def test_ksd_is_zero_in_expectation_at_the_target():
+    torch.manual_seed(1)
+    kernel = pb.RBFSteinKernel(bandwidth=2.0)
+    vals = []
+    for _ in range(20):
+        x = torch.randn(300, 2, dtype=torch.float64)
+        vals.append(ksd(x, -x, kernel, statistic="u"))
+    vals = torch.stack(vals)
+    assert abs(vals.mean()) < 4 * vals.std() / math.sqrt(20)
+
+
+def test_ksd_decreases_along_svgd_and_is_recorded(adapted):
+    learner, tasks, _ = adapted
+    post = learner.adapt(tasks.x_support, tasks.y_support, num_steps=10, track_ksd=True)
+    k = post.info["ksd"]
+    assert k.shape == (11, 3) and (k >= 0).all()
+    assert (k[-1] < k[0]).all()
+
+
+# ------------------------------------------------------------------ metrics
+def test_one_component_metrics_equal_closed_forms():
+    loc = torch.tensor([[0.3, -1.0, 2.0]], dtype=torch.float64)  # (M=1, N=3)
+    scale = torch.tensor([[0.5, 2.0, 1.0]], dtype=torch.float64)
+    y = torch.tensor([0.1, 0.5, 4.0], dtype=torch.float64)
+    z = (y - loc[0]) / scale[0]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    crps = scale[0] * (z * (2 * normal.cdf(z) - 1) + 2 * normal.log_prob(z).exp() - 1 / math.sqrt(math.pi))
+    assert torch.allclose(mixture_crps(y, loc, scale), crps, rtol=1e-6)
+    assert torch.allclose(mixture_cdf(y, loc, scale), normal.cdf(z))
+    q = mixture_quantile(0.975, loc, scale)
+    assert torch.allclose(q, loc[0] + scale[0] * normal.icdf(torch.tensor(0.975, dtype=torch.float64)), atol=1e-9)
+    hits, widths = interval_scores(y, loc, scale, (0.5, 0.95))
+    assert torch.allclose(widths[1], 2 * 1.959963984540054 * scale[0], atol=1e-8)
+    assert hits.tolist() == [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]
+
+
+def test_mixture_cdf_and_quantile_are_inverse():
+    torch.manual_seed(0)
+    loc, scale = torch.randn(2, 4, 5, dtype=torch.float64), torch.rand(2, 4, 5, dtype=torch.float64) + 0.2
+    for p in (0.05, 0.5, 0.9):
+        q = mixture_quantile(p, loc, scale)
+        assert torch.allclose(mixture_cdf(q, loc, scale), torch.full_like(q, p), atol=1e-10)
+
+
+def _linear_model(x, y=None):
+    w = pyro.sample("w", dist.Normal(0.0, 3.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(w * x[:, 0], 0.5), obs=y)
+    return w * x[:, 0]
+
+
+def test_well_specified_model_is_calibrated_and_nll_matches():
+    """Particles at the true parameter of a Normal model: the predictive is the data's law,
+    so coverage is nominal up to binomial noise and the NLL is the Gaussian NLL."""
+    torch.manual_seed(0)
+    t, n = 4, 500
+    x = torch.rand(t, n, 1) * 4 - 2
+    y = 1.7 * x[:, :, 0] + 0.5 * torch.randn(t, n)
+    potential = pb.ModelPotential(_linear_model).setup(x[0], y[0])
+    post = ParticlePosterior(potential, torch.full((t, 3, 1), 1.7))
+    m = regression_metrics(post, x, y)
+    for level, (cov, _) in m["coverage"].items():
+        assert abs(cov - level) < 3 * math.sqrt(level * (1 - level) / (t * n)), (level, cov)
+        assert abs(m["width"][level][0] - 2 * 0.5 * torch.distributions.Normal(0, 1).icdf(
+            torch.tensor((1 + level) / 2)).item()) < 1e-5
+    nll = -torch.distributions.Normal(1.7 * x[:, :, 0], 0.5).log_prob(y).mean()
+    assert abs(m["nll"][0] - nll.item()) < 1e-4
+    assert m["pit"].shape == (t, n)
+
+
+def test_metrics_reject_non_normal_likelihood():
+    def model(x, y=None):
+        rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Poisson(rate * x[:, 0]), obs=y)
+
+    x, y = torch.ones(2, 3, 1), torch.ones(2, 3)
+    post = ParticlePosterior(pb.ModelPotential(model).setup(x[0], y[0]), torch.zeros(2, 3, 1))
+    with pytest.raises(ValueError, match="Poisson likelihood"):
+        regression_metrics(post, x, y)
+
+
+# ------------------------------------------------------------------ plots
+def test_plots_write_non_empty_files(adapted, tmp_path):
+    from pyro_bmaml import plots
+
+    _, tasks, post = adapted
+    m = regression_metrics(post, tasks.x_query, tasks.y_query)
+    paths = [
+        plots.plot_predictive([post.task(0), post.task(1)], tmp_path / "pred.png",
+                              truths=[torch.sin, torch.cos],
+                              queries=[(tasks.x_query[0], tasks.y_query[0])] * 2),
+        plots.plot_ksd(post.info["ksd"], tmp_path / "ksd.png"),
+        plots.plot_calibration(m["coverage"], tmp_path / "cal.png"),
+        plots.plot_training({"iteration": [1, 2, 3], "loss": [3.0, 2.0, 1.0],
+                             "eval": [{"iteration": 3, "mse": [1.0, 0.1], "nll": [2.0, 0.2]}]},
+                            tmp_path / "train.png"),
+        plots.plot_curves({"a": ([1, 2], [1.0, 0.5], [0.1, 0.1])}, tmp_path / "c.png", "n", "mse"),
+    ]
+    for p in paths:
+        assert p.stat().st_size > 5000
