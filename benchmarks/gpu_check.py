@@ -1,11 +1,10 @@
 """On a CUDA machine: the engine and a BMAML meta-step give the same numbers as on the CPU,
 and how long a meta-step takes there.  Run: python benchmarks/gpu_check.py"""
 
-import statistics
-import time
 
 import pyro
 import torch
+from _timing import median_time
 
 import pyro_bmaml as pb
 from pyro_bmaml.meta import BMAML
@@ -13,16 +12,6 @@ from pyro_bmaml.models import BayesianMLP
 from pyro_bmaml.tasks import Sinusoid
 
 
-def timed(fn, repeats=20, sync=lambda: None):
-    fn()
-    sync()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def main():
@@ -43,13 +32,13 @@ def main():
         loss = learner.meta_loss(b)
         loss.backward()
         results[device] = (loss.item(), learner.theta0.grad.cpu())
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync = torch.cuda.synchronize if device == "cuda" else None
 
         def step():
             learner.zero_grad()
             learner.meta_loss(b).backward()
 
-        print(f"{device}: float64 meta-step {timed(step, sync=sync) * 1e3:.1f} ms")
+        print(f"{device}: float64 meta-step {median_time(step, 20, sync=sync) * 1e3:.1f} ms")
     (l_cpu, g_cpu), (l_gpu, g_gpu) = results["cpu"], results["cuda"]
     print(f"meta-loss cpu {l_cpu:.10g} cuda {l_gpu:.10g}")
     print("meta-gradient max |cpu - cuda| / max |cpu|:",

@@ -9,47 +9,28 @@ repeats, ratios measured in one process.  Run:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import pyro
 import torch
+from _timing import median_time
+from svgd_engine import loop_svgd_step
 
-import pyro_bmaml as pb
 from pyro_bmaml.meta import BMAML, EMAML, MAML
 from pyro_bmaml.models import BayesianMLP
 from pyro_bmaml.tasks import Sinusoid
 
 
-def median_time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def loop_svgd(learner, theta, x, y):
-    """One SVGD step of one task, python loop over particles."""
-    pot, m = learner.potential, theta.size(0)
-    grads = []
-    for i in range(m):
-        lp = pot._log_joint_one(theta[i], (x, y), {})
-        grads.append(torch.autograd.grad(lp, theta, create_graph=torch.is_grad_enabled())[0][i])
-    grad = torch.stack(grads)
-    kmat, rep = learner.kernel.kernel_and_repulsion(theta)
-    return theta + learner.step_size * torch.stack([(kmat[i] @ grad + rep[i]) / m for i in range(m)])
 
 
 def loop_meta_loss(learner, batch):
     losses = []
     for t in range(batch.num_tasks):
-        chaser = loop_svgd(learner, learner.theta0, batch.x_support[t], batch.y_support[t])
+        chaser = loop_svgd_step(learner.potential, learner.kernel, learner.theta0,
+                                batch.x_support[t], batch.y_support[t], learner.step_size)
         xa = torch.cat([batch.x_support[t], batch.x_query[t]])
         ya = torch.cat([batch.y_support[t], batch.y_query[t]])
-        leader = loop_svgd(learner, chaser.detach().requires_grad_(), xa, ya).detach()
+        leader = loop_svgd_step(learner.potential, learner.kernel, chaser.detach().requires_grad_(),
+                                xa, ya, learner.step_size).detach()
         diff = chaser - leader
         if learner._distance_columns is not None:  # the network sites, as BMAML.meta_loss
             diff = diff[:, learner._distance_columns]

@@ -12,26 +12,16 @@ Ratios are measured in one process, medians over repeats.  Run:
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import pyro
 import torch
+from _timing import median_time
 from pyro.optim import Adam
 
 import pyro_bmaml as pb
 from pyro_bmaml.models import BayesianMLP
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def step_benchmark(model, x, y, num_particles, repeats, mode):
@@ -44,20 +34,25 @@ def step_benchmark(model, x, y, num_particles, repeats, mode):
     return timings
 
 
+def loop_svgd_step(potential, kernel, theta, x, y, step_size):
+    """One multivariate SVGD step of one task, python loop over particles (same math)."""
+    grads = []
+    for i in range(theta.size(0)):
+        lp = potential._log_joint_one(theta[i], (x, y), {})
+        grads.append(torch.autograd.grad(lp, theta, create_graph=torch.is_grad_enabled())[0][i])
+    grad = torch.stack(grads)
+    kmat, rep = kernel.kernel_and_repulsion(theta)
+    rows = [(kmat[i] @ grad + rep[i]) / theta.size(0) for i in range(theta.size(0))]
+    return theta + step_size * torch.stack(rows)
+
+
 def loop_transport(potential, kernel, init, xs, ys, num_steps, step_size):
     """Same math as transport, but python loops over tasks and particles."""
     outs = []
     for t in range(init.size(0)):
         theta = init[t]
         for _ in range(num_steps):
-            grads = []
-            for i in range(theta.size(0)):
-                lp = potential._log_joint_one(theta[i], (xs[t], ys[t]), {})
-                grads.append(torch.autograd.grad(lp, theta, create_graph=True)[0][i])
-            grad = torch.stack(grads)
-            kmat, rep = kernel.kernel_and_repulsion(theta)
-            rows = [(kmat[i] @ grad + rep[i]) / theta.size(0) for i in range(theta.size(0))]
-            theta = theta + step_size * torch.stack(rows)
+            theta = loop_svgd_step(potential, kernel, theta, xs[t], ys[t], step_size)
         outs.append(theta)
     return torch.stack(outs)
 

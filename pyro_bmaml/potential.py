@@ -262,7 +262,13 @@ class ModelPotential:
 
     def _return_one(self, flat, args, kwargs) -> torch.Tensor:
         trace, _ = self._conditioned_trace(flat, args, kwargs)
-        return trace.nodes["_RETURN"]["value"]
+        value = trace.nodes["_RETURN"]["value"]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                "the model must return its predictive mean as a tensor (the convention of "
+                f"pyro_bmaml task models), got {type(value).__name__}"
+            )
+        return value
 
     def _observation_site(self, trace):
         """The first data site: a sample site that is not latent (observed, or sampled when

@@ -22,11 +22,13 @@ from .tasks import TaskBatch
 __all__ = ["fit", "evaluate"]
 
 
-def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None) -> Dict[str, Any]:
-    """Adapt to each task's support set, score on its query set (see :mod:`.metrics`)."""
+def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
+             closed_form: bool = False) -> Dict[str, Any]:
+    """Adapt to each task's support set, score on its query set (see :mod:`.metrics`):
+    NLL, MSE, RMSE, and with ``closed_form`` (Normal likelihoods) CRPS, coverage, PIT."""
     tasks = tasks.validate()
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps)
-    return regression_metrics(posterior, tasks.x_query, tasks.y_query)
+    return regression_metrics(posterior, tasks.x_query, tasks.y_query, closed_form=closed_form)
 
 
 def fit(

@@ -244,14 +244,32 @@ def test_metrics_reject_non_normal_likelihood():
         rate = pyro.sample("rate", dist.Gamma(2.0, 1.0))
         with pyro.plate("data", x.shape[0]):
             pyro.sample("y", dist.Poisson(rate * x[:, 0]), obs=y)
+        return rate * x[:, 0]
 
     x, y = torch.ones(2, 3, 1), torch.ones(2, 3)
     post = ParticlePosterior(pb.ModelPotential(model).setup(x[0], y[0]), torch.zeros(2, 3, 1))
     with pytest.raises(ValueError, match="Poisson likelihood"):
         regression_metrics(post, x, y)
+    # NLL and MSE need no closed form: they work for any likelihood
+    m = regression_metrics(post, x, y, closed_form=False)
+    rate = torch.tensor(1.0)  # exp(0): the particles sit at rate = 1
+    nll = -dist.Poisson(rate).log_prob(torch.tensor(1.0))
+    assert abs(m["nll"][0] - nll.item()) < 1e-6 and "crps" not in m
 
 
 # ------------------------------------------------------------------ plots
+def test_model_without_a_return_value_gets_a_clear_error():
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(w * x[:, 0], 1.0), obs=y)
+
+    x = torch.ones(3, 1)
+    potential = pb.ModelPotential(model).setup(x, torch.ones(3))
+    with pytest.raises(ValueError, match="must return its predictive mean"):
+        ParticlePosterior(potential, torch.zeros(2, 1)).predict(x)
+
+
 def test_plots_write_non_empty_files(adapted, tmp_path):
     from pyro_bmaml import plots
 

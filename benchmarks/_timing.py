@@ -1,0 +1,21 @@
+"""Timing helper shared by the benchmark scripts (medians in one process, no assertions)."""
+
+import statistics
+import time
+
+
+def median_time(fn, repeats: int, warmup: int = 1, sync=None) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs;
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called after each run when given."""
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
