@@ -137,14 +137,15 @@ def test_maml_is_emaml_with_one_particle():
     assert torch.allclose(maml.meta_loss(batch), emaml.meta_loss(batch))
 
 
-def test_meta_training_lowers_held_out_mse():
+@pytest.mark.parametrize("cls,iterations", [(BMAML, 300), (EMAML, 150)])
+def test_meta_training_lowers_held_out_mse(cls, iterations):
     """A real learning signal with a small budget (fixed seed)."""
     pyro.set_rng_seed(0)
     tasks = Sinusoid(num_tasks=100, num_support=10, seed=0)
     held_out = tasks.evaluation_tasks(50)
-    learner = EMAML(BayesianMLP(hidden=(40, 40)), num_particles=5, init="paper")
+    learner = cls(BayesianMLP(hidden=(40, 40)), num_particles=5, init="paper")
     before = evaluate(learner, held_out)["per_task"]["mse"]
-    learner.fit(tasks, 150, lr=3e-3, progress=False)
+    learner.fit(tasks, iterations, lr=3e-3, progress=False)
     after = evaluate(learner, held_out)["per_task"]["mse"]
     # sign test: with no learning, each task improves with probability 1/2; demand a
     # fraction of improved tasks 3 binomial standard deviations above 1/2
