@@ -6,7 +6,6 @@ import pyro
 import torch
 from _timing import median_time
 
-import pyro_bmaml as pb
 from pyro_bmaml.meta import BMAML
 from pyro_bmaml.models import BayesianMLP
 from pyro_bmaml.tasks import Sinusoid

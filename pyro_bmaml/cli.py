@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import pyro
-import torch
 
 from .checkpoint import load_checkpoint
 from .meta import BMAML, EMAML, MAML
@@ -29,7 +28,8 @@ def _hidden(text: str):
     try:
         sizes = tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 40,40,40, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated ints like 40,40,40, got {text!r}") from None
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"hidden sizes must be >= 1, got {text!r}")
     return sizes

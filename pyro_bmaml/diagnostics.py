@@ -10,7 +10,8 @@ group                           content, dims after ``(chain, draw)``
                                 1, ``draw`` has size M and a ``particle`` coordinate
 ``prior``                       the meta-learned initial particles (the learned prior, when
                                 the posterior came from a meta-learner): ``(*site_dims)``
-``observed_data``               support targets ``y``: ``(task, support)``
+``observed_data``               support targets, named as the model's data site (e.g.
+                                ``y``): ``(task, support)``
 ``constant_data``               support inputs ``x``: ``(task, support, feature)``
 ``log_likelihood``              ``y``: per particle and support point, ``(task, support)``
 ``posterior_predictive``        ``y``: one draw per particle at the support inputs
@@ -98,25 +99,26 @@ def inference_data_groups(
         arrays, dims = _site_arrays(potential, init, with_task=False)
         groups["prior"] = dataset(arrays, dims)
 
+    obs = potential.observation_site or "y"  # the data site's own name, e.g. "y" or "obs"
     if post.x_support is not None:
         x, y = post.x_support, post.y_support
-        groups["observed_data"] = xr.Dataset({"y": (["task", "support"], _np(y))})
+        groups["observed_data"] = xr.Dataset({obs: (["task", "support"], _np(y))})
         groups["constant_data"] = xr.Dataset({"x": (["task", "support", "feature"], _np(x))})
         with torch.no_grad():
             log_lik = potential.log_likelihood(post.particles, x, y)  # (T, M, K)
             draws = post.predict(x, num_samples=1)["samples"]  # (T, M, K)
         dim = ["chain", "draw", "task", "support"]
-        groups["log_likelihood"] = xr.Dataset({"y": (dim, _np(log_lik.transpose(0, 1))[None])})
-        groups["posterior_predictive"] = xr.Dataset({"y": (dim, _np(draws.transpose(0, 1))[None])})
+        groups["log_likelihood"] = xr.Dataset({obs: (dim, _np(log_lik.transpose(0, 1))[None])})
+        groups["posterior_predictive"] = xr.Dataset({obs: (dim, _np(draws.transpose(0, 1))[None])})
     if x_query is not None:
         xq = x_query if batched else x_query[None]
         with torch.no_grad():
             draws = post.predict(xq, num_samples=1)["samples"]
         groups["predictions"] = xr.Dataset(
-            {"y": (["chain", "draw", "task", "query"], _np(draws.transpose(0, 1))[None])})
+            {obs: (["chain", "draw", "task", "query"], _np(draws.transpose(0, 1))[None])})
         const = {"x": (["task", "query", "feature"], _np(xq))}
         if y_query is not None:
-            const["y"] = (["task", "query"], _np(y_query if batched else y_query[None]))
+            const[obs] = (["task", "query"], _np(y_query if batched else y_query[None]))
         groups["predictions_constant_data"] = xr.Dataset(const)
 
     attrs = {k: v for k, v in posterior.info.items()

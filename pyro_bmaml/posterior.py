@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Dict, Optional
 
-import pyro
 import torch
 from pyro.infer import Predictive
 
@@ -86,11 +85,15 @@ class ParticlePosterior:
         return out
 
     def _sample_y(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        site = self.potential.observation_site
+        if site is None:
+            raise ValueError("the model has no observed site to draw predictions of")
+
         def draws(named, x_task):
             # Each particle's values repeated num_samples times; Predictive loops over them.
             reps = {k: v.repeat_interleave(num_samples, dim=0) for k, v in named.items()}
-            pred = Predictive(self.potential.model, posterior_samples=reps, return_sites=["y"])
-            return pred(x_task)["y"]
+            pred = Predictive(self.potential.model, posterior_samples=reps, return_sites=[site])
+            return pred(x_task)[site]
 
         named = self.named
         if not self.batched:

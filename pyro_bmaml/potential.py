@@ -106,6 +106,8 @@ class ModelPotential:
             raise TypeError(f"model must be callable (a Pyro model), got {type(model).__name__}")
         self.model = model
         self.sites: Optional[List[LatentSite]] = None
+        #: name of the model's (first) data site, found at setup; None if it has none
+        self.observation_site: Optional[str] = None
 
     # ------------------------------------------------------------------ site discovery
     @property
@@ -127,6 +129,10 @@ class ModelPotential:
         with torch.no_grad():
             trace = poutine.trace(self.model).get_trace(*args, **kwargs)
         sites, offset = [], 0
+        self.observation_site = next(
+            (name for name, site in trace.nodes.items()
+             if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+             and not site["infer"].get("_deterministic")), None)
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
@@ -271,13 +277,11 @@ class ModelPotential:
         return value
 
     def _observation_site(self, trace):
-        """The first data site: a sample site that is not latent (observed, or sampled when
-        the model was called without observations)."""
-        for name, site in trace.nodes.items():
-            if (site["type"] == "sample" and name not in self._site_set
-                    and not site_is_subsample(site) and not site["infer"].get("_deterministic")):
-                return name, site
-        raise ValueError("model has no observation site")
+        """The data site found at setup (observed then; sampled now if called without y)."""
+        name = self.observation_site
+        if name is None or name not in trace.nodes:
+            raise ValueError("model has no observed site (set the potential up with data)")
+        return name, trace.nodes[name]
 
     def _moments_one(self, flat, args, kwargs):
         trace, _ = self._conditioned_trace(flat, args, kwargs)

@@ -110,7 +110,7 @@ def test_arviz_summary_and_plots(adapted, tmp_path):
     with pytest.raises(ValueError, match="kind='stats'"):
         summary(idata, kind="all")
     for i, plot in enumerate((az.plot_posterior, az.plot_forest)):
-        axes = plot(idata, var_names=["noise_precision"])
+        plot(idata, var_names=["noise_precision"])
         fig = plt.gcf()
         path = tmp_path / f"plot{i}.png"
         fig.savefig(path)
@@ -288,3 +288,23 @@ def test_plots_write_non_empty_files(adapted, tmp_path):
     ]
     for p in paths:
         assert p.stat().st_size > 5000
+
+
+def test_inference_data_for_a_pyro_module_model():
+    from test_potential import BayesianLinear
+
+    model = BayesianLinear()
+    x = torch.randn(3, 8, 2)
+    y = x @ torch.tensor([1.0, -1.0]) + 0.3
+    potential = pb.ModelPotential(model)
+    init = torch.stack([potential.sample_prior(6, x[0], y[0]) for _ in range(3)])
+    out = pb.transport(potential, pb.RBFSteinKernel(), init, x, y, num_steps=5, step_size=1e-3)
+    post = ParticlePosterior(potential, out, x, y, info={"inference_method": "svgd"})
+    idata = post.to_inference_data(x[:, :4], y[:, :4])
+    assert idata.posterior["linear.weight"].dims == (
+        "chain", "draw", "task", "linear.weight_dim_0", "linear.weight_dim_1")
+    assert idata.posterior["linear.weight"].shape == (1, 6, 3, 1, 2)
+    assert idata.posterior["sigma"].shape == (1, 6, 3)
+    assert idata.log_likelihood["obs"].shape == (1, 6, 3, 8)  # the model's site name
+    assert idata.predictions["obs"].shape == (1, 6, 3, 4)
+    assert "prior" not in idata.groups()  # no meta-learned prior here

@@ -102,4 +102,4 @@ def test_pack_errors():
     with pytest.raises(ValueError, match=r"flat must have shape \(\.\.\., 4\)"):
         potential.unpack(torch.ones(3, 5))
     with pytest.raises(RuntimeError, match="setup"):
-        pb.ModelPotential(normal_gamma_regression).dim
+        _ = pb.ModelPotential(normal_gamma_regression).dim

@@ -9,7 +9,7 @@ import torch
 import pyro_bmaml as pb
 from pyro_bmaml.meta import BMAML, EMAML, MAML
 from pyro_bmaml.models import BayesianMLP
-from pyro_bmaml.tasks import Sinusoid, TaskBatch
+from pyro_bmaml.tasks import Sinusoid
 from pyro_bmaml.training import evaluate, fit
 
 

@@ -2,7 +2,6 @@
 
 import pyro
 import pyro.distributions as dist
-import pytest
 import torch
 from pyro.nn import PyroModule, PyroSample
 
