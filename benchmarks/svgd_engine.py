@@ -31,15 +31,7 @@ class StockCompatibleMLP(BayesianMLP):
     pyro.infer.SVGD needs models that broadcast over its particle plate (dim -1 here)."""
 
     def __call__(self, x, y=None):
-        lam = pyro.sample("weight_precision", dist.Gamma(*map(x.new_tensor, self.weight_precision_prior)))
-        gam = pyro.sample("noise_precision", dist.Gamma(*map(x.new_tensor, self.noise_precision_prior)))
-        scale = lam.rsqrt()
-        weights = {}
-        for i, (n_in, n_out) in enumerate(self.layer_sizes):
-            weights[f"layer{i}.weight"] = pyro.sample(
-                f"layer{i}.weight", dist.Normal(x.new_zeros(n_in, n_out), scale[..., None, None]).to_event(2))
-            weights[f"layer{i}.bias"] = pyro.sample(
-                f"layer{i}.bias", dist.Normal(x.new_zeros(n_out), scale[..., None]).to_event(1))
+        weights, gam = self.sample_prior_sites(x)
         mean = self.forward(weights, x)
         pyro.sample("y", dist.Normal(mean, gam.rsqrt()[..., None]).to_event(1), obs=y)
         return mean

@@ -104,7 +104,11 @@ class BayesianMLP:
                 h = act(h)
         return h.squeeze(-1) if self.out_features == 1 else h
 
-    def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def sample_prior_sites(self, x: torch.Tensor):
+        """The prior part of the model: sample lambda, gamma and the weights.
+
+        :returns: ``(weights, noise_precision)``; weights as :meth:`forward` takes them.
+        """
         # prior parameters on x's device and dtype (a CPU scalar breaks vmap on CUDA)
         lam = pyro.sample("weight_precision", dist.Gamma(*map(x.new_tensor, self.weight_precision_prior)))
         gam = pyro.sample("noise_precision", dist.Gamma(*map(x.new_tensor, self.noise_precision_prior)))
@@ -118,6 +122,10 @@ class BayesianMLP:
             weights[f"layer{i}.bias"] = pyro.sample(
                 f"layer{i}.bias", dist.Normal(x.new_zeros(n_out), w_scale[..., None]).to_event(1)
             )
+        return weights, gam
+
+    def __call__(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weights, gam = self.sample_prior_sites(x)
         mean = self.forward(weights, x)
         with pyro.plate("data", x.shape[0]):
             obs = dist.Normal(mean, gam.rsqrt())
