@@ -256,11 +256,16 @@ class ModelPotential:
 
     def _log_likelihood_one(self, flat, args, kwargs) -> torch.Tensor:
         trace, _ = self._conditioned_trace(flat, args, kwargs)
-        trace.compute_log_prob()
+        latent = self._site_set
+
+        def is_data(name, site):
+            return (site["is_observed"] and name not in latent and not site_is_subsample(site)
+                    and not site["infer"].get("_deterministic"))
+
+        trace.compute_log_prob(site_filter=is_data)  # pointwise terms of the data sites only
         total = None
         for name, site in trace.nodes.items():
-            if (site["type"] == "sample" and site["is_observed"] and name not in self._site_set
-                    and not site["infer"].get("_deterministic")):
+            if site["type"] == "sample" and is_data(name, site):
                 total = site["log_prob"] if total is None else total + site["log_prob"]
         if total is None:
             raise ValueError("model has no observed site: pass the observations (e.g. y)")
