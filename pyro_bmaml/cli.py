@@ -17,7 +17,7 @@ import pyro
 
 from .checkpoint import load_checkpoint
 from .meta import BMAML, EMAML, MAML
-from .metrics import regression_metrics
+from .metrics import mean_and_se, regression_metrics
 from .models import BayesianMLP
 from .tasks import Sinusoid, TaskBatch
 
@@ -73,7 +73,7 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
     metrics = regression_metrics(posterior, tasks.x_query, tasks.y_query)
     ksd = posterior.info["ksd"]
     table = {k: metrics[k] for k in ("mse", "rmse", "nll", "crps")}
-    table["ksd_squared_final"] = list(_mean_se(ksd[-1]))
+    table["ksd_squared_final"] = list(mean_and_se(ksd[-1]))
     table["coverage"] = {str(k): v for k, v in metrics["coverage"].items()}
     table["width"] = {str(k): v for k, v in metrics["width"].items()}
     (out / "metrics.json").write_text(json.dumps(table, indent=2))
@@ -92,12 +92,6 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
     if history is not None and history.get("loss"):
         plots.plot_training(history, out / "training.png")
     return metrics
-
-
-def _mean_se(values):
-    from .metrics import mean_and_se
-
-    return mean_and_se(values)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -121,8 +121,9 @@ def inference_data_groups(
             const[obs] = (["task", "query"], _np(y_query if batched else y_query[None]))
         groups["predictions_constant_data"] = xr.Dataset(const)
 
+    # netCDF attributes: strings and numbers only (bools and tensors are left out)
     attrs = {k: v for k, v in posterior.info.items()
-             if isinstance(v, (str, int, float, bool)) and not isinstance(v, bool)}
+             if isinstance(v, (str, int, float)) and not isinstance(v, bool)}
     attrs.setdefault("inference_method", "svgd")
     attrs["num_particles"] = m
     for name, ds in groups.items():

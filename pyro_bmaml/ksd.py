@@ -93,6 +93,7 @@ def ksd_trajectory(
     potential: ModelPotential,
     particles_per_step: list,
     *args,
+    scores_per_step: Optional[list] = None,
     kernel: Optional[SteinKernel] = None,
     statistic: str = "v",
     **kwargs,
@@ -101,11 +102,20 @@ def ksd_trajectory(
 
     :param particles_per_step: list of ``(..., M, D)`` particles (e.g. recorded along SVGD
         steps through :func:`~pyro_bmaml.svgd.transport`'s callback).
+    :param scores_per_step: optional matching list of scores (the callback's ``grad_log_p``);
+        an entry that is ``None`` (or no list) is computed from the potential.
     :returns: ``(steps, ...)``.
     """
     check_int("len(particles_per_step)", len(particles_per_step), 1)
+    scores = scores_per_step or [None] * len(particles_per_step)
+    if len(scores) != len(particles_per_step):
+        raise ValueError(
+            f"scores_per_step has {len(scores)} entries, particles_per_step "
+            f"{len(particles_per_step)}"
+        )
     values = []
-    for p in particles_per_step:
-        _, score = potential.log_density_and_grad(p.detach(), *args, **kwargs)
-        values.append(ksd(p.detach(), score, kernel, statistic))
+    for p, score in zip(particles_per_step, scores):
+        if score is None:
+            _, score = potential.log_density_and_grad(p.detach(), *args, **kwargs)
+        values.append(ksd(p.detach(), score.detach(), kernel, statistic))
     return torch.stack(values)

@@ -113,8 +113,8 @@ class MetaLearner(nn.Module):
     ) -> torch.Tensor:
         """Adapt ``(T, M, D)`` particles on task data ``(T, N, in)``, ``(T, N)``.
 
-        ``callback(step, particles, *rest)`` is called before each step and after the last
-        (as :func:`~pyro_bmaml.svgd.transport` does)."""
+        ``callback(step, particles, log_p, grad_log_p)`` is called before each step and after
+        the last with ``None`` scores (as :func:`~pyro_bmaml.svgd.transport` does)."""
         raise NotImplementedError
 
     def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
@@ -159,8 +159,13 @@ class MetaLearner(nn.Module):
         steps = self.inner_steps if num_steps is None else check_int("num_steps", num_steps, 0)
         single = x.dim() == 2
         xb, yb = (x[None], y[None]) if single else (x, y)
-        recorded = []
-        callback = (lambda step, p, *rest: recorded.append(p.detach())) if track_ksd else None
+        recorded, scores = [], []
+
+        def record(step, p, log_p, grad):  # the step's scores are reused for the KSD
+            recorded.append(p.detach())
+            scores.append(None if grad is None else grad.detach())
+
+        callback = record if track_ksd else None
         with torch.no_grad():
             particles = self.adapt_particles(
                 self._expand(xb.size(0)).detach(), xb, yb, steps, callback=callback
@@ -169,7 +174,8 @@ class MetaLearner(nn.Module):
         info = self.describe(steps)
         info["initial_particles"] = self.theta0.detach().clone()
         if track_ksd:
-            values = ksd_trajectory(self.potential, recorded, xb, yb)  # (steps + 1, T)
+            values = ksd_trajectory(self.potential, recorded, xb, yb,
+                                    scores_per_step=scores)  # (steps + 1, T)
             info["ksd"] = values[:, 0] if single else values
         return ParticlePosterior(self.potential, particles, x, y, info=info)
 

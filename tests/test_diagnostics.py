@@ -308,3 +308,16 @@ def test_inference_data_for_a_pyro_module_model():
     assert idata.log_likelihood["obs"].shape == (1, 6, 3, 8)  # the model's site name
     assert idata.predictions["obs"].shape == (1, 6, 3, 4)
     assert "prior" not in idata.groups()  # no meta-learned prior here
+
+
+def test_ksd_trajectory_reuses_given_scores(adapted):
+    """Scores passed in give the same KSD as scores recomputed from the potential."""
+    learner, tasks, _ = adapted
+    p = learner.theta0.detach().expand(3, -1, -1)
+    _, score = learner.potential.log_density_and_grad(p, tasks.x_support, tasks.y_support)
+    given = pb.ksd_trajectory(learner.potential, [p, p], tasks.x_support, tasks.y_support,
+                              scores_per_step=[score, None])
+    assert torch.allclose(given[0], given[1])
+    with pytest.raises(ValueError, match="scores_per_step has 1 entries"):
+        pb.ksd_trajectory(learner.potential, [p, p], tasks.x_support, tasks.y_support,
+                          scores_per_step=[score])
