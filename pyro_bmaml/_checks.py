@@ -32,6 +32,22 @@ def check_positive_float(name: str, value: Any) -> float:
     return value
 
 
+def check_step_size(value: Any, dim: int, name: str = "step_size"):
+    """A step size: a finite float ``> 0`` or a ``(dim,)`` tensor of them (per coordinate)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return check_positive_float(name, value.item())
+        if tuple(value.shape) != (dim,) or not value.is_floating_point():
+            raise ValueError(
+                f"{name} must be a float or a floating ({dim},) tensor (one step per "
+                f"coordinate), got a {value.dtype} tensor of shape {tuple(value.shape)}"
+            )
+        if not bool(torch.isfinite(value).all() & (value > 0).all()):
+            raise ValueError(f"{name} must hold finite values > 0")
+        return value
+    return check_positive_float(name, value)
+
+
 def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     choices = tuple(choices)
     if value not in choices:

@@ -44,13 +44,43 @@ def _positive(kind):
     return parse
 
 
+#: each method's defaults on sinusoid: the papers' adaptation step (BMAML's eps, the official
+#: EMAML's alpha, Finn et al.'s alpha) and meta-objective; BMAML's noise precision takes a 3x
+#: larger SVGD step (task-adaptive noise: results/calibration.md)
+METHOD_DEFAULTS = {
+    "bmaml": {"step_size": 1e-3, "objective": "chaser", "noise_step_size": 3e-3},
+    "emaml": {"step_size": 1e-3, "objective": "mse"},
+    "maml": {"step_size": 1e-2, "objective": "mse"},
+}
+OBJECTIVES = ("chaser", "bfa", "mse", "log_joint")
+
+
+def resolve_config(config: dict) -> dict:
+    """``config`` with the method's defaults filled in where a value is ``None`` or missing
+    (``step_size``, ``objective``, ``noise_step_size``; ``calibration`` stays ``None`` for
+    the learner's default)."""
+    out = dict(config)
+    for key, value in METHOD_DEFAULTS[out["method"]].items():
+        if out.get(key) is None:
+            out[key] = value
+    out.setdefault("calibration", None)
+    return out
+
+
 def build_learner(config: dict):
-    """The meta-learner a configuration describes (used by train and evaluate)."""
+    """The meta-learner a configuration describes (used by train, evaluate and the examples).
+
+    Keys: ``method``, ``particles``, ``hidden``, ``inner_steps``, ``leader_steps`` and,
+    optional (``None``: the method's default, :data:`METHOD_DEFAULTS`), ``step_size``,
+    ``objective``, ``calibration``, ``noise_step_size`` (BMAML only).
+    """
+    config = resolve_config(config)
     model = BayesianMLP(hidden=tuple(config["hidden"]))
-    common = dict(inner_steps=config["inner_steps"], step_size=config["step_size"], init="paper")
+    common = dict(inner_steps=config["inner_steps"], step_size=config["step_size"], init="paper",
+                  objective=config["objective"], calibration=config["calibration"])
     if config["method"] == "bmaml":
         return BMAML(model, num_particles=config["particles"], leader_steps=config["leader_steps"],
-                     objective=config["objective"], **common)
+                     noise_step_size=config["noise_step_size"], **common)
     if config["method"] == "emaml":
         return EMAML(model, num_particles=config["particles"], **common)
     return MAML(model, **common)
@@ -58,8 +88,18 @@ def build_learner(config: dict):
 
 def _report(metrics: dict, num_tasks: int) -> str:
     mse, nll = metrics["mse"], metrics["nll"]
-    return (f"test MSE {mse[0]:.4f} +- {mse[1]:.4f}   test NLL {nll[0]:.4f} +- {nll[1]:.4f}"
-            f"   ({num_tasks} evaluation tasks, mean +- s.e.)")
+    c50, c90 = metrics["coverage"][0.5], metrics["coverage"][0.9]
+    lines = [
+        f"test MSE {mse[0]:.4f} +- {mse[1]:.4f} (particle mean; predicting 0 scores 4.25)   "
+        f"test NLL {nll[0]:.4f} +- {nll[1]:.4f} (mixture, per query point)",
+        f"coverage of the central 50% / 90% intervals: {c50[0]:.3f} / {c90[0]:.3f} "
+        f"(nominal 0.50 / 0.90)   ({num_tasks} evaluation tasks, mean +- s.e.)",
+    ]
+    if abs(c90[0] - 0.9) > 0.1:
+        lines.append("note: the 90% intervals are " + (
+            "too narrow (overconfident)" if c90[0] < 0.9 else "too wide (underconfident)")
+            + "; see calibration.png")
+    return "\n".join(lines)
 
 
 def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] = None,
@@ -70,15 +110,16 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
     out.mkdir(parents=True, exist_ok=True)
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps,
                               track_ksd=True)
-    metrics = regression_metrics(posterior, tasks.x_query, tasks.y_query)
+    metrics = regression_metrics(posterior, tasks.x_query, tasks.y_query, crps=True)
     ksd = posterior.info["ksd"]
-    table = {k: metrics[k] for k in ("mse", "rmse", "nll", "crps")}
+    table = {k: metrics[k] for k in ("mse", "mse_particles", "rmse", "nll", "crps")}
     table["ksd_squared_final"] = list(mean_and_se(ksd[-1]))
     table["coverage"] = {str(k): v for k, v in metrics["coverage"].items()}
     table["width"] = {str(k): v for k, v in metrics["width"].items()}
+    table["reliability"] = {str(k): v for k, v in metrics["reliability"].items()}
     (out / "metrics.json").write_text(json.dumps(table, indent=2))
     lines = ["| metric | mean | s.e. |", "|---|---|---|"]
-    for key in ("mse", "rmse", "nll", "crps", "ksd_squared_final"):
+    for key in ("mse", "mse_particles", "rmse", "nll", "crps", "ksd_squared_final"):
         lines.append(f"| {key} | {table[key][0]:.4g} | {table[key][1]:.2g} |")
     for level, (mu, se) in metrics["coverage"].items():
         width = metrics["width"][level]
@@ -88,7 +129,7 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
     plots.plot_predictive([posterior.task(i) for i in range(shown)], out / "predictive.png",
                           queries=[(tasks.x_query[i], tasks.y_query[i]) for i in range(shown)])
     plots.plot_ksd(ksd, out / "ksd.png")
-    plots.plot_calibration(metrics["coverage"], out / "calibration.png", label=learner.method)
+    plots.plot_calibration(metrics["reliability"], out / "calibration.png", label=learner.method)
     if history is not None and history.get("loss"):
         plots.plot_training(history, out / "training.png")
     return metrics
@@ -97,9 +138,16 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyro-bmaml", description="Bayesian MAML on Pyro")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="meta-train on sinusoid regression and evaluate")
+    t = sub.add_parser("train", help="meta-train on sinusoid regression and evaluate",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--method", choices=METHODS, default="bmaml")
-    t.add_argument("--objective", choices=("chaser", "bfa"), default="chaser")
+    t.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help="bmaml: chaser or bfa; emaml/maml: mse (as the papers) or log_joint; "
+                        "None: chaser for bmaml, mse for the baselines")
+    t.add_argument("--calibration", default=None,
+                   choices=("noise_offset", "initial_noise", "none", "distance", "mixture"),
+                   help="how the noise level is meta-learned; None: noise_offset (none with "
+                        "--objective bfa or log_joint)")
     t.add_argument("--particles", type=_positive(int), default=10, help="M")
     t.add_argument("--shots", type=_positive(int), default=10, help="K support (= query) points")
     t.add_argument("--num-tasks", type=_positive(int), default=100, help="|T| meta-training tasks")
@@ -107,15 +155,21 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--iterations", type=_positive(int), default=2000)
     t.add_argument("--meta-batch", type=_positive(int), default=10)
     t.add_argument("--hidden", type=_hidden, default=(40, 40, 40))
-    t.add_argument("--step-size", type=_positive(float), default=1e-3)
+    t.add_argument("--step-size", type=_positive(float), default=None,
+                   help="adaptation step; None: 1e-3 for bmaml and emaml, 1e-2 for maml")
+    t.add_argument("--noise-step-size", type=_positive(float), default=None,
+                   help="bmaml: SVGD step of the noise precision; None: 3e-3")
     t.add_argument("--inner-steps", type=_positive(int), default=1)
     t.add_argument("--leader-steps", type=_positive(int), default=1)
     t.add_argument("--lr", type=_positive(float), default=1e-3)
+    t.add_argument("--schedule-iterations", type=_positive(int), default=100_000,
+                   help="nominal budget the x0.98 decay is spread over (official code: 100k)")
     t.add_argument("--eval-tasks", type=_positive(int), default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("runs/default"))
     t.add_argument("--no-progress", action="store_true")
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out sinusoid tasks")
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out sinusoid tasks",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--eval-tasks", type=_positive(int), default=100)
     e.add_argument("--steps", type=int, default=None, help="adaptation steps (default: trained n)")
@@ -129,12 +183,13 @@ def train(args) -> int:
         raise ValueError("--particles must be >= 2 for bmaml (use --method maml for one)")
     if args.meta_batch > args.num_tasks:
         raise ValueError(f"--meta-batch ({args.meta_batch}) exceeds --num-tasks ({args.num_tasks})")
-    config = {
+    config = resolve_config({
         "method": args.method, "objective": args.objective, "particles": args.particles,
         "shots": args.shots, "num_tasks": args.num_tasks, "variant": args.variant,
         "hidden": list(args.hidden), "step_size": args.step_size, "inner_steps": args.inner_steps,
-        "leader_steps": args.leader_steps, "seed": args.seed,
-    }
+        "leader_steps": args.leader_steps, "seed": args.seed, "calibration": args.calibration,
+        "noise_step_size": args.noise_step_size,
+    })
     pyro.set_rng_seed(args.seed)
     learner = build_learner(config)
     tasks = Sinusoid(args.variant, args.num_tasks, args.shots, seed=args.seed)
@@ -142,6 +197,7 @@ def train(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     history = learner.fit(
         tasks, args.iterations, meta_batch_size=args.meta_batch, lr=args.lr,
+        schedule_iterations=args.schedule_iterations,
         eval_tasks=eval_tasks, eval_every=max(1, args.iterations // 10),
         checkpoint=str(args.out / "checkpoint.pt"), checkpoint_every=max(1, args.iterations // 10),
         seed=args.seed, progress=not args.no_progress, extra={"config": config},

@@ -18,15 +18,52 @@ Chaser loss (BMAML's meta-objective), for each task:
 averaged over tasks; the gradient flows through the chaser only. BFA instead minimizes
 :math:`-\sum_{val} \log \frac1M \sum_m p(y \mid x, \theta^{n,m})`.
 
-EMAML adapts M particles independently by gradient ascent on the log joint (no kernel) and
-sums their query losses; MAML is EMAML with M = 1. The query loss is the model's negative
-log likelihood, averaged over query points.
+**Calibration (the noise sites).** The chaser distance leaves out the model's noise sites
+(the official code leaves out the precisions), so nothing meta-learns the noise level and
+the predictive intervals come out far too narrow (90% intervals covering a third of the
+targets). The noise precision also sets the size of the likelihood's pull in every
+adaptation step (the step on the weights is proportional to it), so lowering it in the
+initial particles to widen the predictive weakens adaptation and raises the MSE (measured
+in ``results/calibration.md``). With ``calibration="noise_offset"`` (the default) the
+adapted particles' noise coordinates are shifted by a meta-learned offset :math:`\delta`
+(one per noise coordinate, shared by the particles) *after* adaptation,
+
+.. math::
+
+    \tilde\theta^{n,m}_{noise} = \theta^{n,m}_{noise} + \delta, \qquad
+    L^{cal}(\delta) = -\frac{1}{Q}\sum_{val} \log \frac1M \sum_m
+        p\big(y \mid x, \mathrm{sg}(\theta^{n,m}_{net}), \mathrm{sg}(\theta^{n,m}_{noise})
+        + \delta\big),
+
+the query mixture negative log likelihood per point, a proper scoring rule on held-out data
+(as temperature scaling is for classifiers, Guo et al. 2017, here meta-learned across
+tasks). The offset learns the noise level the few-step posterior needs for its predictive to
+be calibrated on unseen points; adaptation itself (and so the MSE) is exactly that of the
+uncalibrated learner, since the offset enters after it and its loss reaches nothing else.
+The noise sites are found from the model
+(:meth:`~pyro_bmaml.potential.ModelPotential.noise_sites`): sites the likelihood depends on
+and the predictive mean does not. The other candidates, compared side by side in
+``results/calibration.md``, stay available: ``"initial_noise"`` (the same query-NLL loss on
+the noise coordinates of ``theta0``, first order), ``"distance"`` (the noise sites in the
+chaser distance with weight ``calibration_weight``), ``"mixture"`` (chaser +
+``calibration_weight`` x BFA, full gradient), and ``"none"`` (the official code).
+
+**Baselines as the papers ran them.** :class:`MAML` (Finn et al., 2017) and :class:`EMAML`
+take their inner steps on the mean squared error of the model's predictive mean (equivalently
+the log likelihood at a fixed noise level), ``theta <- theta - alpha * grad mean_n (f(x_n) -
+y_n)^2``, and meta-learn the query MSE (summed over EMAML's particles, as the official EMAML
+code). Finn's alpha = 0.01 is MAML's default, the official EMAML's 1e-3 EMAML's. They get
+the same meta-learned noise offset as BMAML, so that all methods' NLL and coverage are
+comparable; it does not touch the network coordinates, so their MSE is the papers'. The
+previous variants (inner gradient ascent on the whole log joint, query-NLL meta-loss) are
+``objective="log_joint"``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence, Union
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -42,6 +79,7 @@ from .tasks import TaskBatch
 __all__ = ["MetaLearner", "BMAML", "EMAML", "MAML"]
 
 InitSpec = Union[str, torch.Tensor, Dict[str, torch.Tensor]]
+SiteSpec = Union[str, Sequence[str], None]
 
 
 class MetaLearner(nn.Module):
@@ -56,9 +94,28 @@ class MetaLearner(nn.Module):
         dict of constrained site values with leading dim M.
     :param example_args: one task's ``(x, y)`` to discover the model's sites; defaults to
         ``model.example_args()`` when the model has it.
+    :param noise_sites: the latent sites that set the observation noise. ``"auto"``: the
+        model's ``noise_sites`` attribute if it has one, else those found by
+        :meth:`ModelPotential.noise_sites`; or a list of names; or ``None`` for none.
+    :param calibration: how the noise sites are meta-learned (see the module docs):
+        ``"noise_offset"``, ``"initial_noise"`` or ``"none"`` (and, for :class:`BMAML`,
+        ``"distance"``, ``"mixture"``). ``None`` picks the learner's default:
+        ``"noise_offset"`` when the model has noise sites.
+    :param calibration_lr: Adam learning rate of the noise offset (it has to move by several
+        units in log-precision, which ``theta0``'s 1e-3 would take thousands of iterations to
+        do); used by :meth:`optimizer_groups`.
+    :param noise_step_size: adaptation step size of the noise coordinates (default: the same
+        as ``step_size``).
+    :param offset_per_particle: one noise offset per particle instead of one shared offset
+        (a candidate; worse on sinusoid, ``results/calibration.md``).
+    :param chaser_trains_noise: let the meta-loss of the adapted particles (chaser, query MSE)
+        reach ``theta0``'s noise coordinates, as the official code does (default). ``False``
+        cuts it: the chaser loss rewards a lower noise precision for its own sake (a weaker
+        likelihood pull shortens the leader's extra step, and so the distance).
     """
 
     method = "meta"
+    calibrations = ("noise_offset", "initial_noise", "none")
 
     def __init__(
         self,
@@ -68,6 +125,12 @@ class MetaLearner(nn.Module):
         step_size: float,
         init: InitSpec = "prior",
         example_args: Optional[Sequence] = None,
+        noise_sites: SiteSpec = "auto",
+        calibration: Optional[str] = None,
+        noise_step_size: Optional[float] = None,
+        calibration_lr: float = 1e-2,
+        offset_per_particle: bool = False,
+        chaser_trains_noise: bool = True,
     ):
         super().__init__()
         self.model = model
@@ -83,6 +146,61 @@ class MetaLearner(nn.Module):
             example_args = model.example_args()
         self.potential.setup(*example_args)
         self.theta0 = nn.Parameter(self._initial_particles(init, example_args))
+        self.noise_sites = self._resolve_noise_sites(noise_sites, example_args)
+        self.register_buffer("noise_mask", self.potential.columns_of(self.noise_sites),
+                             persistent=False)
+        self.calibration = check_choice(
+            "calibration", self.default_calibration() if calibration is None else calibration,
+            self.calibrations)
+        if self.calibration != "none" and not self.noise_sites:
+            raise ValueError(
+                f"calibration={self.calibration!r} needs noise sites, and the model has none "
+                "(a latent site the likelihood depends on and the returned mean does not); "
+                "pass noise_sites=[...] or calibration='none'"
+            )
+        self.noise_step_size = (None if noise_step_size is None
+                                else check_positive_float("noise_step_size", noise_step_size))
+        self.calibration_lr = check_positive_float("calibration_lr", calibration_lr)
+        self.chaser_trains_noise = bool(chaser_trains_noise)
+        #: meta-learned shift of the adapted noise coordinates ("noise_offset"), (D_noise,)
+        width = int(self.noise_mask.sum()) if self.calibration == "noise_offset" else 0
+        self.offset_per_particle = bool(offset_per_particle)
+        shape = (self.num_particles, width) if self.offset_per_particle else (width,)
+        self.noise_offset = nn.Parameter(torch.zeros(shape, dtype=self.theta0.dtype))
+        steps = torch.full((self.potential.dim,), self.step_size)
+        if self.noise_step_size is not None:
+            steps[self.noise_mask] = self.noise_step_size
+        self.register_buffer("step_sizes", steps, persistent=False)
+
+    def default_calibration(self) -> str:
+        return "noise_offset" if self.noise_sites else "none"
+
+    def optimizer_groups(self, lr: float) -> List[dict]:
+        """Adam parameter groups: ``theta0`` at ``lr``, the noise offset at
+        ``calibration_lr`` (scaled by ``lr / 1e-3`` so that both follow one schedule)."""
+        groups = [{"params": [self.theta0], "lr": lr}]
+        if self.noise_offset.numel():
+            groups.append({"params": [self.noise_offset], "lr": self.calibration_lr * lr / 1e-3})
+        return groups
+
+    def _resolve_noise_sites(self, noise_sites: SiteSpec, example_args) -> List[str]:
+        if noise_sites is None:
+            return []
+        if isinstance(noise_sites, str):
+            check_choice("noise_sites", noise_sites, ("auto",))
+            if hasattr(self.model, "noise_sites"):
+                noise_sites = self.model.noise_sites
+            else:
+                found = self.potential.noise_sites(*example_args)
+                if found is None:
+                    warnings.warn(
+                        "the model returns no predictive mean, so its noise sites cannot be "
+                        "found and the predictive noise will not be calibrated; return the "
+                        "mean from the model or pass noise_sites=[...]", stacklevel=3)
+                return found or []
+        noise_sites = list(noise_sites)
+        self.potential.columns_of(noise_sites)  # raises on unknown names
+        return noise_sites
 
     def _initial_particles(self, init: InitSpec, example_args) -> torch.Tensor:
         m, d = self.num_particles, self.potential.dim
@@ -109,21 +227,76 @@ class MetaLearner(nn.Module):
     # -- to implement -----------------------------------------------------------------
     def adapt_particles(
         self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_steps: int,
-        callback=None,
+        callback=None, step_size: Optional[float] = None,
     ) -> torch.Tensor:
         """Adapt ``(T, M, D)`` particles on task data ``(T, N, in)``, ``(T, N)``.
 
         ``callback(step, particles, log_p, grad_log_p)`` is called before each step and after
-        the last with ``None`` scores (as :func:`~pyro_bmaml.svgd.transport` does)."""
+        the last with ``None`` scores (as :func:`~pyro_bmaml.svgd.transport` does).
+        ``step_size`` overrides the learner's (the noise step is scaled alike)."""
         raise NotImplementedError
 
     def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
-        """The meta-objective of a batch of tasks (a scalar, differentiable in theta0)."""
+        """The meta-objective of a batch of tasks (a scalar, differentiable in theta0).
+
+        Its parts are kept in ``self.loss_terms`` (floats) for logging."""
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------
     def _expand(self, num_tasks: int) -> torch.Tensor:
         return self.theta0.unsqueeze(0).expand(num_tasks, -1, -1)
+
+    def _step(self, step_size: Optional[float] = None):
+        """The adaptation step: a float, or per-coordinate ``(D,)`` sizes; ``step_size``
+        replaces the learner's and scales the noise coordinates' step alike."""
+        scale = 1.0 if step_size is None else check_positive_float("step_size", step_size) / self.step_size
+        return scale * (self.step_size if self.noise_step_size is None else self.step_sizes)
+
+    def _initial_for_adaptation(self, num_tasks: int) -> torch.Tensor:
+        """``theta0`` expanded to ``(T, M, D)``. Its noise coordinates are cut from the graph
+        here (so the meta-loss of the adapted particles never reaches them) with
+        ``calibration="initial_noise"`` (the calibration term trains them) or
+        ``chaser_trains_noise=False``."""
+        theta = self.theta0
+        if self.calibration == "initial_noise" or not self.chaser_trains_noise:
+            theta = torch.where(self.noise_mask, theta.detach(), theta)
+        return theta.unsqueeze(0).expand(num_tasks, -1, -1)
+
+    def calibrate(self, particles: torch.Tensor) -> torch.Tensor:
+        """Adapted particles with the meta-learned noise offset added to their noise
+        coordinates (unchanged unless ``calibration="noise_offset"``)."""
+        if not self.noise_offset.numel():
+            return particles
+        offset = self.noise_offset.to(particles.dtype)
+        shift = particles.new_zeros(offset.shape[:-1] + particles.shape[-1:])
+        shift = shift.masked_scatter(self.noise_mask.expand_as(shift), offset)
+        return particles + shift
+
+    def mixture_nll(self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Negative log of the particle mixture's predictive density, per point: ``(T, N)``."""
+        log_lik = self.potential.log_likelihood(particles, x, y)  # (T, M, N)
+        return -(torch.logsumexp(log_lik, dim=-2) - math.log(particles.size(-2)))
+
+    def calibration_loss(self, adapted: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+        """The query mixture NLL per point that meta-learns the noise. Its gradient reaches
+        the noise offset (``"noise_offset"``) or, first order (identity Jacobian through the
+        adaptation), the noise coordinates of ``theta0`` (``"initial_noise"``); nothing else."""
+        if self.calibration == "noise_offset":
+            particles = self.calibrate(adapted.detach())
+        else:
+            shift = self.noise_mask * (self.theta0 - self.theta0.detach())  # zero, carries grad
+            particles = adapted.detach() + shift
+        return self.mixture_nll(particles, batch.x_query, batch.y_query).mean()
+
+    def add_calibration_loss(self, loss: torch.Tensor, adapted: torch.Tensor,
+                             batch: TaskBatch) -> torch.Tensor:
+        """``loss`` plus the calibration term when the learner has one (logged as
+        ``loss_terms["calibration_nll"]``)."""
+        if self.calibration not in ("noise_offset", "initial_noise"):
+            return loss
+        term = self.calibration_loss(adapted, batch)
+        self.loss_terms["calibration_nll"] = term.item()
+        return loss + term
 
     def _check_xy(self, x, y):
         for name, t in (("x", x), ("y", y)):
@@ -144,7 +317,7 @@ class MetaLearner(nn.Module):
 
     def adapt(
         self, x: torch.Tensor, y: torch.Tensor, num_steps: Optional[int] = None,
-        track_ksd: bool = False,
+        track_ksd: bool = False, step_size: Optional[float] = None,
     ) -> ParticlePosterior:
         """Adapt the learned prior to a task's support set; returns its particle posterior.
 
@@ -154,6 +327,8 @@ class MetaLearner(nn.Module):
         :param track_ksd: record the squared kernelized Stein discrepancy (IMQ, V-statistic)
             to each task's posterior before every step and after the last, in
             ``posterior.info["ksd"]`` of shape ``(steps + 1, T)`` (or ``(steps + 1,)``).
+        :param step_size: adaptation step size (default: the learner's meta-trained one),
+            e.g. smaller when adapting on many more points than the learner was trained on.
         """
         x, y = self._check_xy(x, y)
         steps = self.inner_steps if num_steps is None else check_int("num_steps", num_steps, 0)
@@ -167,11 +342,14 @@ class MetaLearner(nn.Module):
 
         callback = record if track_ksd else None
         with torch.no_grad():
-            particles = self.adapt_particles(
-                self._expand(xb.size(0)).detach(), xb, yb, steps, callback=callback
-            )
+            particles = self.calibrate(self.adapt_particles(
+                self._expand(xb.size(0)).detach(), xb, yb, steps, callback=callback,
+                step_size=step_size,
+            ))
         particles = particles[0] if single else particles
         info = self.describe(steps)
+        if step_size is not None:
+            info["step_size"] = step_size
         info["initial_particles"] = self.theta0.detach().clone()
         if track_ksd:
             values = ksd_trajectory(self.potential, recorded, xb, yb,
@@ -181,12 +359,19 @@ class MetaLearner(nn.Module):
 
     def describe(self, steps: Optional[int] = None) -> dict:
         """Attributes for diagnostics and checkpoints."""
-        return {
+        info = {
             "inference_method": self.method,
             "num_particles": self.num_particles,
             "num_steps": self.inner_steps if steps is None else steps,
             "step_size": self.step_size,
+            "calibration": self.calibration,
+            "noise_sites": ",".join(self.noise_sites),
         }
+        if self.noise_step_size is not None:
+            info["noise_step_size"] = self.noise_step_size
+        if self.noise_offset.numel():
+            info["noise_offset"] = ",".join(f"{v:.6g}" for v in self.noise_offset.flatten().tolist())
+        return info
 
     def forward(self, batch: TaskBatch) -> torch.Tensor:
         """``learner(batch)`` is the meta-loss (so ``torch.func.functional_call`` works)."""
@@ -209,14 +394,20 @@ class BMAML(MetaLearner):
     :param mode: SVGD kernel mode, ``"multivariate"`` (the paper's) or ``"univariate"``.
     :param distance_sites: the latent sites whose coordinates enter the chaser distance.
         ``"auto"`` (default): the model's ``chaser_sites`` attribute when it has one, else all
-        sites. :class:`~pyro_bmaml.models.BayesianMLP` names its network weights there,
-        leaving out the precisions, as the official code does: with them in, the loss
-        rewards moving the noise precision, whose SVGD steps scale with it, and meta-training
-        diverged in our runs (see the README's notes).
+        sites but the noise sites. :class:`~pyro_bmaml.models.BayesianMLP` names its network
+        weights there, leaving out the precisions, as the official code does.
+    :param calibration: how the noise sites are meta-learned, see the module docs: with the
+        chaser objective ``"noise_offset"`` (default), ``"initial_noise"``, ``"none"``
+        (official code), ``"distance"`` or ``"mixture"``; with ``"bfa"`` only ``"none"``
+        (BFA's loss is the query NLL). The default is ``"noise_offset"`` for the chaser and a
+        model with noise sites, else ``"none"``.
+    :param calibration_weight: the noise sites' weight in the chaser distance
+        (``"distance"``) or the BFA term's weight (``"mixture"``).
     See :class:`MetaLearner` for the other arguments (paper: M = 10, n = s = 1, eps = 1e-3).
     """
 
     method = "bmaml"
+    calibrations = ("noise_offset", "initial_noise", "none", "distance", "mixture")
 
     def __init__(
         self,
@@ -231,20 +422,43 @@ class BMAML(MetaLearner):
         distance_sites: Union[str, Sequence[str]] = "auto",
         init: InitSpec = "prior",
         example_args: Optional[Sequence] = None,
+        noise_sites: SiteSpec = "auto",
+        calibration: Optional[str] = None,
+        calibration_weight: float = 1.0,
+        noise_step_size: Optional[float] = None,
+        calibration_lr: float = 1e-2,
+        offset_per_particle: bool = False,
+        chaser_trains_noise: bool = True,
     ):
         num_particles = check_int("num_particles", num_particles, 2)
-        super().__init__(model, num_particles, inner_steps, step_size, init, example_args)
-        self.distance_sites, self._distance_columns = self._resolve_sites(distance_sites)
+        self.objective = check_choice("objective", objective, ("chaser", "bfa"))
+        super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
+                         noise_sites, calibration, noise_step_size, calibration_lr,
+                         offset_per_particle, chaser_trains_noise)
+        if self.objective == "bfa" and self.calibration != "none":
+            raise ValueError(
+                f"objective='bfa' meta-learns the noise through its query NLL already; "
+                f"calibration must be 'none', got {self.calibration!r}")
+        self.calibration_weight = check_positive_float("calibration_weight", calibration_weight)
+        self.distance_sites = self._resolve_distance_sites(distance_sites)
+        weights = self.potential.columns_of(self.distance_sites).to(self.theta0.dtype)
+        if self.calibration == "distance":
+            weights[self.noise_mask] = self.calibration_weight
+        self.register_buffer("distance_weights", weights, persistent=False)
         self.leader_steps = check_int("leader_steps", leader_steps, 1)
         self.kernel = RBFSteinKernel(bandwidth="median") if kernel is None else as_differentiable_kernel(kernel)
-        self.objective = check_choice("objective", objective, ("chaser", "bfa"))
         self.mode = check_choice("mode", mode, ("multivariate", "univariate"))
 
-    def _resolve_sites(self, distance_sites):
+    def default_calibration(self) -> str:
+        return "none" if self.objective == "bfa" else super().default_calibration()
+
+    def _resolve_distance_sites(self, distance_sites) -> List[str]:
         names = self.potential.site_names
         if isinstance(distance_sites, str):
             check_choice("distance_sites", distance_sites, ("auto",))
-            distance_sites = getattr(self.model, "chaser_sites", names)
+            distance_sites = getattr(self.model, "chaser_sites", None)
+            if distance_sites is None:
+                distance_sites = [n for n in names if n not in self.noise_sites] or names
         distance_sites = list(distance_sites)
         unknown = [n for n in distance_sites if n not in names]
         if unknown or not distance_sites:
@@ -252,70 +466,110 @@ class BMAML(MetaLearner):
                 f"distance_sites must be a non-empty list of the model's latent sites {names}, "
                 f"got unknown {unknown}" if unknown else "distance_sites must not be empty"
             )
-        columns = torch.zeros(self.potential.dim, dtype=torch.bool)
-        for site in self.potential.sites:
-            if site.name in distance_sites:
-                columns[site.columns] = True
-        if bool(columns.all()):
-            return distance_sites, None
-        return distance_sites, columns
+        return distance_sites
 
-    def adapt_particles(self, particles, x, y, num_steps, callback=None):
+    def adapt_particles(self, particles, x, y, num_steps, callback=None, step_size=None):
         return transport(
             self.potential, self.kernel, particles, x, y,
-            num_steps=num_steps, step_size=self.step_size, mode=self.mode, callback=callback,
+            num_steps=num_steps, step_size=self._step(step_size), mode=self.mode,
+            callback=callback,
         )
 
     def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
         batch = batch.validate()
         chaser = self.adapt_particles(
-            self._expand(batch.num_tasks), batch.x_support, batch.y_support, self.inner_steps
+            self._initial_for_adaptation(batch.num_tasks), batch.x_support, batch.y_support,
+            self.inner_steps,
         )
         if self.objective == "bfa":
-            log_lik = self.potential.log_likelihood(chaser, batch.x_query, batch.y_query)
-            mixture = torch.logsumexp(log_lik, dim=-2) - math.log(self.num_particles)
-            return -mixture.sum(-1).mean()
+            loss = self.mixture_nll(chaser, batch.x_query, batch.y_query).sum(-1).mean()
+            self.loss_terms = {"bfa": loss.item()}
+            return loss
         x_all = torch.cat([batch.x_support, batch.x_query], dim=1)
         y_all = torch.cat([batch.y_support, batch.y_query], dim=1)
         with torch.no_grad():  # the leader is a target: no graph, stop-gradient
             leader = self.adapt_particles(chaser.detach(), x_all, y_all, self.leader_steps)
-        diff = chaser - leader
-        if self._distance_columns is not None:
-            diff = diff[..., self._distance_columns.to(diff.device)]
-        return diff.pow(2).sum((-1, -2)).mean()
+        loss = ((chaser - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
+        self.loss_terms = {"chaser": loss.item()}
+        if self.calibration == "mixture":
+            term = self.mixture_nll(chaser, batch.x_query, batch.y_query).sum(-1).mean()
+            self.loss_terms["bfa"] = term.item()
+            loss = loss + self.calibration_weight * term
+        return self.add_calibration_loss(loss, chaser, batch)
 
     def describe(self, steps=None):
         info = super().describe(steps)
         info.update(kernel=self.kernel.describe(), mode=self.mode, objective=self.objective,
                     bandwidth_rule=str(self.kernel.bandwidth_rule),
                     leader_steps=self.leader_steps, distance_sites=",".join(self.distance_sites))
+        if self.calibration in ("distance", "mixture"):
+            info["calibration_weight"] = self.calibration_weight
         return info
 
 
 class EMAML(MetaLearner):
-    """M independent MAML copies: gradient ascent on the log joint, no kernel; the meta-loss
-    is the query negative log likelihood summed over particles, averaged over tasks.
+    r"""Ensemble MAML: M independent MAML copies adapted from M learned initializations, no
+    kernel, no interaction.
 
-    See :class:`MetaLearner` for the arguments.
+    :param objective: ``"mse"`` (default, as the papers): inner steps
+        :math:`\theta \leftarrow \theta - \alpha \nabla_\theta \frac1N \sum_n
+        (f_\theta(x_n) - y_n)^2` on the model's predictive mean, meta-loss the query MSE
+        summed over particles (the official EMAML code), averaged over tasks; or
+        ``"log_joint"``: gradient *ascent* on the model's log joint with step ``step_size``
+        and the query NLL as meta-loss (this package's earlier baseline; its step is
+        :math:`\gamma N / 2` times larger on a Gaussian likelihood of precision gamma).
+    :param step_size: alpha (default 1e-3, the official EMAML's).
+    :param calibration: ``"noise_offset"`` (default with ``"mse"``): the adapted noise
+        coordinates get a meta-learned offset (query mixture NLL), so NLL and coverage can be
+        reported; the network coordinates are untouched by it. ``"none"``: no noise learning.
+
+    See :class:`MetaLearner` for the other arguments.
     """
 
     method = "emaml"
 
     def __init__(self, model: Callable, num_particles: int = 10, inner_steps: int = 1,
                  step_size: float = 1e-3, init: InitSpec = "prior",
-                 example_args: Optional[Sequence] = None):
-        super().__init__(model, num_particles, inner_steps, step_size, init, example_args)
+                 example_args: Optional[Sequence] = None, objective: str = "mse",
+                 noise_sites: SiteSpec = "auto", calibration: Optional[str] = None,
+                 calibration_lr: float = 1e-2):
+        self.objective = check_choice("objective", objective, ("mse", "log_joint"))
+        super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
+                         noise_sites, calibration, calibration_lr=calibration_lr)
+        if self.objective == "log_joint" and self.calibration != "none":
+            raise ValueError(
+                "objective='log_joint' meta-learns the noise through its query NLL already; "
+                f"calibration must be 'none', got {self.calibration!r}")
 
-    def adapt_particles(self, particles, x, y, num_steps, callback=None):
+    def default_calibration(self) -> str:
+        return "none" if self.objective == "log_joint" else super().default_calibration()
+
+    def squared_error(self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of each particle's predictive mean: ``(T, M)``."""
+        mean = self.potential.model_output(particles, x, y)  # (T, M, N, ...)
+        return (mean - y.unsqueeze(1)).pow(2).flatten(2).mean(-1)
+
+    def _inner_objective(self, theta, x, y, create_graph):
+        """``(score, direction)``: the value logged and the ascent direction of one step."""
+        if self.objective == "log_joint":
+            return self.potential.log_density_and_grad(theta, x, y, create_graph=create_graph)
+        with torch.enable_grad():
+            t = theta if create_graph else theta.detach().requires_grad_(True)
+            mse = self.squared_error(t, x, y)
+            (grad,) = torch.autograd.grad(mse.sum(), t, create_graph=create_graph)
+        return -mse.detach(), -grad
+
+    def adapt_particles(self, particles, x, y, num_steps, callback=None, step_size=None):
+        eps = self._step(step_size)
         create_graph = torch.is_grad_enabled() and particles.requires_grad
         theta = particles if create_graph else particles.detach()
         for step in range(num_steps):
-            log_p, grad = self.potential.log_density_and_grad(theta, x, y, create_graph=create_graph)
-            if not bool(torch.isfinite(log_p).all()):
-                raise FloatingPointError(f"gradient step {step}: the log density is non-finite")
-            if callback is not None:
-                callback(step, theta, log_p, grad)
-            theta = theta + self.step_size * grad
+            score, direction = self._inner_objective(theta, x, y, create_graph)
+            if not bool(torch.isfinite(score).all()):
+                raise FloatingPointError(f"gradient step {step}: the inner objective is non-finite")
+            if callback is not None:  # the KSD needs the log density's score: MSE gives None
+                callback(step, theta, score, direction if self.objective == "log_joint" else None)
+            theta = theta + eps * direction
         if callback is not None:
             callback(num_steps, theta, None, None)
         return theta
@@ -323,17 +577,37 @@ class EMAML(MetaLearner):
     def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
         batch = batch.validate()
         adapted = self.adapt_particles(
-            self._expand(batch.num_tasks), batch.x_support, batch.y_support, self.inner_steps
+            self._initial_for_adaptation(batch.num_tasks), batch.x_support, batch.y_support,
+            self.inner_steps,
         )
-        log_lik = self.potential.log_likelihood(adapted, batch.x_query, batch.y_query)
-        return -log_lik.mean(-1).sum(-1).mean()
+        if self.objective == "log_joint":
+            log_lik = self.potential.log_likelihood(adapted, batch.x_query, batch.y_query)
+            loss = -log_lik.mean(-1).sum(-1).mean()
+            self.loss_terms = {"query_nll": loss.item()}
+            return loss
+        loss = self.squared_error(adapted, batch.x_query, batch.y_query).sum(-1).mean()
+        self.loss_terms = {"query_mse": loss.item()}
+        return self.add_calibration_loss(loss, adapted, batch)
+
+    def describe(self, steps=None):
+        info = super().describe(steps)
+        info["objective"] = self.objective
+        return info
 
 
 class MAML(EMAML):
-    """MAML (Finn et al., 2017) on the same Pyro task model: EMAML with one particle."""
+    """MAML (Finn et al., 2017) on the same Pyro task model: one particle, inner steps on the
+    mean squared error with Finn's alpha = 0.01 (default), query-MSE meta-loss.
+
+    Equal to :class:`EMAML` with ``num_particles=1`` and the same step size. See
+    :class:`EMAML` for ``objective`` and ``calibration``.
+    """
 
     method = "maml"
 
-    def __init__(self, model: Callable, inner_steps: int = 1, step_size: float = 1e-3,
-                 init: InitSpec = "prior", example_args: Optional[Sequence] = None):
-        super().__init__(model, 1, inner_steps, step_size, init, example_args)
+    def __init__(self, model: Callable, inner_steps: int = 1, step_size: float = 1e-2,
+                 init: InitSpec = "prior", example_args: Optional[Sequence] = None,
+                 objective: str = "mse", noise_sites: SiteSpec = "auto",
+                 calibration: Optional[str] = None, calibration_lr: float = 1e-2):
+        super().__init__(model, 1, inner_steps, step_size, init, example_args, objective,
+                         noise_sites, calibration, calibration_lr)

@@ -6,14 +6,21 @@ error over tasks:
 
 - ``nll``: negative log of the mixture density (not the mean of per-particle NLLs),
   averaged over query points;
-- ``mse`` / ``rmse``: of the particle-mean prediction (``mse`` is the paper's metric);
+- ``mse`` / ``rmse``: of the particle-mean prediction (``mse`` is the BMAML paper's metric);
+- ``mse_particles``: the mean over particles of each particle's MSE (what the official EMAML
+  code logs; by the bias-variance identity it is ``mse`` plus the particles' spread, so it
+  is never below ``mse``);
 - ``crps``: the mixture's continuous ranked probability score, in closed form (from
   `scoringrules <https://github.com/frazane/scoringrules>`_, ``crps_mixnorm``);
 - ``coverage`` / ``width``: how often the central interval of nominal probability
-  0.5 / 0.8 / 0.9 / 0.95 holds the target, and how wide it is; the mixture's quantiles have
-  no closed form, so they are found by bisection on its CDF (written here: no library gives
-  vectorized Gaussian-mixture quantiles in torch);
-- ``pit``: the probability integral transform :math:`F(y)`, uniform for a calibrated model.
+  0.5 / 0.8 / 0.9 / 0.95 holds the target, and how wide it is. The target lies in the
+  central interval of level :math:`p` exactly when its PIT value :math:`F(y)` lies in
+  :math:`[(1-p)/2, (1+p)/2]`, so coverage comes from the PIT; the widths need the mixture's
+  quantiles, which have no closed form and are found by bisection on its CDF (written here:
+  no library gives vectorized Gaussian-mixture quantiles in torch);
+- ``pit``: the probability integral transform :math:`F(y)`, uniform for a calibrated model;
+- ``reliability``: the coverage at the levels 0.05, 0.1, ..., 0.95 (a reliability diagram:
+  observed against nominal coverage), from the PIT.
 
 The NLL is computed from the model's own likelihood, so it applies to any observation
 model; CRPS, coverage and PIT use the Normal likelihood's parameters.
@@ -31,10 +38,23 @@ from .posterior import ParticlePosterior
 
 __all__ = [
     "mean_and_se", "mixture_cdf", "mixture_quantile", "mixture_crps", "interval_scores",
-    "regression_metrics", "DEFAULT_LEVELS",
+    "regression_metrics", "pit_coverage", "DEFAULT_LEVELS", "RELIABILITY_LEVELS",
 ]
 
 DEFAULT_LEVELS = (0.5, 0.8, 0.9, 0.95)
+RELIABILITY_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def pit_coverage(pit: torch.Tensor, levels: Sequence[float]) -> torch.Tensor:
+    """Hits of the central intervals from PIT values: ``(..., L, N)`` of 0/1.
+
+    ``y`` lies in the central interval of level ``p`` iff ``(1-p)/2 <= F(y) <= (1+p)/2``.
+    """
+    for level in levels:
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"levels must lie in (0, 1), got {level}")
+    p = pit.new_tensor(levels).unsqueeze(-1)  # (L, 1)
+    return ((pit.unsqueeze(-2) - 0.5).abs() <= p / 2).to(pit.dtype)
 
 
 def mean_and_se(values: torch.Tensor) -> Tuple[float, float]:
@@ -100,38 +120,49 @@ def regression_metrics(
     y_query: torch.Tensor,
     levels: Sequence[float] = DEFAULT_LEVELS,
     closed_form: bool = True,
+    crps: bool = False,
+    widths: bool = True,
 ) -> Dict[str, object]:
     """Metrics of a batched posterior ``(T, M, D)`` on query sets ``(T, Q, in)``, ``(T, Q)``.
 
-    :param closed_form: also compute CRPS, coverage, widths and PIT (they need a Normal
-        likelihood); ``False`` gives only NLL, MSE and RMSE, for any likelihood.
-    :returns: ``{"nll", "mse", "rmse", "crps": (mean, se), "coverage", "width":
-        {level: (mean, se)}, "pit": (T, Q), "per_task": {name: (T,) or (T, L)}}``.
+    :param closed_form: also compute coverage, reliability, PIT (and widths, CRPS if asked);
+        they need a Normal likelihood. ``False`` gives only NLL and the MSEs, for any
+        likelihood.
+    :param crps: compute the mixture CRPS (O(M^2) per point, through scoringrules).
+    :param widths: compute the intervals' widths (64 bisection steps per level and bound).
+    :returns: ``{"nll", "mse", "mse_particles", "rmse", ["crps"]: (mean, se), "coverage",
+        ["width"]: {level: (mean, se)}, "reliability": {level: (mean, se)}, "pit": (T, Q),
+        "per_task": {name: (T,) or (T, L)}}``; NLL is per query point, averaged per task.
     """
     if not posterior.batched:
         raise ValueError("regression_metrics needs a batched (T, M, D) posterior")
     with torch.no_grad():
         # y passed in: the model observes it instead of sampling (any likelihood works)
-        mean = posterior.potential.model_output(posterior.particles, x_query, y_query).mean(-2)
-        mse = (mean - y_query).pow(2).mean(-1)
+        particle_means = posterior.potential.model_output(posterior.particles, x_query, y_query)
+        target = y_query.unsqueeze(1)
+        mse = (particle_means.mean(1) - y_query).pow(2).flatten(1).mean(-1)
+        mse_particles = (particle_means - target).pow(2).flatten(2).mean(-1).mean(-1)
         nll = -posterior.log_predictive_density(x_query, y_query).mean(-1)
-    if not closed_form:
-        per_task = {"nll": nll, "mse": mse, "rmse": mse.sqrt()}
-        out = {k: mean_and_se(v) for k, v in per_task.items()}
-        out["per_task"] = per_task
-        return out
-    with torch.no_grad():
-        loc, scale = posterior.potential.normal_likelihood_params(
-            posterior.particles, x_query, y_query)
-        crps = mixture_crps(y_query, loc, scale).mean(-1)
-        hits, widths = interval_scores(y_query, loc, scale, levels)
-        pit = mixture_cdf(y_query, loc, scale)
-    per_task = {"nll": nll, "mse": mse, "rmse": mse.sqrt(), "crps": crps,
-                "coverage": hits.mean(-1), "width": widths.mean(-1)}
-    out: Dict[str, object] = {k: mean_and_se(per_task[k]) for k in ("nll", "mse", "rmse", "crps")}
-    for key in ("coverage", "width"):
-        means, ses = mean_and_se(per_task[key])
-        out[key] = {level: (mu, se) for level, mu, se in zip(levels, means, ses)}
-    out["pit"] = pit
+    per_task = {"nll": nll, "mse": mse, "mse_particles": mse_particles, "rmse": mse.sqrt()}
+    scalars = list(per_task)
+    out: Dict[str, object] = {}
+    if closed_form:
+        with torch.no_grad():
+            loc, scale = posterior.potential.normal_likelihood_params(
+                posterior.particles, x_query, y_query)
+            pit = mixture_cdf(y_query, loc, scale)
+            per_task["coverage"] = pit_coverage(pit, levels).mean(-1)
+            per_task["reliability"] = pit_coverage(pit, RELIABILITY_LEVELS).mean(-1)
+            if widths:
+                per_task["width"] = interval_scores(y_query, loc, scale, levels)[1].mean(-1)
+            if crps:
+                per_task["crps"] = mixture_crps(y_query, loc, scale).mean(-1)
+                scalars.append("crps")
+        out["pit"] = pit
+    out.update({k: mean_and_se(per_task[k]) for k in scalars})
+    for key, lv in (("coverage", levels), ("width", levels), ("reliability", RELIABILITY_LEVELS)):
+        if key in per_task:
+            means, ses = mean_and_se(per_task[key])
+            out[key] = {level: (mu, se) for level, mu, se in zip(lv, means, ses)}
     out["per_task"] = per_task
     return out

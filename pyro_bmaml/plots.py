@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 from .metrics import mixture_quantile
 from .posterior import ParticlePosterior
 
-__all__ = ["plot_predictive", "plot_ksd", "plot_calibration", "plot_training", "plot_curves"]
+__all__ = ["plot_predictive", "plot_ksd", "plot_calibration", "plot_reliability_panels",
+           "plot_training", "plot_curves", "plot_curve_panels"]
 
 PathLike = Union[str, Path]
 
@@ -93,32 +94,56 @@ def plot_ksd(ksd: torch.Tensor, path: PathLike) -> Path:
 
 
 def plot_calibration(coverage: Dict[float, tuple], path: PathLike, label: str = "model") -> Path:
-    """Coverage of central predictive intervals vs their nominal level (mean +- s.e. over
-    tasks), with the diagonal of perfect calibration. ``coverage``: ``{level: (mean, se)}``
-    as :func:`pyro_bmaml.metrics.regression_metrics` gives it."""
-    levels = np.array(sorted(coverage))
-    means = np.array([coverage[l][0] for l in levels])
-    ses = np.array([coverage[l][1] for l in levels])
-    fig = Figure(figsize=(3.8, 3.6))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
-    ax.errorbar(levels, means, yerr=ses, marker="o", capsize=3, label=label)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("nominal level of the central interval")
-    ax.set_ylabel("observed coverage")
-    ax.legend(fontsize=8)
+    """Reliability diagram of one method: coverage of central predictive intervals vs their
+    nominal level (mean +- s.e. over tasks), with the diagonal of perfect calibration.
+    ``coverage``: ``{level: (mean, se)}`` as :func:`pyro_bmaml.metrics.regression_metrics`
+    gives it (its ``"reliability"`` entry covers 0.05..0.95)."""
+    return plot_reliability_panels({"": {label: coverage}}, path)
+
+
+def plot_reliability_panels(panels: Dict[str, Dict[str, Dict[float, tuple]]],
+                            path: PathLike) -> Path:
+    """Reliability diagrams side by side: ``{panel title: {method: {level: (mean, se)}}}``
+    (observed coverage of central intervals against their nominal level)."""
+    fig = Figure(figsize=(3.8 * len(panels), 3.6))
+    for i, (title, methods) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+        for label, coverage in methods.items():
+            levels = np.array(sorted(coverage))
+            means = np.array([coverage[lv][0] for lv in levels])
+            ses = np.array([coverage[lv][1] for lv in levels])
+            ax.errorbar(levels, means, yerr=ses, marker="o", ms=3, capsize=2, label=label)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("nominal level of the central interval")
+        ax.set_ylabel("observed coverage")
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
 def plot_training(history: Dict[str, list], path: PathLike) -> Path:
-    """Meta-training curves: the meta-loss per iteration and the held-out MSE and NLL."""
+    """Meta-training curves: each meta-loss term per iteration (``history["terms"]``, else the
+    total) and the held-out MSE, NLL and 90% coverage.
+
+    The chaser loss is the squared distance from the chaser to the leader, a moving target:
+    it can rise while held-out error falls (e.g. as the particles spread out and the leader's
+    extra step moves them further); the held-out curves are the measure of progress."""
     fig = Figure(figsize=(9, 3.2))
     ax = fig.add_subplot(1, 2, 1)
-    ax.plot(history["iteration"], history["loss"], lw=0.6)
-    ax.set_yscale("log")
+    terms = history.get("terms") or []
+    names = sorted({k for t in terms for k in t})
+    if names and len(terms) == len(history["iteration"]):
+        for name in names:
+            ax.plot(history["iteration"], [t.get(name, np.nan) for t in terms], lw=0.6,
+                    label=name)
+        ax.legend(fontsize=7)
+    else:
+        ax.plot(history["iteration"], history["loss"], lw=0.6)
+    ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xlabel("meta-iteration")
-    ax.set_ylabel("meta-loss")
+    ax.set_ylabel("meta-loss terms (chaser: a moving target)", fontsize=8)
     ax2 = fig.add_subplot(1, 2, 2)
     evals = history.get("eval") or []
     if evals:
@@ -128,9 +153,26 @@ def plot_training(history: Dict[str, list], path: PathLike) -> Path:
             se = np.array([e[key][1] for e in evals])
             ax2.errorbar(its, mu, yerr=se, marker="o", color=color, label=f"held-out {key}")
         ax2.set_yscale("log")
-        ax2.legend(fontsize=8)
+        if all("coverage" in e for e in evals):
+            ax3 = ax2.twinx()
+            ax3.plot(its, [e["coverage"]["0.9"][0] for e in evals], "s--", color="C2",
+                     label="90% coverage")
+            ax3.axhline(0.9, color="C2", lw=0.5)
+            ax3.set_ylim(0, 1)
+            ax3.legend(fontsize=7, loc="lower right")
+        ax2.legend(fontsize=7, loc="upper right")
     ax2.set_xlabel("meta-iteration")
     return _save(fig, path)
+
+
+def _draw_curves(ax, curves: Dict[str, tuple], log_y: bool) -> None:
+    for label, (x, mean, se) in curves.items():
+        x, mean, se = map(np.asarray, (x, mean, se))
+        ax.plot(x, mean, marker="o", ms=3, label=label)
+        ax.fill_between(x, mean - se, mean + se, alpha=0.25)
+    if log_y:
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
 
 
 def plot_curves(
@@ -139,13 +181,27 @@ def plot_curves(
     """Several mean +- s.e. curves: ``{label: (x, mean, se)}`` (e.g. active learning)."""
     fig = Figure(figsize=(5, 3.6))
     ax = fig.add_subplot(1, 1, 1)
-    for label, (x, mean, se) in curves.items():
-        x, mean, se = map(np.asarray, (x, mean, se))
-        ax.plot(x, mean, marker="o", ms=3, label=label)
-        ax.fill_between(x, mean - se, mean + se, alpha=0.25)
-    if log_y:
-        ax.set_yscale("log")
+    _draw_curves(ax, curves, log_y)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_curve_panels(panels: Dict[str, Dict[str, tuple]], path: PathLike, xlabel: str,
+                      columns: int = 4) -> Path:
+    """A grid of curve plots: ``{panel title: {label: (x, mean, se)}}`` (e.g. learning
+    curves of several methods per metric and setting). A title holding "coverage" gets a
+    linear axis from 0 to 1; others a log axis."""
+    rows = -(-len(panels) // columns)
+    cols = min(columns, len(panels))
+    fig = Figure(figsize=(3.6 * cols, 2.9 * rows))
+    for i, (title, curves) in enumerate(panels.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        coverage = "coverage" in title
+        _draw_curves(ax, curves, log_y=not coverage)
+        if coverage:
+            ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+    fig.tight_layout()
     return _save(fig, path)

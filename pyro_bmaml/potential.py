@@ -234,6 +234,42 @@ class ModelPotential:
                 rows.append(self.pack({s.name: trace.nodes[s.name]["value"] for s in self.sites}))
         return torch.stack(rows).detach()
 
+    def noise_sites(self, *args, **kwargs) -> Optional[List[str]]:
+        """Latent sites that set the observation noise: the likelihood depends on them, the
+        model's return value (its predictive mean, by the task-model convention) does not.
+
+        Found by differentiating both at two particles drawn from the prior, with one task's
+        arguments. For :class:`~pyro_bmaml.models.BayesianMLP` this is ``noise_precision``
+        (``weight_precision`` enters neither directly). Returns ``None`` for a model that
+        returns no tensor, since the mean cannot be told apart from the noise there.
+        """
+        particles = self.sample_prior(2, *args, **kwargs).requires_grad_(True)
+        try:
+            mean = self.model_output(particles, *args, **kwargs)
+        except ValueError:  # the model returns no predictive mean
+            return None
+        if not mean.requires_grad:  # a mean that depends on no latent site
+            return []
+        (d_mean,) = torch.autograd.grad(mean.sum(), particles, allow_unused=True)
+        (d_lik,) = torch.autograd.grad(self.log_likelihood(particles, *args, **kwargs).sum(),
+                                       particles, allow_unused=True)
+        d_mean = torch.zeros_like(particles) if d_mean is None else d_mean
+        d_lik = torch.zeros_like(particles) if d_lik is None else d_lik
+        return [s.name for s in self._require_sites()
+                if bool((d_mean[:, s.columns] == 0).all()) and bool((d_lik[:, s.columns] != 0).any())]
+
+    def columns_of(self, names) -> torch.Tensor:
+        """A boolean ``(D,)`` mask of the columns of the named latent sites."""
+        sites = self._require_sites()
+        unknown = sorted(set(names) - {s.name for s in sites})
+        if unknown:
+            raise ValueError(f"unknown latent sites {unknown}; the model has {self.site_names}")
+        mask = torch.zeros(self.dim, dtype=torch.bool)
+        for s in sites:
+            if s.name in names:
+                mask[s.columns] = True
+        return mask
+
     # ------------------------------------------------------------------ log density
     def _conditioned_trace(self, flat: torch.Tensor, args: tuple, kwargs: dict):
         """Run the model on one particle ``(D,)``: ``(trace, log |Jacobian|)``."""

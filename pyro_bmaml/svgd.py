@@ -26,14 +26,14 @@ particles and sites for models with more than one latent site).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import pyro
 import pyro.infer
 import pyro.optim
 import torch
 
-from ._checks import check_choice, check_finite_data, check_int, check_particles, check_positive_float
+from ._checks import check_choice, check_finite_data, check_int, check_particles, check_step_size
 from .kernels import SteinKernel, as_differentiable_kernel
 from .potential import ModelPotential
 
@@ -67,7 +67,7 @@ def transport(
     particles: torch.Tensor,
     *args,
     num_steps: int,
-    step_size: float,
+    step_size: Union[float, torch.Tensor],
     mode: str = "multivariate",
     create_graph: Optional[bool] = None,
     callback: Optional[Callable[..., None]] = None,
@@ -81,7 +81,8 @@ def transport(
         carry a leading task dim ``T``.
     :param args: the model's positional arguments (one task's, or batched over tasks).
     :param num_steps: number of SVGD steps, ``>= 0``.
-    :param step_size: :math:`\epsilon > 0`.
+    :param step_size: :math:`\epsilon > 0`, a float or a ``(D,)`` tensor of per-coordinate
+        step sizes (e.g. a separate step for a model's noise-precision coordinates).
     :param mode: ``"multivariate"`` (default here, as the paper) or ``"univariate"``.
     :param create_graph: keep the autograd graph to ``particles`` (second-order terms
         included). Defaults to ``True`` when grad mode is on and ``particles`` requires grad.
@@ -94,11 +95,11 @@ def transport(
         non-finite.
     """
     num_steps = check_int("num_steps", num_steps, 0)
-    step_size = check_positive_float("step_size", step_size)
     check_choice("mode", mode, MODES)
     check_finite_data(args, kwargs)
     potential.setup_from(particles, args, kwargs)
     check_particles(particles, potential.dim, min_particles=2)
+    step_size = check_step_size(step_size, potential.dim)
     if create_graph is None:
         create_graph = torch.is_grad_enabled() and particles.requires_grad
     x = particles if create_graph else particles.detach()

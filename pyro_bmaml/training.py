@@ -1,6 +1,8 @@
 """The meta-training loop shared by all meta-learners, and held-out evaluation.
 
-Adam on ``theta0`` with the paper's schedule (learning rate x0.98 every 1% of training),
+Adam on ``theta0`` with the paper's schedule (learning rate x0.98 every 1% of the nominal
+budget: the official code decays over its 100k-iteration budget even when a run is shorter,
+so ``schedule_iterations`` is separate from the run length ``num_iterations``),
 meta-batches drawn from a task source with a dedicated generator (saved in checkpoints, so
 a resumed run draws the same tasks and follows the same trajectory as an uninterrupted one).
 """
@@ -23,12 +25,15 @@ __all__ = ["fit", "evaluate"]
 
 
 def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
-             closed_form: bool = False) -> Dict[str, Any]:
+             closed_form: bool = False, **kwargs) -> Dict[str, Any]:
     """Adapt to each task's support set, score on its query set (see :mod:`.metrics`):
-    NLL, MSE, RMSE, and with ``closed_form`` (Normal likelihoods) CRPS, coverage, PIT."""
+    NLL, MSE (of the particle mean and per particle), RMSE, and with ``closed_form`` (Normal
+    likelihoods) coverage, reliability and PIT; ``kwargs`` go to
+    :func:`~pyro_bmaml.metrics.regression_metrics` (e.g. ``crps=True``)."""
     tasks = tasks.validate()
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps)
-    return regression_metrics(posterior, tasks.x_query, tasks.y_query, closed_form=closed_form)
+    return regression_metrics(posterior, tasks.x_query, tasks.y_query, closed_form=closed_form,
+                              **kwargs)
 
 
 def fit(
@@ -39,6 +44,7 @@ def fit(
     lr: float = 1e-3,
     lr_decay: float = 0.98,
     decay_every: Optional[int] = None,
+    schedule_iterations: Optional[int] = None,
     eval_tasks: Optional[TaskBatch] = None,
     eval_every: int = 0,
     checkpoint: Optional[str] = None,
@@ -54,7 +60,10 @@ def fit(
     :param tasks: a task source (``sample(batch_size, generator) -> TaskBatch``).
     :param meta_batch_size: tasks per meta-iteration (paper: 10).
     :param lr, lr_decay, decay_every: Adam learning rate, multiplied by ``lr_decay`` every
-        ``decay_every`` iterations (default: 1% of ``num_iterations``).
+        ``decay_every`` iterations (default: 1% of ``schedule_iterations``).
+    :param schedule_iterations: the nominal budget the decay is spread over (default:
+        ``num_iterations``; the official BMAML code uses 100,000 whatever the run length, so
+        that a 1,000-iteration run still trains at ~0.98e-3).
     :param eval_tasks, eval_every: held-out tasks scored every ``eval_every`` iterations
         (and at the end) when given.
     :param checkpoint, checkpoint_every: path of the checkpoint written every
@@ -64,24 +73,31 @@ def fit(
     :param extra: extra entries stored in the checkpoint (e.g. the CLI's configuration).
     :param stop_after: stop (after checkpointing) once this iteration count is reached, as if
         interrupted; used to test resumption.
-    :returns: history ``{"iteration": [...], "loss": [...], "lr": [...], "eval": [...]}``.
-    :raises FloatingPointError: naming the meta-iteration whose loss was non-finite.
+    :returns: history ``{"iteration", "loss", "lr", "terms", "eval"}``: per iteration the
+        total meta-loss, the learning rate and the learner's ``loss_terms``; per evaluation
+        the held-out MSEs, NLL and coverage.
+    :raises FloatingPointError: naming the meta-iteration whose adaptation, meta-loss,
+        meta-gradient or update was non-finite and the likely cause (the adaptation step size
+        or the meta learning rate); nothing non-finite is stepped or saved.
     """
     num_iterations = check_int("num_iterations", num_iterations, 1)
     meta_batch_size = check_int("meta_batch_size", meta_batch_size, 1)
     lr = check_positive_float("lr", lr)
     lr_decay = check_positive_float("lr_decay", lr_decay)
-    decay_every = max(1, num_iterations // 100) if decay_every is None else check_int(
+    schedule_iterations = num_iterations if schedule_iterations is None else check_int(
+        "schedule_iterations", schedule_iterations, 1)
+    decay_every = max(1, schedule_iterations // 100) if decay_every is None else check_int(
         "decay_every", decay_every, 1)
     eval_every = check_int("eval_every", eval_every, 0)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, 0)
     if not hasattr(tasks, "sample"):
         raise TypeError(f"tasks must be a task source with a sample() method, got {type(tasks).__name__}")
 
-    optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
+    groups = learner.optimizer_groups(lr) if hasattr(learner, "optimizer_groups") else learner.parameters()
+    optimizer = torch.optim.Adam(groups, lr=lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=decay_every, gamma=lr_decay)
     generator = torch.Generator().manual_seed(seed)
-    history: Dict[str, list] = {"iteration": [], "loss": [], "lr": [], "eval": []}
+    history: Dict[str, list] = {"iteration": [], "loss": [], "lr": [], "eval": [], "terms": []}
     start = 0
     path = Path(checkpoint) if checkpoint else None
     if path is not None and resume and path.is_file():
@@ -107,29 +123,51 @@ def fit(
             }, path)
 
     def run_eval(iteration):
-        metrics = evaluate(learner, eval_tasks)
-        history["eval"].append({"iteration": iteration, "mse": list(metrics["mse"]),
-                                "nll": list(metrics["nll"])})
+        try:
+            metrics = evaluate(learner, eval_tasks, closed_form=True, widths=False)
+        except ValueError:  # a likelihood other than Normal: no coverage
+            metrics = evaluate(learner, eval_tasks)
+        entry = {"iteration": iteration}
+        entry.update({k: list(metrics[k]) for k in ("mse", "mse_particles", "nll")})
+        if "coverage" in metrics:
+            entry["coverage"] = {str(k): list(v) for k, v in metrics["coverage"].items()}
+        history["eval"].append(entry)
         return metrics
 
     end = num_iterations if stop_after is None else min(num_iterations, stop_after)
     bar = tqdm(range(start, end), total=num_iterations, initial=start, disable=not progress,
                desc=learner.method, dynamic_ncols=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def diverged(iteration: int, what: str, cause: str) -> FloatingPointError:
+        kept = f"; the checkpoint {path} still holds the last good state" if path else ""
+        return FloatingPointError(f"meta-iteration {iteration}: {what}; likely cause: {cause}{kept}")
+
+    step_hint = f"the adaptation step size (step_size={getattr(learner, 'step_size', '?')})"
+    lr_hint = f"the meta learning rate (lr={lr})"
     for iteration in bar:
         batch = tasks.sample(meta_batch_size, generator)
         optimizer.zero_grad()
-        loss = learner.meta_loss(batch)
+        try:
+            loss = learner.meta_loss(batch)
+        except FloatingPointError as err:  # the adaptation itself diverged
+            raise diverged(iteration, str(err), step_hint) from err
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"meta-iteration {iteration}: non-finite meta-loss ({loss.item()}); "
-                "lower the step size or the learning rate"
-            )
+            raise diverged(iteration, f"non-finite meta-loss ({loss.item()})",
+                           f"{step_hint} or {lr_hint}")
         loss.backward()
+        # checked before the optimizer moves anything, so no bad state is stepped or saved
+        if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+            raise diverged(iteration, "non-finite meta-gradient", f"{lr_hint} or {step_hint}")
         optimizer.step()
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise diverged(iteration, "the meta-update made the initial particles non-finite",
+                           lr_hint)
         scheduler.step()
         history["iteration"].append(iteration + 1)
         history["loss"].append(loss.item())
         history["lr"].append(optimizer.param_groups[0]["lr"])
+        history.setdefault("terms", []).append(dict(getattr(learner, "loss_terms", {})))
         done = iteration + 1
         if eval_tasks is not None and eval_every and done % eval_every == 0 and done < num_iterations:
             m = run_eval(done)

@@ -33,3 +33,44 @@ def regression_data(n=20, seed=0):
     X = torch.randn(n, 3, generator=g)
     y = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.7 * torch.randn(n, generator=g)
     return X, y
+
+
+def linear_regression(x, y=None):
+    """A user's Bayesian linear regression with a learned noise precision (one task)."""
+    tau = pyro.sample("tau", dist.Gamma(2.0, 0.5))
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 2.0).to_event(1))
+    mean = w[0] * x[:, 0] + w[1]
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(mean, tau.rsqrt()), obs=y)
+    return mean
+
+
+class LinearTasks:
+    """Tasks y = a x + b + N(0, noise^2), a ~ N(1, 0.5^2), b ~ N(0, 0.5^2), x ~ U[-2, 2]:
+    a small task family with a known noise level, for meta-learning tests."""
+
+    def __init__(self, num_support=5, num_query=50, noise=0.3, num_tasks=None, seed=0):
+        from pyro_bmaml.tasks import TaskBatch
+
+        self.TaskBatch = TaskBatch
+        self.num_support, self.num_query, self.noise = num_support, num_query, noise
+        self.pool = None if num_tasks is None else self._draw(
+            num_tasks, torch.Generator().manual_seed(seed))
+
+    def _draw(self, t, g):
+        a = 1.0 + 0.5 * torch.randn(t, 1, generator=g)
+        b = 0.5 * torch.randn(t, 1, generator=g)
+        n = self.num_support + self.num_query
+        x = 4 * torch.rand(t, n, generator=g) - 2
+        y = a * x + b + self.noise * torch.randn(t, n, generator=g)
+        k = self.num_support
+        return self.TaskBatch(x[:, :k, None], y[:, :k], x[:, k:, None], y[:, k:])
+
+    def sample(self, batch_size, generator):
+        if self.pool is None:
+            return self._draw(batch_size, generator)
+        index = torch.randperm(self.pool.num_tasks, generator=generator)[:batch_size]
+        return self.pool[index]
+
+    def evaluation_tasks(self, num_tasks=100, seed=12345):
+        return self._draw(num_tasks, torch.Generator().manual_seed(seed))

@@ -13,7 +13,8 @@ import pyro_bmaml as pb
 from pyro_bmaml.diagnostics import summary, to_inference_data
 from pyro_bmaml.ksd import ksd, stein_kernel_matrix
 from pyro_bmaml.meta import BMAML
-from pyro_bmaml.metrics import (interval_scores, mixture_cdf, mixture_crps, mixture_quantile,
+from pyro_bmaml.metrics import (RELIABILITY_LEVELS, interval_scores, mixture_cdf,
+                                mixture_crps, mixture_quantile, pit_coverage,
                                 regression_metrics)
 from pyro_bmaml.models import BayesianMLP
 from pyro_bmaml.posterior import ParticlePosterior
@@ -213,6 +214,35 @@ def test_mixture_cdf_and_quantile_are_inverse():
         assert torch.allclose(mixture_cdf(q, loc, scale), torch.full_like(q, p), atol=1e-10)
 
 
+def test_pit_coverage_equals_the_interval_hits():
+    """y is in the central interval of level p iff its PIT lies in [(1-p)/2, (1+p)/2]."""
+    torch.manual_seed(0)
+    loc = torch.randn(3, 4, 50, dtype=torch.float64)
+    scale = torch.rand(3, 4, 50, dtype=torch.float64) + 0.3
+    y = 2 * torch.randn(3, 50, dtype=torch.float64)
+    levels = (0.1, 0.5, 0.9)
+    hits, _ = interval_scores(y, loc, scale, levels)
+    assert torch.equal(pit_coverage(mixture_cdf(y, loc, scale), levels), hits)
+    with pytest.raises(ValueError, match="levels must lie in"):
+        pit_coverage(y, (0.5, 1.0))
+
+
+def test_mse_per_particle_is_mse_plus_particle_spread():
+    """Bias-variance identity: mean_m (f_m - y)^2 = (mean_m f_m - y)^2 + var_m f_m."""
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 6, 1), torch.randn(2, 6)
+    potential = pb.ModelPotential(_linear_model).setup(x[0], y[0])
+    particles = torch.randn(2, 5, 1)
+    m = regression_metrics(ParticlePosterior(potential, particles), x, y)
+    f = particles * x[:, None, :, 0]  # (T, M, N)
+    spread = f.var(1, unbiased=False).mean(-1)
+    expected = m["per_task"]["mse"] + spread
+    assert torch.allclose(m["per_task"]["mse_particles"], expected, atol=1e-5)
+    assert set(m["reliability"]) == set(RELIABILITY_LEVELS)
+    assert "crps" not in m and "crps" in regression_metrics(ParticlePosterior(potential, particles),
+                                                          x, y, crps=True)
+
+
 def _linear_model(x, y=None):
     w = pyro.sample("w", dist.Normal(0.0, 3.0))
     with pyro.plate("data", x.shape[0]):
@@ -276,6 +306,11 @@ def test_plots_write_non_empty_files(adapted, tmp_path):
     _, tasks, post = adapted
     m = regression_metrics(post, tasks.x_query, tasks.y_query)
     paths = [
+        plots.plot_reliability_panels({"a": {"X": m["reliability"]}, "b": {"Y": m["coverage"]}},
+                                      tmp_path / "rel.png"),
+        plots.plot_curve_panels({"mse": {"X": ([1, 2], [1.0, 0.5], [0.1, 0.1])},
+                                 "coverage_90": {"X": ([1, 2], [0.5, 0.8], [0.0, 0.1])}},
+                                tmp_path / "panels.png", "iteration"),
         plots.plot_predictive([post.task(0), post.task(1)], tmp_path / "pred.png",
                               truths=[torch.sin, torch.cos],
                               queries=[(tasks.x_query[0], tasks.y_query[0])] * 2),
