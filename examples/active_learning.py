@@ -42,25 +42,31 @@ def sinusoid_family(num_tasks, seed):
 
 def active_learning(learner, f, pool_x, grid_x, k, num_added, strategy, generator,
                     scale_step=False):
-    """MSE on the grid after 0..num_added additions: tensor (num_added + 1, T).
+    """MSE and mixture NLL per point on the grid after 0..num_added additions: two tensors
+    ``(num_added + 1, T)``.
 
     With ``scale_step`` the adaptation step size is multiplied by K / N for N labelled
-    points: the likelihood's gradient grows with N, so a step size meta-trained for K points
-    overshoots as points are added; the scaling keeps the likelihood term's step constant.
+    points when the inner objective is a log joint (BMAML): the likelihood's gradient grows
+    with N, so a step size meta-trained for K points overshoots as points are added; the
+    scaling keeps the likelihood term's step constant. EMAML's inner mean squared error does
+    not grow with N, so its step is left alone.
     """
     t, p = pool_x.shape
     chosen = torch.zeros(t, p, dtype=torch.bool)
     first = torch.stack([torch.randperm(p, generator=generator)[:k] for _ in range(t)])
     chosen.scatter_(1, first, True)
     order = first
-    mses = []
+    mses, nlls = [], []
     grid_y = f(grid_x)
     for step in range(num_added + 1):
         xs = torch.gather(pool_x, 1, order)
-        step = learner.step_size * (k / xs.size(1) if scale_step else 1.0)
-        post = learner.adapt(xs[..., None], f(pool_x).gather(1, order), step_size=step)
+        # only a log-joint inner objective grows with N (EMAML's mean squared error does not)
+        sums = getattr(learner, "objective", None) in ("chaser", "bfa", "log_joint")
+        eps = learner.step_size * (k / xs.size(1) if scale_step and sums else 1.0)
+        post = learner.adapt(xs[..., None], f(pool_x).gather(1, order), step_size=eps)
         with torch.no_grad():
             mses.append((post.predict(grid_x[..., None])["mean"] - grid_y).pow(2).mean(-1))
+            nlls.append(-post.log_predictive_density(grid_x[..., None], grid_y).mean(-1))
             if step == num_added:
                 break
             if strategy == "variance":
@@ -71,7 +77,7 @@ def active_learning(learner, f, pool_x, grid_x, k, num_added, strategy, generato
             nxt = score.argmax(1, keepdim=True)
         chosen.scatter_(1, nxt, True)
         order = torch.cat([order, nxt], 1)
-    return torch.stack(mses)
+    return torch.stack(mses), torch.stack(nlls)
 
 
 def main():
@@ -95,7 +101,7 @@ def main():
     pool_x = -5 + 10 * torch.rand(args.eval_tasks, 100, generator=torch.Generator().manual_seed(7))
     grid_x = torch.linspace(-5, 5, 100).expand(args.eval_tasks, 100)
     f = sinusoid_family(args.eval_tasks, seed=12345)
-    curves = {"scaled": {}, "fixed": {}}
+    curves = {"scaled": {}, "fixed": {}, "nll": {}}
     table = {}
     for method in ("bmaml", "emaml"):
         config = {"method": method, "particles": args.particles, "hidden": [40, 40, 40],
@@ -107,26 +113,34 @@ def main():
                     progress=not args.no_progress)
         for scaling in ("scaled", "fixed"):
             for strategy in ("variance", "random"):
-                mse = active_learning(learner, f, pool_x, grid_x, args.shots, args.added,
-                                      strategy, torch.Generator().manual_seed(args.seed + 1),
-                                      scale_step=scaling == "scaled")
+                mse, nll = active_learning(
+                    learner, f, pool_x, grid_x, args.shots, args.added, strategy,
+                    torch.Generator().manual_seed(args.seed + 1), scale_step=scaling == "scaled")
                 label = f"{method.upper()} + {strategy}"
                 stats = [mean_and_se(row) for row in mse]
+                nll_stats = [mean_and_se(row) for row in nll]
                 counts = list(range(args.shots, args.shots + args.added + 1))
                 curves[scaling][label] = (counts, [s[0] for s in stats], [s[1] for s in stats])
-                table[f"{label} ({scaling} step)"] = {"labelled": counts, "mse": stats}
+                if scaling == "scaled":
+                    curves["nll"][label] = (counts, [s[0] for s in nll_stats],
+                                            [s[1] for s in nll_stats])
+                table[f"{label} ({scaling} step)"] = {"labelled": counts, "mse": stats,
+                                                      "nll": nll_stats}
                 print(label, scaling, " ".join(f"{m:.3f}" for m, _ in stats), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     budget = vars(args) | {"out": str(args.out)}
     args.out.with_suffix(".json").write_text(json.dumps({"budget": budget, "table": table}, indent=2))
     lines = [f"Budget: {json.dumps(budget)}"]
-    for scaling, title in (("scaled", "step size x K / N"), ("fixed", "fixed step size")):
-        suffix = "" if scaling == "scaled" else "_fixed_step"
+    for scaling, title in (("scaled", "grid MSE, BMAML's step size x K / N"),
+                           ("fixed", "grid MSE, fixed step size"),
+                           ("nll", "grid mixture NLL per point, BMAML's step size x K / N")):
+        suffix = {"scaled": "", "fixed": "_fixed_step", "nll": "_nll"}[scaling]
         plot_curves(curves[scaling], args.out.parent / f"{args.out.name}{suffix}.png",
-                    "labelled points per task", f"grid MSE, mean +- s.e. ({title})")
+                    "labelled points per task", f"mean +- s.e. ({title})",
+                    log_y=scaling != "nll")
         cs = curves[scaling]
         counts = cs[next(iter(cs))][0]
-        lines += ["", f"Adaptation with {title}:", "",
+        lines += ["", f"{title[0].upper()}{title[1:]}:", "",
                   "| labelled | " + " | ".join(cs) + " |", "|---" * (len(cs) + 1) + "|"]
         for i, n in enumerate(counts):
             cells = [f"{cs[c][1][i]:.3f} +- {cs[c][2][i]:.3f}" for c in cs]
