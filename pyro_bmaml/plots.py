@@ -188,10 +188,11 @@ def plot_curves(
 
 
 def plot_curve_panels(panels: Dict[str, Dict[str, tuple]], path: PathLike, xlabel: str,
-                      columns: int = 4) -> Path:
+                      columns: int = 4, hlines: Optional[Dict[str, float]] = None) -> Path:
     """A grid of curve plots: ``{panel title: {label: (x, mean, se)}}`` (e.g. learning
     curves of several methods per metric and setting). A title holding "coverage" gets a
-    linear axis from 0 to 1; others a log axis."""
+    linear axis from 0 to 1; others a log axis. ``hlines``: ``{panel title: y}`` reference
+    lines (e.g. a nominal coverage, a predict-zero score)."""
     rows = -(-len(panels) // columns)
     cols = min(columns, len(panels))
     fig = Figure(figsize=(3.6 * cols, 2.9 * rows))
@@ -201,6 +202,8 @@ def plot_curve_panels(panels: Dict[str, Dict[str, tuple]], path: PathLike, xlabe
         _draw_curves(ax, curves, log_y=not coverage)
         if coverage:
             ax.set_ylim(0, 1)
+        if hlines and title in hlines:
+            ax.axhline(hlines[title], color="k", lw=0.8, ls=":")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)
     fig.tight_layout()
