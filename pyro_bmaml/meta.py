@@ -61,7 +61,6 @@ previous variants (inner gradient ascent on the whole log joint, query-NLL meta-
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -71,7 +70,7 @@ from torch import nn
 from ._checks import check_choice, check_int, check_positive_float
 from .kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from .ksd import ksd_trajectory
-from .posterior import ParticlePosterior
+from .posterior import ParticlePosterior, mixture_log_likelihood
 from .potential import ModelPotential
 from .svgd import transport
 from .tasks import TaskBatch
@@ -274,8 +273,7 @@ class MetaLearner(nn.Module):
 
     def mixture_nll(self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Negative log of the particle mixture's predictive density, per point: ``(T, N)``."""
-        log_lik = self.potential.log_likelihood(particles, x, y)  # (T, M, N)
-        return -(torch.logsumexp(log_lik, dim=-2) - math.log(particles.size(-2)))
+        return -mixture_log_likelihood(self.potential.log_likelihood(particles, x, y))
 
     def calibration_loss(self, adapted: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
         """The query mixture NLL per point that meta-learns the noise. Its gradient reaches
@@ -482,7 +480,7 @@ class BMAML(MetaLearner):
             self.inner_steps,
         )
         if self.objective == "bfa":
-            loss = self.mixture_nll(chaser, batch.x_query, batch.y_query).sum(-1).mean()
+            loss = self.bfa_loss(chaser, batch)
             self.loss_terms = {"bfa": loss.item()}
             return loss
         x_all = torch.cat([batch.x_support, batch.x_query], dim=1)
@@ -492,10 +490,14 @@ class BMAML(MetaLearner):
         loss = ((chaser - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
         self.loss_terms = {"chaser": loss.item()}
         if self.calibration == "mixture":
-            term = self.mixture_nll(chaser, batch.x_query, batch.y_query).sum(-1).mean()
+            term = self.bfa_loss(chaser, batch)
             self.loss_terms["bfa"] = term.item()
             loss = loss + self.calibration_weight * term
         return self.add_calibration_loss(loss, chaser, batch)
+
+    def bfa_loss(self, chaser: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+        """BFA's meta-loss: the query mixture NLL summed over points, averaged over tasks."""
+        return self.mixture_nll(chaser, batch.x_query, batch.y_query).sum(-1).mean()
 
     def describe(self, steps=None):
         info = super().describe(steps)

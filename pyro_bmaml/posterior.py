@@ -21,7 +21,14 @@ from pyro.infer import Predictive
 from ._checks import check_int
 from .potential import ModelPotential
 
-__all__ = ["ParticlePosterior"]
+__all__ = ["ParticlePosterior", "mixture_log_likelihood"]
+
+
+def mixture_log_likelihood(log_lik: torch.Tensor) -> torch.Tensor:
+    r"""Pointwise log of the equally weighted particle mixture,
+    :math:`\log \frac1M \sum_m p(y \mid x, \theta_m)`, from per-particle log likelihoods
+    ``(..., M, N)``; returns ``(..., N)`` (differentiable)."""
+    return torch.logsumexp(log_lik, dim=-2) - math.log(log_lik.size(-2))
 
 
 class ParticlePosterior:
@@ -107,8 +114,7 @@ class ParticlePosterior:
 
         :returns: ``(N,)`` or ``(T, N)``.
         """
-        log_lik = self.potential.log_likelihood(self.particles, x, y)  # (..., M, N)
-        return torch.logsumexp(log_lik, dim=-2) - math.log(self.num_particles)
+        return mixture_log_likelihood(self.potential.log_likelihood(self.particles, x, y))
 
     def to_inference_data(self, x_query=None, y_query=None):
         """ArviZ ``InferenceData``; see :func:`pyro_bmaml.diagnostics.to_inference_data`."""
