@@ -145,7 +145,7 @@ def parser() -> argparse.ArgumentParser:
                    help="bmaml: chaser or bfa; emaml/maml: mse (as the papers) or log_joint; "
                         "None: chaser for bmaml, mse for the baselines")
     t.add_argument("--calibration", default=None,
-                   choices=("noise_offset", "initial_noise", "none", "distance", "mixture"),
+                   choices=BMAML.calibrations,
                    help="how the noise level is meta-learned; None: noise_offset (none with "
                         "--objective bfa or log_joint)")
     t.add_argument("--particles", type=_positive(int), default=10, help="M")

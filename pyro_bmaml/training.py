@@ -140,7 +140,8 @@ def fit(
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def diverged(iteration: int, what: str, cause: str) -> FloatingPointError:
-        kept = f"; the checkpoint {path} still holds the last good state" if path else ""
+        kept = (f"; the checkpoint {path} still holds the last good state"
+                if path is not None and path.is_file() else "")
         return FloatingPointError(f"meta-iteration {iteration}: {what}; likely cause: {cause}{kept}")
 
     step_hint = f"the adaptation step size (step_size={getattr(learner, 'step_size', '?')})"
