@@ -33,9 +33,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_bmaml.cli import build_learner, resolve_config
+from pyro_bmaml.cli import build_learner, resolve_config, task_sources
 from pyro_bmaml.metrics import RELIABILITY_LEVELS
-from pyro_bmaml.tasks import Sinusoid
 from pyro_bmaml.training import evaluate
 
 METRICS = ("mse", "mse_particles", "nll", "coverage_50", "coverage_90")
@@ -52,20 +51,24 @@ def run_one(job):
     torch.set_num_threads(1)
     method, m, k, num_tasks, seed, args = job
     config = resolve_config({"method": method, "particles": m, "hidden": [40, 40, 40],
-                             "inner_steps": 1, "leader_steps": 1})
+                             "inner_steps": 1, "leader_steps": 1, "variant": "bmaml",
+                             "num_tasks": num_tasks, "shots": k, "seed": seed, "meta_batch": 10,
+                             "calibration_holdout": args["calibration_holdout"]})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
-    tasks = Sinusoid("bmaml", num_tasks, k, seed=seed)
-    eval_tasks = tasks.evaluation_tasks(args["eval_tasks"])
+    source, tasks, calibration_tasks = task_sources(config, learner)
+    eval_tasks = source.evaluation_tasks(args["eval_tasks"])
     row = {"method": method, "M": learner.num_particles, "K": k, "T": num_tasks, "seed": seed,
            "step_size": learner.step_size, "objective": learner.objective,
            "calibration": learner.calibration,
-           "noise_step_size": getattr(learner, "noise_step_size", None)}
+           "noise_step_size": getattr(learner, "noise_step_size", None),
+           "calibration_holdout": args["calibration_holdout"] if calibration_tasks else 0.0}
     t0 = time.time()
     try:
         history = learner.fit(tasks, args["iterations"], meta_batch_size=10, seed=seed,
                               schedule_iterations=args["schedule_iterations"], progress=False,
-                              eval_tasks=eval_tasks, eval_every=args["eval_every"])
+                              eval_tasks=eval_tasks, eval_every=args["eval_every"],
+                              calibration_tasks=calibration_tasks)
     except FloatingPointError as err:  # report a diverged run instead of losing the table
         return row | {"error": str(err), "seconds": time.time() - t0}
     metrics = evaluate(learner, eval_tasks, closed_form=True, widths=False)
@@ -88,12 +91,13 @@ def mean_se(values):
 def summarize(rows):
     groups = {}
     for r in rows:
-        groups.setdefault((r["K"], r["T"], r["method"], r["M"]), []).append(r)
+        key = (r["K"], r["T"], r["method"], r["M"], r.get("calibration_holdout", 0.0))
+        groups.setdefault(key, []).append(r)
     table = []
-    for (k, t, method, m), rs in sorted(groups.items()):
+    for (k, t, method, m, holdout), rs in sorted(groups.items()):
         ok = [r for r in rs if "error" not in r]
-        entry = {"K": k, "T": t, "method": method, "M": m, "seeds": len(rs),
-                 "diverged": len(rs) - len(ok)}
+        entry = {"K": k, "T": t, "method": method, "M": m, "holdout": holdout,
+                 "seeds": len(rs), "diverged": len(rs) - len(ok)}
         for key in METRICS:
             entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
         table.append(entry)
@@ -119,44 +123,56 @@ def write_outputs(out: Path, budget: dict, rows: list):
              "prediction (the BMAML paper's metric); per-particle MSE = mean over particles of "
              "each particle's MSE (the official EMAML code's log); NLL = mixture negative log "
              "likelihood per query point; coverage of the central 50% / 90% predictive "
-             "intervals (nominal 0.50 / 0.90). Predicting 0 everywhere scores MSE 4.25.", "",
-             "| K | \\|T\\| | method | M | step | MSE | per-particle MSE | NLL | cov. 50% | "
-             "cov. 90% | diverged |", "|---" * 11 + "|"]
+             "intervals (nominal 0.50 / 0.90). Predicting 0 everywhere scores MSE 4.25. "
+             "Holdout = share of the |T| tasks kept out of meta-training to learn the noise "
+             "offset on (0: learned on the training batches).", "",
+             "| K | \\|T\\| | method | M | step | holdout | MSE | per-particle MSE | NLL | "
+             "cov. 50% | cov. 90% | diverged |", "|---" * 12 + "|"]
     steps = {(r["method"]): r["step_size"] for r in rows}
     for e in table:
         lines.append(
             f"| {e['K']} | {e['T']} | {e['method']} | {e['M']} | {steps[e['method']]:g} | "
+            f"{e['holdout']:g} | "
             f"{fmt(e['mse'])} | {fmt(e['mse_particles'])} | {fmt(e['nll'])} | "
             f"{fmt(e['coverage_50'])} | {fmt(e['coverage_90'])} | {e['diverged']}/{e['seeds']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     cells = sorted({(r["K"], r["T"]) for r in rows})
+
+    def variants(k, t):
+        """``(label, runs)`` per method (and calibration holdout, when a cell has several)."""
+        cell = [r for r in rows if (r["K"], r["T"]) == (k, t) and "error" not in r]
+        keys = sorted({(r["method"], r.get("calibration_holdout", 0.0)) for r in cell})
+        several = {m for m, _ in keys if sum(1 for m2, _ in keys if m2 == m) > 1}
+        for method, holdout in keys:
+            label = method.upper() + (f" (holdout {holdout:g})" if method in several else "")
+            yield label, [r for r in cell
+                          if (r["method"], r.get("calibration_holdout", 0.0)) == (method, holdout)]
+
     curves = {}
     for key in ("mse", "coverage_90"):
         for k, t in cells:
             panel = {}
-            for method in sorted({r["method"] for r in rows}):
-                runs = [r for r in rows if (r["K"], r["T"], r["method"]) == (k, t, method)
-                        and r.get("curve")]
+            for label, runs in variants(k, t):
+                runs = [r for r in runs if r.get("curve")]
                 if not runs:
                     continue
                 its = [c["iteration"] for c in runs[0]["curve"]]
                 stats = [mean_se([r["curve"][i][key] for r in runs]) for i in range(len(its))]
-                panel[method.upper()] = (its, [s[0] for s in stats], [s[1] or 0.0 for s in stats])
+                panel[label] = (its, [s[0] for s in stats], [s[1] or 0.0 for s in stats])
             curves[f"{key}, K={k}, |T|={t}"] = panel
     references = {title: 0.9 if title.startswith("coverage") else 4.25 for title in curves}
     plots.plot_curve_panels(curves, out.parent / f"{out.name}_curves.png", "meta-iteration",
                             hlines=references)
     reliability = {}
     for k, t in cells:
-        for method in sorted({r["method"] for r in rows}):
-            runs = [r for r in rows if (r["K"], r["T"], r["method"]) == (k, t, method)
-                    and "reliability" in r]
+        for label, runs in variants(k, t):
+            runs = [r for r in runs if "reliability" in r]
             if runs:
                 stats = [mean_se([r["reliability"][i] for r in runs])
                          for i in range(len(RELIABILITY_LEVELS))]
-                reliability.setdefault(f"K={k}, |T|={t}", {})[method.upper()] = {
+                reliability.setdefault(f"K={k}, |T|={t}", {})[label] = {
                     lv: (s[0], s[1] or 0.0) for lv, s in zip(RELIABILITY_LEVELS, stats)}
     plots.plot_reliability_panels(reliability, out.parent / f"{out.name}_reliability.png")
 
@@ -173,6 +189,8 @@ def main():
     p.add_argument("--shots", type=int, nargs="+", default=[5, 10])
     p.add_argument("--num-tasks", type=int, nargs="+", default=[100, 1000])
     p.add_argument("--particles", type=int, default=10)
+    p.add_argument("--calibration-holdout", type=float, default=0.1,
+                   help="fraction of each pool held out of meta-training for the noise offset")
     p.add_argument("--eval-tasks", type=int, default=100)
     p.add_argument("--methods", nargs="+", default=["bmaml", "emaml", "maml"],
                    choices=["bmaml", "emaml", "maml"])
@@ -189,7 +207,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"iterations": args.iterations, "schedule_iterations": args.schedule_iterations,
                 "eval_every": args.eval_every or max(1, args.iterations // 10),
-                "eval_tasks": args.eval_tasks}
+                "eval_tasks": args.eval_tasks, "calibration_holdout": args.calibration_holdout}
     budget = settings | {"meta_batch": 10, "lr": 1e-3, "network": "1-40-40-40-1",
                          "seeds": args.seeds, "M": args.particles}
     if args.from_runs:

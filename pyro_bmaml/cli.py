@@ -86,6 +86,27 @@ def build_learner(config: dict):
     return MAML(model, **common)
 
 
+def task_sources(config: dict, learner=None):
+    """``(source, training_tasks, calibration_tasks)`` for a configuration: the sinusoid
+    source (its ``evaluation_tasks`` are the held-out test tasks), the tasks meta-trained
+    on, and the held-out share of the pool (``calibration_holdout``, a fraction) that only
+    the learner's calibration term sees (``None`` when there is no pool, no such share or
+    no calibration term)."""
+    source = Sinusoid(config["variant"], config["num_tasks"], config["shots"], seed=config["seed"])
+    fraction = config.get("calibration_holdout") or 0.0
+    if (not fraction or config["num_tasks"] is None
+            or getattr(learner, "calibration", "noise_offset") not in ("noise_offset", "initial_noise")):
+        return source, source, None
+    holdout = max(1, round(fraction * config["num_tasks"]))
+    if config["num_tasks"] - holdout < config.get("meta_batch", 1):
+        raise ValueError(
+            f"--calibration-holdout {fraction} keeps {config['num_tasks'] - holdout} of "
+            f"--num-tasks {config['num_tasks']} for training, fewer than --meta-batch "
+            f"{config.get('meta_batch')}; lower it or use 0")
+    training, calibration = source.split(holdout, seed=config["seed"])
+    return source, training, calibration
+
+
 def _report(metrics: dict, num_tasks: int) -> str:
     mse, nll = metrics["mse"], metrics["nll"]
     c50, c90 = metrics["coverage"][0.5], metrics["coverage"][0.9]
@@ -148,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
                    choices=BMAML.calibrations,
                    help="how the noise level is meta-learned; None: noise_offset (none with "
                         "--objective bfa or log_joint)")
+    t.add_argument("--calibration-holdout", type=float, default=0.1,
+                   help="fraction of the |T| tasks held out of meta-training, on which the "
+                        "noise offset is learned (0: learn it on the training batches)")
     t.add_argument("--particles", type=_positive(int), default=10, help="M")
     t.add_argument("--shots", type=_positive(int), default=10, help="K support (= query) points")
     t.add_argument("--num-tasks", type=_positive(int), default=100, help="|T| meta-training tasks")
@@ -188,12 +212,15 @@ def train(args) -> int:
         "shots": args.shots, "num_tasks": args.num_tasks, "variant": args.variant,
         "hidden": list(args.hidden), "step_size": args.step_size, "inner_steps": args.inner_steps,
         "leader_steps": args.leader_steps, "seed": args.seed, "calibration": args.calibration,
-        "noise_step_size": args.noise_step_size,
+        "noise_step_size": args.noise_step_size, "calibration_holdout": args.calibration_holdout,
+        "meta_batch": args.meta_batch,
     })
+    if not 0.0 <= args.calibration_holdout < 1.0:
+        raise ValueError(f"--calibration-holdout must be in [0, 1), got {args.calibration_holdout}")
     pyro.set_rng_seed(args.seed)
     learner = build_learner(config)
-    tasks = Sinusoid(args.variant, args.num_tasks, args.shots, seed=args.seed)
-    eval_tasks = tasks.evaluation_tasks(args.eval_tasks)
+    source, tasks, calibration_tasks = task_sources(config, learner)
+    eval_tasks = source.evaluation_tasks(args.eval_tasks)
     args.out.mkdir(parents=True, exist_ok=True)
     history = learner.fit(
         tasks, args.iterations, meta_batch_size=args.meta_batch, lr=args.lr,
@@ -201,6 +228,7 @@ def train(args) -> int:
         eval_tasks=eval_tasks, eval_every=max(1, args.iterations // 10),
         checkpoint=str(args.out / "checkpoint.pt"), checkpoint_every=max(1, args.iterations // 10),
         seed=args.seed, progress=not args.no_progress, extra={"config": config},
+        calibration_tasks=calibration_tasks,
     )
     metrics = write_report(learner, eval_tasks, args.out / "evaluation", history)
     print(_report(metrics, args.eval_tasks))
@@ -217,7 +245,7 @@ def evaluate_cmd(args) -> int:
     learner.load_state_dict(state["learner"])
     if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    tasks = Sinusoid(config["variant"], config["num_tasks"], config["shots"], seed=config["seed"])
+    tasks, _, _ = task_sources(config)
     out = args.out or args.checkpoint.parent / "evaluation"
     metrics = write_report(learner, tasks.evaluation_tasks(args.eval_tasks), out,
                            state.get("history"), num_steps=args.steps)

@@ -37,7 +37,11 @@ adapted particles' noise coordinates are shifted by a meta-learned offset :math:
 
 the query mixture negative log likelihood per point, a proper scoring rule on held-out data
 (as temperature scaling is for classifiers, Guo et al. 2017, here meta-learned across
-tasks). The offset learns the noise level the few-step posterior needs for its predictive to
+tasks). As temperature scaling fits its temperature on a validation set, the offset is best
+learned on tasks the initial particles are *not* trained on (``fit(calibration_tasks=...)``,
+e.g. :meth:`~pyro_bmaml.tasks.TaskPool.split`): on a small pool (|T| = 100) the particles
+meta-overfit the pool's tasks, their residuals there understate those on new tasks, and an
+offset learned on the training batches makes the intervals too narrow on new tasks. The offset learns the noise level the few-step posterior needs for its predictive to
 be calibrated on unseen points; adaptation itself (and so the MSE) is exactly that of the
 uncalibrated learner, since the offset enters after it and its loss reaches nothing else.
 The noise sites are found from the model
@@ -235,10 +239,13 @@ class MetaLearner(nn.Module):
         ``step_size`` overrides the learner's (the noise step is scaled alike)."""
         raise NotImplementedError
 
-    def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
+    def meta_loss(self, batch: TaskBatch,
+                  calibration_batch: Optional[TaskBatch] = None) -> torch.Tensor:
         """The meta-objective of a batch of tasks (a scalar, differentiable in theta0).
 
-        Its parts are kept in ``self.loss_terms`` (floats) for logging."""
+        ``calibration_batch``: held-out tasks for the calibration term (see
+        :meth:`add_calibration_loss`); default: the batch itself. Its parts are kept in
+        ``self.loss_terms`` (floats) for logging."""
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------
@@ -287,11 +294,19 @@ class MetaLearner(nn.Module):
         return self.mixture_nll(particles, batch.x_query, batch.y_query).mean()
 
     def add_calibration_loss(self, loss: torch.Tensor, adapted: torch.Tensor,
-                             batch: TaskBatch) -> torch.Tensor:
+                             batch: TaskBatch,
+                             calibration_batch: Optional[TaskBatch] = None) -> torch.Tensor:
         """``loss`` plus the calibration term when the learner has one (logged as
-        ``loss_terms["calibration_nll"]``)."""
+        ``loss_terms["calibration_nll"]``). With ``calibration_batch`` (held-out tasks) the
+        term is computed on those tasks, adapted from ``theta0`` without a graph, instead of
+        on the training batch's ``adapted`` particles."""
         if self.calibration not in ("noise_offset", "initial_noise"):
             return loss
+        if calibration_batch is not None:
+            batch = calibration_batch.validate()
+            with torch.no_grad():
+                adapted = self.adapt_particles(self._expand(batch.num_tasks).detach(),
+                                               batch.x_support, batch.y_support, self.inner_steps)
         term = self.calibration_loss(adapted, batch)
         self.loss_terms["calibration_nll"] = term.item()
         return loss + term
@@ -371,9 +386,10 @@ class MetaLearner(nn.Module):
             info["noise_offset"] = ",".join(f"{v:.6g}" for v in self.noise_offset.flatten().tolist())
         return info
 
-    def forward(self, batch: TaskBatch) -> torch.Tensor:
+    def forward(self, batch: TaskBatch,
+                calibration_batch: Optional[TaskBatch] = None) -> torch.Tensor:
         """``learner(batch)`` is the meta-loss (so ``torch.func.functional_call`` works)."""
-        return self.meta_loss(batch)
+        return self.meta_loss(batch, calibration_batch)
 
     def fit(self, tasks, num_iterations: int, **kwargs):
         """Meta-train on a task source; see :func:`pyro_bmaml.training.fit`."""
@@ -473,7 +489,7 @@ class BMAML(MetaLearner):
             callback=callback,
         )
 
-    def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
+    def meta_loss(self, batch: TaskBatch, calibration_batch: Optional[TaskBatch] = None):
         batch = batch.validate()
         chaser = self.adapt_particles(
             self._initial_for_adaptation(batch.num_tasks), batch.x_support, batch.y_support,
@@ -493,7 +509,7 @@ class BMAML(MetaLearner):
             term = self.bfa_loss(chaser, batch)
             self.loss_terms["bfa"] = term.item()
             loss = loss + self.calibration_weight * term
-        return self.add_calibration_loss(loss, chaser, batch)
+        return self.add_calibration_loss(loss, chaser, batch, calibration_batch)
 
     def bfa_loss(self, chaser: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
         """BFA's meta-loss: the query mixture NLL summed over points, averaged over tasks."""
@@ -576,7 +592,7 @@ class EMAML(MetaLearner):
             callback(num_steps, theta, None, None)
         return theta
 
-    def meta_loss(self, batch: TaskBatch) -> torch.Tensor:
+    def meta_loss(self, batch: TaskBatch, calibration_batch: Optional[TaskBatch] = None):
         batch = batch.validate()
         adapted = self.adapt_particles(
             self._initial_for_adaptation(batch.num_tasks), batch.x_support, batch.y_support,
@@ -589,7 +605,7 @@ class EMAML(MetaLearner):
             return loss
         loss = self.squared_error(adapted, batch.x_query, batch.y_query).sum(-1).mean()
         self.loss_terms = {"query_mse": loss.item()}
-        return self.add_calibration_loss(loss, adapted, batch)
+        return self.add_calibration_loss(loss, adapted, batch, calibration_batch)
 
     def describe(self, steps=None):
         info = super().describe(steps)

@@ -5,6 +5,9 @@ meta-training batch) and ``evaluation_tasks(num_tasks, seed) -> TaskBatch``. A
 :class:`TaskBatch` holds support and query sets with a leading task dim ``T``:
 ``x_support (T, K, in)``, ``y_support (T, K)``, ``x_query (T, Q, in)``, ``y_query (T, Q)``.
 Any object with these two methods plugs into :meth:`~pyro_bmaml.meta.MetaLearner.fit`.
+:class:`TaskPool` turns a fixed set of tasks (a :class:`TaskBatch` built from your own
+tensors) into such a source, and splits off held-out tasks (e.g. for the calibration
+offset, ``fit(calibration_tasks=...)``).
 
 :class:`Sinusoid` is the benchmark of MAML (Finn et al., 2017) and BMAML (Yoon et al., 2018):
 :math:`y = A \sin(w x - b)`, with a *finite* meta-training pool of tasks whose points are
@@ -20,7 +23,7 @@ import torch
 
 from ._checks import check_choice, check_int
 
-__all__ = ["TaskBatch", "Sinusoid"]
+__all__ = ["TaskBatch", "TaskPool", "Sinusoid"]
 
 
 class TaskBatch(NamedTuple):
@@ -72,6 +75,43 @@ class TaskBatch(NamedTuple):
         return self
 
 
+class TaskPool:
+    """A finite pool of ``T`` tasks as a task source: :meth:`sample` draws distinct tasks.
+
+    :param tasks: the pool, a :class:`TaskBatch` (validated).
+    """
+
+    def __init__(self, tasks: TaskBatch):
+        if not isinstance(tasks, TaskBatch):
+            raise TypeError(f"tasks must be a TaskBatch, got {type(tasks).__name__}")
+        self.tasks = tasks.validate()
+
+    @property
+    def num_tasks(self) -> int:
+        return self.tasks.num_tasks
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
+        """``batch_size`` distinct tasks of the pool, drawn with ``generator``."""
+        batch_size = check_int("batch_size", batch_size, 1)
+        if batch_size > self.num_tasks:
+            raise ValueError(
+                f"batch_size ({batch_size}) exceeds the pool of num_tasks={self.num_tasks} tasks"
+            )
+        index = torch.randperm(self.num_tasks, generator=generator)[:batch_size]
+        return self.tasks[index]
+
+    def split(self, num_holdout: int, seed: int = 0) -> "tuple[TaskPool, TaskPool]":
+        """``(rest, holdout)``: ``num_holdout`` tasks drawn at random (fixed by ``seed``)
+        and the others, as two disjoint pools."""
+        num_holdout = check_int("num_holdout", num_holdout, 1)
+        if num_holdout >= self.num_tasks:
+            raise ValueError(
+                f"num_holdout ({num_holdout}) must be smaller than the pool's "
+                f"num_tasks={self.num_tasks}")
+        order = torch.randperm(self.num_tasks, generator=torch.Generator().manual_seed(seed))
+        return TaskPool(self.tasks[order[num_holdout:]]), TaskPool(self.tasks[order[:num_holdout]])
+
+
 class Sinusoid:
     r"""Sinusoid regression tasks :math:`y = A \sin(w x - b)`.
 
@@ -106,7 +146,7 @@ class Sinusoid:
         self._pool = None
         if self.num_tasks is not None:
             g = torch.Generator().manual_seed(self.seed)
-            self._pool = self._draw(self.num_tasks, g, noisy=True)
+            self._pool = TaskPool(self._draw(self.num_tasks, g, noisy=True))
 
     def _draw(self, num_tasks: int, g: torch.Generator, noisy: bool) -> TaskBatch:
         def u(lo, hi, *shape):
@@ -130,12 +170,14 @@ class Sinusoid:
         batch_size = check_int("batch_size", batch_size, 1)
         if self._pool is None:
             return self._draw(batch_size, generator, noisy=True)
-        if batch_size > self.num_tasks:
-            raise ValueError(
-                f"batch_size ({batch_size}) exceeds the pool of num_tasks={self.num_tasks} tasks"
-            )
-        index = torch.randperm(self.num_tasks, generator=generator)[:batch_size]
-        return self._pool[index]
+        return self._pool.sample(batch_size, generator)
+
+    def split(self, num_holdout: int, seed: int = 0) -> "tuple[TaskPool, TaskPool]":
+        """The finite pool split into ``(training, holdout)`` pools (see
+        :meth:`TaskPool.split`); the holdout's tasks are never meta-trained on."""
+        if self._pool is None:
+            raise ValueError("split needs a finite pool (num_tasks=None draws fresh tasks)")
+        return self._pool.split(num_holdout, seed)
 
     def evaluation_tasks(self, num_tasks: int = 100, seed: int = 12345) -> TaskBatch:
         """Held-out tasks with noise-free targets (fixed by ``seed``)."""

@@ -54,6 +54,7 @@ def fit(
     progress: bool = True,
     extra: Optional[dict] = None,
     stop_after: Optional[int] = None,
+    calibration_tasks=None,
 ) -> Dict[str, list]:
     """Meta-train ``learner`` for ``num_iterations`` meta-iterations.
 
@@ -71,6 +72,10 @@ def fit(
         loaded and training continues from it.
     :param seed: seed of the task-sampling generator.
     :param extra: extra entries stored in the checkpoint (e.g. the CLI's configuration).
+    :param calibration_tasks: a task source of held-out tasks for the learner's calibration
+        term (the noise offset), e.g. the second pool of
+        :meth:`~pyro_bmaml.tasks.TaskPool.split`; each iteration draws ``meta_batch_size``
+        of them (at most the pool's size). Default: the term uses the training batch.
     :param stop_after: stop (after checkpointing) once this iteration count is reached, as if
         interrupted; used to test resumption.
     :returns: history ``{"iteration", "loss", "lr", "terms", "eval"}``: per iteration the
@@ -90,8 +95,17 @@ def fit(
         "decay_every", decay_every, 1)
     eval_every = check_int("eval_every", eval_every, 0)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, 0)
-    if not hasattr(tasks, "sample"):
-        raise TypeError(f"tasks must be a task source with a sample() method, got {type(tasks).__name__}")
+    for name, source in (("tasks", tasks), ("calibration_tasks", calibration_tasks)):
+        if source is not None and not hasattr(source, "sample"):
+            raise TypeError(f"{name} must be a task source with a sample() method, "
+                            f"got {type(source).__name__}")
+    if calibration_tasks is not None and getattr(learner, "calibration", None) not in (
+            "noise_offset", "initial_noise"):
+        raise ValueError("calibration_tasks needs a learner with a calibration term "
+                         f"(calibration='noise_offset' or 'initial_noise'), got "
+                         f"{getattr(learner, 'calibration', None)!r}")
+    calibration_batch_size = min(meta_batch_size, getattr(calibration_tasks, "num_tasks", None)
+                                 or meta_batch_size)
 
     groups = learner.optimizer_groups(lr) if hasattr(learner, "optimizer_groups") else learner.parameters()
     optimizer = torch.optim.Adam(groups, lr=lr)
@@ -148,9 +162,11 @@ def fit(
     lr_hint = f"the meta learning rate (lr={lr})"
     for iteration in bar:
         batch = tasks.sample(meta_batch_size, generator)
+        held_out = (None if calibration_tasks is None
+                    else calibration_tasks.sample(calibration_batch_size, generator))
         optimizer.zero_grad()
         try:
-            loss = learner.meta_loss(batch)
+            loss = learner.meta_loss(batch) if held_out is None else learner.meta_loss(batch, held_out)
         except FloatingPointError as err:  # the adaptation itself diverged
             raise diverged(iteration, str(err), step_hint) from err
         if not math.isfinite(loss.item()):
