@@ -2,7 +2,10 @@
 
 The default ``train`` (sinusoid, BMAML, M = 10, K = 10, |T| = 100, a 1-40-40-40-1 network,
 the paper's n = s = 1 and eps = 1e-3) finishes in a few minutes on 2 CPU cores and prints the
-held-out test MSE and NLL.
+held-out test MSE, NLL and coverage. ``--task`` picks the task family from
+:data:`TASK_FAMILIES`: ``sinusoid``, ``digits-5way-1shot`` (any ``digits-NwayKshot``), or
+``folder:PATH`` (an image folder, with ``--ways``/``--shots``). A family is a task source, a
+model and its report: adding one means adding an entry there, nothing else.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from typing import List, Optional
 
 import pyro
 
+import re
+
 from .checkpoint import load_checkpoint
 from .meta import BMAML, EMAML, MAML
-from .metrics import mean_and_se, regression_metrics
-from .models import BayesianMLP
+from .metrics import classification_metrics, mean_and_se, regression_metrics
+from .models import BayesianClassifier, BayesianMLP
 from .tasks import Sinusoid, TaskBatch
 
 METHODS = ("bmaml", "emaml", "maml")
@@ -52,17 +57,175 @@ METHOD_DEFAULTS = {
     "emaml": {"step_size": 1e-3, "objective": "mse"},
     "maml": {"step_size": 1e-2, "objective": "mse"},
 }
-OBJECTIVES = ("chaser", "bfa", "mse", "log_joint")
+OBJECTIVES = ("chaser", "bfa", "mse", "nll", "log_joint")
+
+
+class SinusoidFamily:
+    """Sinusoid regression (the paper's first benchmark) with the Bayesian MLP."""
+
+    name = "sinusoid"
+    eval_tasks = 100
+    method_defaults = METHOD_DEFAULTS
+
+    def hidden(self, config):
+        return (40, 40, 40)
+
+    def model(self, config):
+        return BayesianMLP(hidden=tuple(config["hidden"]))
+
+    def sources(self, config: dict, learner=None):
+        """``(source, training_tasks, calibration_tasks)``: see :func:`task_sources`."""
+        source = Sinusoid(config["variant"], config["num_tasks"], config["shots"],
+                          seed=config["seed"])
+        fraction = config.get("calibration_holdout") or 0.0
+        if (not fraction or config["num_tasks"] is None
+                or getattr(learner, "calibration", "noise_offset") not in ("noise_offset", "initial_noise")):
+            return source, source, None
+        holdout = max(1, round(fraction * config["num_tasks"]))
+        if config["num_tasks"] - holdout < config.get("meta_batch", 1):
+            raise ValueError(
+                f"--calibration-holdout {fraction} keeps {config['num_tasks'] - holdout} of "
+                f"--num-tasks {config['num_tasks']} for training, fewer than --meta-batch "
+                f"{config.get('meta_batch')}; lower it or use 0")
+        training, calibration = source.split(holdout, seed=config["seed"])
+        return source, training, calibration
+
+    def metrics(self, posterior, tasks):
+        return regression_metrics(posterior, tasks.x_query, tasks.y_query, crps=True)
+
+    def summary(self, metrics: dict, num_tasks: int) -> str:
+        mse, nll = metrics["mse"], metrics["nll"]
+        c50, c90 = metrics["coverage"][0.5], metrics["coverage"][0.9]
+        lines = [
+            f"test MSE {mse[0]:.4f} +- {mse[1]:.4f} (particle mean; predicting 0 scores 4.25)   "
+            f"test NLL {nll[0]:.4f} +- {nll[1]:.4f} (mixture, per query point)",
+            f"coverage of the central 50% / 90% intervals: {c50[0]:.3f} / {c90[0]:.3f} "
+            f"(nominal 0.50 / 0.90)   ({num_tasks} evaluation tasks, mean +- s.e.)",
+        ]
+        if abs(c90[0] - 0.9) > 0.1:
+            lines.append("note: the 90% intervals are " + (
+                "too narrow (overconfident)" if c90[0] < 0.9 else "too wide (underconfident)")
+                + "; see calibration.png")
+        return "\n".join(lines)
+
+    def write(self, learner, posterior, tasks, metrics, out: Path) -> None:
+        from . import plots
+
+        table = {k: metrics[k] for k in ("mse", "mse_particles", "rmse", "nll", "crps")}
+        table["coverage"] = {str(k): v for k, v in metrics["coverage"].items()}
+        table["width"] = {str(k): v for k, v in metrics["width"].items()}
+        table["reliability"] = {str(k): v for k, v in metrics["reliability"].items()}
+        lines = [f"| {key} | {table[key][0]:.4g} | {table[key][1]:.2g} |"
+                 for key in ("mse", "mse_particles", "rmse", "nll", "crps")]
+        for level, (mu, se) in metrics["coverage"].items():
+            width = metrics["width"][level]
+            lines.append(f"| coverage {level:.0%} (width {width[0]:.3g}) | {mu:.3f} | {se:.2g} |")
+        shown = min(4, tasks.num_tasks)
+        plots.plot_predictive([posterior.task(i) for i in range(shown)], out / "predictive.png",
+                              queries=[(tasks.x_query[i], tasks.y_query[i]) for i in range(shown)])
+        plots.plot_calibration(metrics["reliability"], out / "calibration.png", label=learner.method)
+        return table, lines
+
+
+class ClassificationFamily:
+    """N-way K-shot classification: the bundled digits (``digits-NwayKshot``) or an image
+    folder (``folder:PATH``), with :class:`~pyro_bmaml.models.BayesianClassifier`."""
+
+    name = "classification"
+    eval_tasks = 600
+    #: steps picked on the validation classes of digits 5-way (1-shot, 200 iterations):
+    #: BMAML's SVGD step is on the log joint summed over the N*K support points, so it is
+    #: scaled by 1/K; MAML's and EMAML's on the mean cross-entropy (Finn et al.: 0.4)
+    method_defaults = {
+        "bmaml": {"step_size": 0.5, "objective": "chaser", "noise_step_size": None},
+        "emaml": {"step_size": 0.4, "objective": "nll"},
+        "maml": {"step_size": 1.0, "objective": "nll"},
+    }
+
+    def hidden(self, config):
+        return (64, 64) if config.get("network", "mlp") == "mlp" else (32,)
+
+    def source(self, config):
+        from .fewshot import FewShotClassification
+
+        common = dict(ways=config["ways"], shots=config["shots"], query=config["query"],
+                      seed=config["seed"])
+        if config["task"].startswith("folder:"):
+            return FewShotClassification.from_folder(
+                config["task"][len("folder:"):], image_size=tuple(config["image_size"]),
+                channels=config["channels"], **common)
+        return FewShotClassification.digits(**common)
+
+    def model(self, config):
+        hidden = config["hidden"]
+        shape = (1, 8, 8) if config["task"].startswith("digits") else (
+            config["channels"], *config["image_size"])
+        return BayesianClassifier(config["ways"], shape, network=config.get("network", "mlp"),
+                                  hidden=hidden[0] if len(hidden) == 1 else tuple(hidden),
+                                  shared=config.get("shared", "none"))
+
+    def sources(self, config, learner=None):
+        source = self.source(config)
+        return source, source, None
+
+    def metrics(self, posterior, tasks):
+        return classification_metrics(posterior, tasks.x_query, tasks.y_query)
+
+    def summary(self, metrics: dict, num_tasks: int) -> str:
+        acc, nll = metrics["accuracy"], metrics["nll"]
+        return "\n".join([
+            f"test accuracy {acc[0]:.4f} +- {metrics['accuracy_ci95']:.4f} (95% CI over "
+            f"{num_tasks} episodes of unseen classes)   test NLL {nll[0]:.4f} +- {nll[1]:.4f} "
+            "(mixture, per query point)",
+            f"ECE {metrics['ece'][0]:.4f}   MCE {metrics['mce'][0]:.4f} (top-label, 15 bins, "
+            f"pooled; 0 is calibrated)   Brier {metrics['brier'][0]:.4f}",
+        ])
+
+    def write(self, learner, posterior, tasks, metrics, out: Path):
+        from . import plots
+
+        table = {k: metrics[k] for k in ("accuracy", "error_rate", "nll", "brier", "ece", "mce",
+                                         "entropy_correct", "entropy_wrong")}
+        table["accuracy_ci95"] = metrics["accuracy_ci95"]
+        bins = metrics["reliability"]
+        table["reliability"] = {k: v.tolist() for k, v in bins.items()}
+        lines = [f"| {key} | {table[key][0]:.4g} | {table[key][1]:.2g} |"
+                 for key in ("accuracy", "nll", "brier", "ece", "mce", "entropy_correct",
+                             "entropy_wrong")]
+        plots.plot_confidence_reliability({learner.method.upper(): bins}, out / "calibration.png")
+        return table, lines
+
+
+_DIGITS = re.compile(r"^digits-(\d+)way-(\d+)shot$")
+
+
+def task_family(task: str):
+    """The family of a ``--task`` value (see :data:`TASK_FAMILIES`)."""
+    if task == "sinusoid":
+        return TASK_FAMILIES["sinusoid"]
+    if _DIGITS.match(task) or task.startswith("folder:"):
+        return TASK_FAMILIES["classification"]
+    raise ValueError(f"unknown --task {task!r}: use sinusoid, digits-NwayKshot (e.g. "
+                     "digits-5way-1shot) or folder:PATH")
+
+
+#: the task families the CLI knows: a task source, a model, and their report
+TASK_FAMILIES = {"sinusoid": SinusoidFamily(), "classification": ClassificationFamily()}
 
 
 def resolve_config(config: dict) -> dict:
-    """``config`` with the method's defaults filled in where a value is ``None`` or missing
-    (``step_size``, ``objective``, ``noise_step_size``; ``calibration`` stays ``None`` for
-    the learner's default)."""
+    """``config`` with the defaults filled in where a value is ``None`` or missing: the
+    task (``sinusoid``), the method's defaults for the task family (``step_size``,
+    ``objective``, ``noise_step_size``), the family's hidden sizes; ``calibration`` stays
+    ``None`` for the learner's default."""
     out = dict(config)
-    for key, value in METHOD_DEFAULTS[out["method"]].items():
+    out.setdefault("task", "sinusoid")
+    family = task_family(out["task"])
+    for key, value in family.method_defaults[out["method"]].items():
         if out.get(key) is None:
             out[key] = value
+    if out.get("hidden") is None:
+        out["hidden"] = list(family.hidden(out))
     out.setdefault("calibration", None)
     return out
 
@@ -70,12 +233,14 @@ def resolve_config(config: dict) -> dict:
 def build_learner(config: dict):
     """The meta-learner a configuration describes (used by train, evaluate and the examples).
 
-    Keys: ``method``, ``particles``, ``hidden``, ``inner_steps``, ``leader_steps`` and,
-    optional (``None``: the method's default, :data:`METHOD_DEFAULTS`), ``step_size``,
-    ``objective``, ``calibration``, ``noise_step_size`` (BMAML only).
+    Keys: ``method``, ``particles``, ``inner_steps``, ``leader_steps``, the task's keys
+    (``task`` and, for sinusoid, nothing else; for classification ``ways``, ``shots``,
+    ``network``, ``shared``, ...) and, optional (``None``: the family's default for the
+    method), ``hidden``, ``step_size``, ``objective``, ``calibration``, ``noise_step_size``
+    (BMAML only).
     """
     config = resolve_config(config)
-    model = BayesianMLP(hidden=tuple(config["hidden"]))
+    model = task_family(config["task"]).model(config)
     common = dict(inner_steps=config["inner_steps"], step_size=config["step_size"], init="paper",
                   objective=config["objective"], calibration=config["calibration"])
     if config["method"] == "bmaml":
@@ -87,70 +252,35 @@ def build_learner(config: dict):
 
 
 def task_sources(config: dict, learner=None):
-    """``(source, training_tasks, calibration_tasks)`` for a configuration: the sinusoid
-    source (its ``evaluation_tasks`` are the held-out test tasks), the tasks meta-trained
-    on, and the held-out share of the pool (``calibration_holdout``, a fraction) that only
-    the learner's calibration term sees (``None`` when there is no pool, no such share or
-    no calibration term)."""
-    source = Sinusoid(config["variant"], config["num_tasks"], config["shots"], seed=config["seed"])
-    fraction = config.get("calibration_holdout") or 0.0
-    if (not fraction or config["num_tasks"] is None
-            or getattr(learner, "calibration", "noise_offset") not in ("noise_offset", "initial_noise")):
-        return source, source, None
-    holdout = max(1, round(fraction * config["num_tasks"]))
-    if config["num_tasks"] - holdout < config.get("meta_batch", 1):
-        raise ValueError(
-            f"--calibration-holdout {fraction} keeps {config['num_tasks'] - holdout} of "
-            f"--num-tasks {config['num_tasks']} for training, fewer than --meta-batch "
-            f"{config.get('meta_batch')}; lower it or use 0")
-    training, calibration = source.split(holdout, seed=config["seed"])
-    return source, training, calibration
-
-
-def _report(metrics: dict, num_tasks: int) -> str:
-    mse, nll = metrics["mse"], metrics["nll"]
-    c50, c90 = metrics["coverage"][0.5], metrics["coverage"][0.9]
-    lines = [
-        f"test MSE {mse[0]:.4f} +- {mse[1]:.4f} (particle mean; predicting 0 scores 4.25)   "
-        f"test NLL {nll[0]:.4f} +- {nll[1]:.4f} (mixture, per query point)",
-        f"coverage of the central 50% / 90% intervals: {c50[0]:.3f} / {c90[0]:.3f} "
-        f"(nominal 0.50 / 0.90)   ({num_tasks} evaluation tasks, mean +- s.e.)",
-    ]
-    if abs(c90[0] - 0.9) > 0.1:
-        lines.append("note: the 90% intervals are " + (
-            "too narrow (overconfident)" if c90[0] < 0.9 else "too wide (underconfident)")
-            + "; see calibration.png")
-    return "\n".join(lines)
+    """``(source, training_tasks, calibration_tasks)`` for a configuration: the task source
+    (its ``evaluation_tasks`` are the held-out test tasks), the tasks meta-trained on, and,
+    for sinusoid, the held-out share of the pool (``calibration_holdout``, a fraction) that
+    only the learner's calibration term sees (``None`` when there is no pool, no such share
+    or no calibration term)."""
+    config = resolve_config(config)
+    return task_family(config["task"]).sources(config, learner)
 
 
 def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] = None,
-                 num_steps: Optional[int] = None) -> dict:
-    """Adapt to held-out tasks and write metrics (JSON + markdown) and plots into ``out``."""
+                 num_steps: Optional[int] = None, family=None) -> dict:
+    """Adapt to held-out tasks and write metrics (JSON + markdown) and plots into ``out``:
+    the family's scores and plots, the KSD per step, the training curves."""
     from . import plots  # plotting stays out of the library's import path
 
+    family = family or TASK_FAMILIES["sinusoid"]
     out.mkdir(parents=True, exist_ok=True)
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps,
                               track_ksd=True)
-    metrics = regression_metrics(posterior, tasks.x_query, tasks.y_query, crps=True)
+    metrics = family.metrics(posterior, tasks)
     ksd = posterior.info["ksd"]
-    table = {k: metrics[k] for k in ("mse", "mse_particles", "rmse", "nll", "crps")}
+    table, lines = family.write(learner, posterior, tasks, metrics, out)
     table["ksd_squared_final"] = list(mean_and_se(ksd[-1]))
-    table["coverage"] = {str(k): v for k, v in metrics["coverage"].items()}
-    table["width"] = {str(k): v for k, v in metrics["width"].items()}
-    table["reliability"] = {str(k): v for k, v in metrics["reliability"].items()}
+    lines.append(f"| ksd_squared_final | {table['ksd_squared_final'][0]:.4g} | "
+                 f"{table['ksd_squared_final'][1]:.2g} |")
     (out / "metrics.json").write_text(json.dumps(table, indent=2))
-    lines = ["| metric | mean | s.e. |", "|---|---|---|"]
-    for key in ("mse", "mse_particles", "rmse", "nll", "crps", "ksd_squared_final"):
-        lines.append(f"| {key} | {table[key][0]:.4g} | {table[key][1]:.2g} |")
-    for level, (mu, se) in metrics["coverage"].items():
-        width = metrics["width"][level]
-        lines.append(f"| coverage {level:.0%} (width {width[0]:.3g}) | {mu:.3f} | {se:.2g} |")
-    (out / "metrics.md").write_text("\n".join(lines) + "\n")
-    shown = min(4, tasks.num_tasks)
-    plots.plot_predictive([posterior.task(i) for i in range(shown)], out / "predictive.png",
-                          queries=[(tasks.x_query[i], tasks.y_query[i]) for i in range(shown)])
+    (out / "metrics.md").write_text("\n".join(["| metric | mean | s.e. |", "|---|---|---|"]
+                                               + lines) + "\n")
     plots.plot_ksd(ksd, out / "ksd.png")
-    plots.plot_calibration(metrics["reliability"], out / "calibration.png", label=learner.method)
     if history is not None and history.get("loss"):
         plots.plot_training(history, out / "training.png")
     return metrics
@@ -159,43 +289,69 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyro-bmaml", description="Bayesian MAML on Pyro")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="meta-train on sinusoid regression and evaluate",
+    t = sub.add_parser("train", help="meta-train on a task family and evaluate",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--task", default="sinusoid",
+                   help="sinusoid, digits-NwayKshot (e.g. digits-5way-1shot: scikit-learn's "
+                        "8x8 digits, 4 rotations per digit as classes) or folder:PATH (one "
+                        "folder of images per class; --ways, --shots)")
     t.add_argument("--method", choices=METHODS, default="bmaml")
     t.add_argument("--objective", choices=OBJECTIVES, default=None,
-                   help="bmaml: chaser or bfa; emaml/maml: mse (as the papers) or log_joint; "
-                        "None: chaser for bmaml, mse for the baselines")
+                   help="bmaml: chaser or bfa; emaml/maml: mse (regression, as the papers), "
+                        "nll (classification: cross-entropy) or log_joint; None: the family's")
     t.add_argument("--calibration", default=None,
                    choices=BMAML.calibrations,
                    help="how the noise level is meta-learned; None: noise_offset (none with "
-                        "--objective bfa or log_joint)")
+                        "--objective bfa or log_joint, or a model without a noise site)")
     t.add_argument("--calibration-holdout", type=float, default=0.1,
-                   help="fraction of the |T| tasks held out of meta-training, on which the "
-                        "noise offset is learned (0: learn it on the training batches)")
+                   help="sinusoid: fraction of the |T| tasks held out of meta-training, on "
+                        "which the noise offset is learned (0: the training batches)")
     t.add_argument("--particles", type=_positive(int), default=10, help="M")
-    t.add_argument("--shots", type=_positive(int), default=10, help="K support (= query) points")
-    t.add_argument("--num-tasks", type=_positive(int), default=100, help="|T| meta-training tasks")
-    t.add_argument("--variant", choices=("bmaml", "maml"), default="bmaml")
+    t.add_argument("--shots", type=_positive(int), default=None,
+                   help="K support points (sinusoid: also the query points; default 10) or "
+                        "images per class (classification; default from the task name, or 1)")
+    t.add_argument("--ways", type=_positive(int), default=5,
+                   help="classification with folder:PATH: classes per episode")
+    t.add_argument("--query", type=_positive(int), default=15,
+                   help="classification: query images per class")
+    t.add_argument("--network", choices=("mlp", "conv4"), default="mlp",
+                   help="classification: the classifier's network")
+    t.add_argument("--shared", choices=("none", "features"), default="none",
+                   help="classification: 'features' shares the body among particles "
+                        "(particles over the head only)")
+    t.add_argument("--image-size", type=_hidden, default=(28, 28),
+                   help="folder:PATH: images are resized to H,W")
+    t.add_argument("--channels", type=int, choices=(1, 3), default=1,
+                   help="folder:PATH: 1 (grayscale) or 3 (RGB)")
+    t.add_argument("--num-tasks", type=_positive(int), default=100,
+                   help="sinusoid: |T| meta-training tasks")
+    t.add_argument("--variant", choices=("bmaml", "maml"), default="bmaml",
+                   help="sinusoid: the official BMAML ranges or Finn et al.'s")
     t.add_argument("--iterations", type=_positive(int), default=2000)
     t.add_argument("--meta-batch", type=_positive(int), default=10)
-    t.add_argument("--hidden", type=_hidden, default=(40, 40, 40))
+    t.add_argument("--hidden", type=_hidden, default=None,
+                   help="hidden sizes; None: 40,40,40 (sinusoid), 64,64 (mlp classifier), "
+                        "32 (conv4 filters)")
     t.add_argument("--step-size", type=_positive(float), default=None,
-                   help="adaptation step; None: 1e-3 for bmaml and emaml, 1e-2 for maml")
+                   help="adaptation step; None: the family's default for the method "
+                        "(sinusoid: 1e-3 bmaml and emaml, 1e-2 maml)")
     t.add_argument("--noise-step-size", type=_positive(float), default=None,
-                   help="bmaml: SVGD step of the noise precision; None: 3e-3")
+                   help="bmaml: SVGD step of the noise precision; None: 3e-3 on sinusoid")
     t.add_argument("--inner-steps", type=_positive(int), default=1)
     t.add_argument("--leader-steps", type=_positive(int), default=1)
     t.add_argument("--lr", type=_positive(float), default=1e-3)
     t.add_argument("--schedule-iterations", type=_positive(int), default=100_000,
                    help="nominal budget the x0.98 decay is spread over (official code: 100k)")
-    t.add_argument("--eval-tasks", type=_positive(int), default=100)
+    t.add_argument("--eval-tasks", type=_positive(int), default=None,
+                   help="held-out tasks; None: 100 (sinusoid), 600 episodes (classification)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("runs/default"))
     t.add_argument("--no-progress", action="store_true")
-    e = sub.add_parser("evaluate", help="evaluate a checkpoint on held-out sinusoid tasks",
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on its family's held-out tasks",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("checkpoint", type=Path)
-    e.add_argument("--eval-tasks", type=_positive(int), default=100)
+    e.add_argument("--eval-tasks", type=_positive(int), default=None,
+                   help="held-out tasks; None: the family's default")
     e.add_argument("--steps", type=int, default=None, help="adaptation steps (default: trained n)")
     e.add_argument("--out", type=Path, default=None,
                    help="report folder (default: evaluation/ beside the checkpoint)")
@@ -203,24 +359,37 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train(args) -> int:
+    family = task_family(args.task)
     if args.method == "bmaml" and args.particles < 2:
         raise ValueError("--particles must be >= 2 for bmaml (use --method maml for one)")
-    if args.meta_batch > args.num_tasks:
+    if family.name == "sinusoid" and args.meta_batch > args.num_tasks:
         raise ValueError(f"--meta-batch ({args.meta_batch}) exceeds --num-tasks ({args.num_tasks})")
-    config = resolve_config({
-        "method": args.method, "objective": args.objective, "particles": args.particles,
-        "shots": args.shots, "num_tasks": args.num_tasks, "variant": args.variant,
-        "hidden": list(args.hidden), "step_size": args.step_size, "inner_steps": args.inner_steps,
-        "leader_steps": args.leader_steps, "seed": args.seed, "calibration": args.calibration,
-        "noise_step_size": args.noise_step_size, "calibration_holdout": args.calibration_holdout,
-        "meta_batch": args.meta_batch,
-    })
     if not 0.0 <= args.calibration_holdout < 1.0:
         raise ValueError(f"--calibration-holdout must be in [0, 1), got {args.calibration_holdout}")
+    config = {
+        "task": args.task, "method": args.method, "objective": args.objective,
+        "particles": args.particles, "hidden": None if args.hidden is None else list(args.hidden),
+        "step_size": args.step_size, "inner_steps": args.inner_steps,
+        "leader_steps": args.leader_steps, "seed": args.seed, "calibration": args.calibration,
+        "noise_step_size": args.noise_step_size, "meta_batch": args.meta_batch,
+    }
+    if family.name == "sinusoid":
+        config.update(shots=args.shots or 10, num_tasks=args.num_tasks, variant=args.variant,
+                      calibration_holdout=args.calibration_holdout)
+    else:
+        match = _DIGITS.match(args.task)
+        ways, shots = (int(match.group(1)), int(match.group(2))) if match else (args.ways, 1)
+        if match and args.shots is not None and args.shots != shots:
+            raise ValueError(f"--shots {args.shots} contradicts --task {args.task}")
+        config.update(ways=ways, shots=args.shots or shots, query=args.query,
+                      network=args.network, shared=args.shared,
+                      image_size=list(args.image_size), channels=args.channels)
+    config = resolve_config(config)
+    eval_count = args.eval_tasks or family.eval_tasks
     pyro.set_rng_seed(args.seed)
     learner = build_learner(config)
     source, tasks, calibration_tasks = task_sources(config, learner)
-    eval_tasks = source.evaluation_tasks(args.eval_tasks)
+    eval_tasks = source.evaluation_tasks(eval_count)
     args.out.mkdir(parents=True, exist_ok=True)
     history = learner.fit(
         tasks, args.iterations, meta_batch_size=args.meta_batch, lr=args.lr,
@@ -230,8 +399,8 @@ def train(args) -> int:
         seed=args.seed, progress=not args.no_progress, extra={"config": config},
         calibration_tasks=calibration_tasks,
     )
-    metrics = write_report(learner, eval_tasks, args.out / "evaluation", history)
-    print(_report(metrics, args.eval_tasks))
+    metrics = write_report(learner, eval_tasks, args.out / "evaluation", history, family=family)
+    print(family.summary(metrics, eval_count))
     print(f"checkpoint: {args.out / 'checkpoint.pt'}   report: {args.out / 'evaluation'}/")
     return 0
 
@@ -241,17 +410,21 @@ def evaluate_cmd(args) -> int:
     config = state.get("extra", {}).get("config")
     if config is None:
         raise ValueError(f"{args.checkpoint} was not written by `pyro-bmaml train` (no config)")
+    config = resolve_config(config)
+    family = task_family(config["task"])
     learner = build_learner(config)
     learner.load_state_dict(state["learner"])
     if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    tasks, _, _ = task_sources(config)
+    source, _, _ = task_sources(config)
     out = args.out or args.checkpoint.parent / "evaluation"
-    metrics = write_report(learner, tasks.evaluation_tasks(args.eval_tasks), out,
-                           state.get("history"), num_steps=args.steps)
+    eval_count = args.eval_tasks or family.eval_tasks
+    metrics = write_report(learner, source.evaluation_tasks(eval_count), out,
+                           state.get("history"), num_steps=args.steps, family=family)
     print(f"{config['method']} after {state['iteration']} meta-iterations")
-    print(_report(metrics, args.eval_tasks))
-    print(f"report: {out}/ (metrics.md, metrics.json, predictive.png, ksd.png, calibration.png)")
+    print(family.summary(metrics, eval_count))
+    print(f"report: {out}/ (metrics.md, metrics.json, ksd.png, calibration.png and the "
+          "family's plots)")
     return 0
 
 

@@ -11,12 +11,16 @@ group                           content, dims after ``(chain, draw)``
 ``prior``                       the meta-learned initial particles (the learned prior, when
                                 the posterior came from a meta-learner): ``(*site_dims)``
 ``observed_data``               support targets, named as the model's data site (e.g.
-                                ``y``): ``(task, support)``
-``constant_data``               support inputs ``x``: ``(task, support, feature)``
+                                ``y``): ``(task, support, *y dims)``
+``constant_data``               support inputs ``x``: ``(task, support, feature)`` (or
+                                ``x_dim_0, ...`` for images and other shapes)
 ``log_likelihood``              ``y``: per particle and support point, ``(task, support)``
 ``posterior_predictive``        ``y``: one draw per particle at the support inputs
 ``predictions``                 ``y``: one draw per particle at the query inputs,
-                                ``(task, query)`` (when query inputs are given)
+                                ``(task, query)`` (when query inputs are given), and
+                                ``mean``: each particle's predictive mean there (the
+                                model's return value: class probabilities for a
+                                classifier, ``(task, query, mean_dim_0)``)
 ``predictions_constant_data``   query inputs ``x``: ``(task, query, feature)``
 =============================== ===========================================================
 
@@ -100,25 +104,47 @@ def inference_data_groups(
         groups["prior"] = dataset(arrays, dims)
 
     obs = potential.observation_site or "y"  # the data site's own name, e.g. "y" or "obs"
+
+    def trailing(name, t, lead):
+        """Dim names of a data tensor's dims after its ``lead`` ones (``feature`` for one
+        input dim, as before; ``{name}_dim_{i}`` otherwise, e.g. an image's C, H, W)."""
+        extra = t.dim() - lead
+        if name == "x" and extra == 1:
+            return ["feature"]
+        return [f"{name}_dim_{i}" for i in range(extra)]
+
+    def per_draw(t, points):  # (T, M, N, ...) -> (1, M, T, N, ...) numpy, and its dims
+        return (_np(t.transpose(0, 1))[None],
+                ["chain", "draw", "task", points] + trailing(obs, t, 3))
+
     if post.x_support is not None:
         x, y = post.x_support, post.y_support
-        groups["observed_data"] = xr.Dataset({obs: (["task", "support"], _np(y))})
-        groups["constant_data"] = xr.Dataset({"x": (["task", "support", "feature"], _np(x))})
+        groups["observed_data"] = xr.Dataset({obs: (["task", "support"] + trailing(obs, y, 2),
+                                                    _np(y))})
+        groups["constant_data"] = xr.Dataset({"x": (["task", "support"] + trailing("x", x, 2),
+                                                    _np(x))})
         with torch.no_grad():
             log_lik = potential.log_likelihood(post.particles, x, y)  # (T, M, K)
-            draws = post.predict(x, num_samples=1)["samples"]  # (T, M, K)
+            draws = post.predict(x, num_samples=1)["samples"]  # (T, M, K, ...)
         dim = ["chain", "draw", "task", "support"]
         groups["log_likelihood"] = xr.Dataset({obs: (dim, _np(log_lik.transpose(0, 1))[None])})
-        groups["posterior_predictive"] = xr.Dataset({obs: (dim, _np(draws.transpose(0, 1))[None])})
+        values, dims = per_draw(draws, "support")
+        groups["posterior_predictive"] = xr.Dataset({obs: (dims, values)})
     if x_query is not None:
         xq = x_query if batched else x_query[None]
         with torch.no_grad():
-            draws = post.predict(xq, num_samples=1)["samples"]
-        groups["predictions"] = xr.Dataset(
-            {obs: (["chain", "draw", "task", "query"], _np(draws.transpose(0, 1))[None])})
-        const = {"x": (["task", "query", "feature"], _np(xq))}
+            prediction = post.predict(xq, num_samples=1)
+        values, dims = per_draw(prediction["samples"], "query")
+        data = {obs: (dims, values)}
+        mean = prediction["particle_means"]  # (T, M, Q, ...): class probabilities, or f(x)
+        data["mean"] = (["chain", "draw", "task", "query"]
+                        + [f"mean_dim_{i}" for i in range(mean.dim() - 3)],
+                        _np(mean.transpose(0, 1))[None])
+        groups["predictions"] = xr.Dataset(data)
+        const = {"x": (["task", "query"] + trailing("x", xq, 2), _np(xq))}
         if y_query is not None:
-            const[obs] = (["task", "query"], _np(y_query if batched else y_query[None]))
+            yq = y_query if batched else y_query[None]
+            const[obs] = (["task", "query"] + trailing(obs, yq, 2), _np(yq))
         groups["predictions_constant_data"] = xr.Dataset(const)
 
     # netCDF attributes: strings and numbers only (bools and tensors are left out)

@@ -148,6 +148,10 @@ class MetaLearner(nn.Module):
                 )
             example_args = model.example_args()
         self.potential.setup(*example_args)
+        #: one point's input and target shapes, from the example task (for input checks)
+        self.input_shape, self.target_shape = (
+            tuple(a.shape[1:]) if isinstance(a, torch.Tensor) and a.dim() else None
+            for a in (tuple(example_args) + (None, None))[:2])
         self.theta0 = nn.Parameter(self._initial_particles(init, example_args))
         self.noise_sites = self._resolve_noise_sites(noise_sites, example_args)
         self.register_buffer("noise_mask", self.potential.columns_of(self.noise_sites),
@@ -178,10 +182,19 @@ class MetaLearner(nn.Module):
     def default_calibration(self) -> str:
         return "noise_offset" if self.noise_sites else "none"
 
+    @property
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """The model's own :class:`torch.nn.Parameter` s (e.g. the shared feature extractor
+        of :class:`~pyro_bmaml.models.BayesianClassifier` with ``shared="features"``):
+        shared by every particle and task, not adapted by SVGD, meta-learned with
+        ``theta0``."""
+        return list(self.model.parameters()) if isinstance(self.model, nn.Module) else []
+
     def optimizer_groups(self, lr: float) -> List[dict]:
-        """Adam parameter groups: ``theta0`` at ``lr``, the noise offset at
-        ``calibration_lr`` (scaled by ``lr / 1e-3`` so that both follow one schedule)."""
-        groups = [{"params": [self.theta0], "lr": lr}]
+        """Adam parameter groups: ``theta0`` and the model's shared parameters at ``lr``,
+        the noise offset at ``calibration_lr`` (scaled by ``lr / 1e-3`` so that both follow
+        one schedule)."""
+        groups = [{"params": [self.theta0] + self.shared_parameters, "lr": lr}]
         if self.noise_offset.numel():
             groups.append({"params": [self.noise_offset], "lr": self.calibration_lr * lr / 1e-3})
         return groups
@@ -312,21 +325,35 @@ class MetaLearner(nn.Module):
         return loss + term
 
     def _check_xy(self, x, y):
+        """``(x, y, batched)``: one task ``(N, *input_shape)``, ``(N, *target_shape)`` or
+        ``T`` tasks with a leading task dim; raise naming the shapes otherwise."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating torch.Tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not isinstance(y, torch.Tensor) or y.dtype == torch.bool or y.is_complex():
+            raise TypeError(f"y must be a floating or integer torch.Tensor, got "
+                            f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
         for name, t in (("x", x), ("y", y)):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise TypeError(f"{name} must be a floating torch.Tensor, got {type(t).__name__}")
-            if not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-        if x.dim() == 1:
-            x = x.unsqueeze(-1)
-        if x.dim() not in (2, 3) or y.shape != x.shape[:-1]:
+        inp, tgt = self.input_shape, self.target_shape
+        if inp == (1,) and x.dim() == y.dim() and x.dim() in (1, 2) and tgt == ():
+            x = x.unsqueeze(-1)  # 1-D inputs given as (N,) or (T, N)
+        batched = x.dim() == len(inp) + 2 if inp is not None else x.dim() == 3
+        expected = "(N, *input_shape) or (T, N, *input_shape)"
+        ok = inp is None or (tuple(x.shape[x.dim() - len(inp):]) == inp
+                             and x.dim() in (len(inp) + 1, len(inp) + 2))
+        lead = x.shape[: 2 if batched else 1]
+        if ok and tgt is not None:
+            ok = tuple(y.shape) == tuple(lead) + tgt
+        if not ok:
             raise ValueError(
-                "x must be (N, in) or (T, N, in) and y (N,) or (T, N) with the same N and T; "
-                f"got x {tuple(x.shape)} and y {tuple(y.shape)}"
-            )
-        if x.size(-2) == 0:
+                f"x must be {expected} and y the same leading dims + target_shape, with "
+                f"input_shape={inp} and target_shape={tgt} (from the model's example task); "
+                f"got x {tuple(x.shape)} and y {tuple(y.shape)}")
+        if x.size(1 if batched else 0) == 0:
             raise ValueError("the support set is empty (N = 0)")
-        return x, y
+        return x, y, batched
 
     def adapt(
         self, x: torch.Tensor, y: torch.Tensor, num_steps: Optional[int] = None,
@@ -334,8 +361,9 @@ class MetaLearner(nn.Module):
     ) -> ParticlePosterior:
         """Adapt the learned prior to a task's support set; returns its particle posterior.
 
-        :param x: ``(K, in)`` (or ``(K,)``), or ``(T, K, in)`` for T tasks at once.
-        :param y: ``(K,)`` or ``(T, K)``.
+        :param x: ``(K, *input_shape)`` (``(K,)`` for 1-D inputs), or ``(T, K, ...)`` for T
+            tasks at once.
+        :param y: ``(K, *target_shape)`` or ``(T, K, ...)``.
         :param num_steps: adaptation steps (default: ``inner_steps``).
         :param track_ksd: record the squared kernelized Stein discrepancy (IMQ, V-statistic)
             to each task's posterior before every step and after the last, in
@@ -343,9 +371,9 @@ class MetaLearner(nn.Module):
         :param step_size: adaptation step size (default: the learner's meta-trained one),
             e.g. smaller when adapting on many more points than the learner was trained on.
         """
-        x, y = self._check_xy(x, y)
+        x, y, batched = self._check_xy(x, y)
         steps = self.inner_steps if num_steps is None else check_int("num_steps", num_steps, 0)
-        single = x.dim() == 2
+        single = not batched
         xb, yb = (x[None], y[None]) if single else (x, y)
         recorded, scores = [], []
 
@@ -529,10 +557,14 @@ class EMAML(MetaLearner):
     r"""Ensemble MAML: M independent MAML copies adapted from M learned initializations, no
     kernel, no interaction.
 
-    :param objective: ``"mse"`` (default, as the papers): inner steps
+    :param objective: ``"auto"`` (default): ``"nll"`` for a likelihood over discrete values
+        (classification), else ``"mse"``. ``"mse"`` (as the papers' regression): inner steps
         :math:`\theta \leftarrow \theta - \alpha \nabla_\theta \frac1N \sum_n
         (f_\theta(x_n) - y_n)^2` on the model's predictive mean, meta-loss the query MSE
-        summed over particles (the official EMAML code), averaged over tasks; or
+        summed over particles (the official EMAML code), averaged over tasks; ``"nll"`` (as
+        the papers' classification: the cross-entropy) the same with the mean negative log
+        likelihood :math:`-\frac1N \sum_n \log p(y_n \mid x_n, \theta)` in place of the
+        MSE (no prior term); or
         ``"log_joint"``: gradient *ascent* on the model's log joint with step ``step_size``
         and the query NLL as meta-loss (this package's earlier baseline; its step is
         :math:`\gamma N / 2` times larger on a Gaussian likelihood of precision gamma).
@@ -548,12 +580,14 @@ class EMAML(MetaLearner):
 
     def __init__(self, model: Callable, num_particles: int = 10, inner_steps: int = 1,
                  step_size: float = 1e-3, init: InitSpec = "prior",
-                 example_args: Optional[Sequence] = None, objective: str = "mse",
+                 example_args: Optional[Sequence] = None, objective: str = "auto",
                  noise_sites: SiteSpec = "auto", calibration: Optional[str] = None,
                  calibration_lr: float = 1e-2):
-        self.objective = check_choice("objective", objective, ("mse", "log_joint"))
+        self.objective = check_choice("objective", objective, ("auto", "mse", "nll", "log_joint"))
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
                          noise_sites, calibration, calibration_lr=calibration_lr)
+        if self.objective == "auto":
+            self.objective = "nll" if self.potential.observation_discrete else "mse"
         if self.objective == "log_joint" and self.calibration != "none":
             raise ValueError(
                 "objective='log_joint' meta-learns the noise through its query NLL already; "
@@ -567,15 +601,22 @@ class EMAML(MetaLearner):
         mean = self.potential.model_output(particles, x, y)  # (T, M, N, ...)
         return (mean - y.unsqueeze(1)).pow(2).flatten(2).mean(-1)
 
+    def point_loss(self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The objective's loss per particle, ``(T, M)``: the MSE (``"mse"``) or the mean
+        negative log likelihood (``"nll"``) over the points."""
+        if self.objective == "nll":
+            return -self.potential.log_likelihood(particles, x, y).mean(-1)
+        return self.squared_error(particles, x, y)
+
     def _inner_objective(self, theta, x, y, create_graph):
         """``(score, direction)``: the value logged and the ascent direction of one step."""
         if self.objective == "log_joint":
             return self.potential.log_density_and_grad(theta, x, y, create_graph=create_graph)
         with torch.enable_grad():
             t = theta if create_graph else theta.detach().requires_grad_(True)
-            mse = self.squared_error(t, x, y)
-            (grad,) = torch.autograd.grad(mse.sum(), t, create_graph=create_graph)
-        return -mse.detach(), -grad
+            loss = self.point_loss(t, x, y)
+            (grad,) = torch.autograd.grad(loss.sum(), t, create_graph=create_graph)
+        return -loss.detach(), -grad
 
     def adapt_particles(self, particles, x, y, num_steps, callback=None, step_size=None):
         eps = self._step(step_size)
@@ -603,8 +644,8 @@ class EMAML(MetaLearner):
             loss = -log_lik.mean(-1).sum(-1).mean()
             self.loss_terms = {"query_nll": loss.item()}
             return loss
-        loss = self.squared_error(adapted, batch.x_query, batch.y_query).sum(-1).mean()
-        self.loss_terms = {"query_mse": loss.item()}
+        loss = self.point_loss(adapted, batch.x_query, batch.y_query).sum(-1).mean()
+        self.loss_terms = {f"query_{self.objective}": loss.item()}
         return self.add_calibration_loss(loss, adapted, batch, calibration_batch)
 
     def describe(self, steps=None):
@@ -615,7 +656,8 @@ class EMAML(MetaLearner):
 
 class MAML(EMAML):
     """MAML (Finn et al., 2017) on the same Pyro task model: one particle, inner steps on the
-    mean squared error with Finn's alpha = 0.01 (default), query-MSE meta-loss.
+    mean squared error with Finn's alpha = 0.01 (default), query-MSE meta-loss (for a
+    classifier, ``objective="auto"`` takes the cross-entropy instead, as Finn et al.).
 
     Equal to :class:`EMAML` with ``num_particles=1`` and the same step size. See
     :class:`EMAML` for ``objective`` and ``calibration``.
@@ -625,7 +667,7 @@ class MAML(EMAML):
 
     def __init__(self, model: Callable, inner_steps: int = 1, step_size: float = 1e-2,
                  init: InitSpec = "prior", example_args: Optional[Sequence] = None,
-                 objective: str = "mse", noise_sites: SiteSpec = "auto",
+                 objective: str = "auto", noise_sites: SiteSpec = "auto",
                  calibration: Optional[str] = None, calibration_lr: float = 1e-2):
         super().__init__(model, 1, inner_steps, step_size, init, example_args, objective,
                          noise_sites, calibration, calibration_lr)

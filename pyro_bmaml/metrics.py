@@ -1,4 +1,5 @@
-r"""Predictive metrics of particle posteriors on query sets (regression).
+r"""Predictive metrics of particle posteriors on query sets: regression, and classification
+(:func:`classification_metrics`, at the end of the module).
 
 For a Normal likelihood the particle predictive is a Gaussian mixture,
 :math:`\frac1M \sum_m \mathcal N(\mu_m(x), \sigma_m^2)`. Per task, then mean and standard
@@ -39,6 +40,7 @@ from .posterior import ParticlePosterior
 __all__ = [
     "mean_and_se", "mixture_cdf", "mixture_quantile", "mixture_crps", "interval_scores",
     "regression_metrics", "pit_coverage", "DEFAULT_LEVELS", "RELIABILITY_LEVELS",
+    "calibration_errors", "classification_metrics",
 ]
 
 DEFAULT_LEVELS = (0.5, 0.8, 0.9, 0.95)
@@ -164,5 +166,101 @@ def regression_metrics(
         if key in per_task:
             means, ses = mean_and_se(per_task[key])
             out[key] = {level: (mu, se) for level, mu, se in zip(lv, means, ses)}
+    out["per_task"] = per_task
+    return out
+
+
+def calibration_errors(confidence: torch.Tensor, correct: torch.Tensor, num_bins: int = 15):
+    r"""Top-label expected and maximum calibration error over equal-width confidence bins
+    (Naeini et al. 2015; Guo et al. 2017):
+
+    .. math::
+
+        \mathrm{ECE} = \sum_b \frac{|B_b|}{n} \left|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)
+        \right|, \qquad \mathrm{MCE} = \max_{b: B_b \neq \emptyset}
+        \left|\mathrm{acc}(B_b) - \mathrm{conf}(B_b)\right|.
+
+    Bin ``b`` holds the confidences in ``[b/num_bins, (b+1)/num_bins)`` (1.0 in the last),
+    the binning of torchmetrics' ``multiclass_calibration_error``.
+
+    :param confidence: predicted probability of the predicted class, any shape (pooled).
+    :param correct: whether the predicted class is right, same shape.
+    :returns: ``(ece, mce, bins)`` with ``bins = {"confidence", "accuracy", "count"}``, three
+        ``(num_bins,)`` tensors (NaN confidence/accuracy in empty bins).
+    """
+    if confidence.shape != correct.shape:
+        raise ValueError(f"confidence {tuple(confidence.shape)} and correct "
+                         f"{tuple(correct.shape)} must have the same shape")
+    conf = confidence.detach().flatten().double()
+    hit = correct.detach().flatten().double()
+    if conf.numel() == 0:
+        raise ValueError("calibration_errors needs at least one prediction")
+    boundaries = torch.linspace(0, 1, num_bins + 1, dtype=conf.dtype, device=conf.device)
+    index = (torch.bucketize(conf, boundaries, right=True) - 1).clamp(0, num_bins - 1)
+    count = torch.zeros(num_bins, dtype=conf.dtype, device=conf.device).index_add_(
+        0, index, torch.ones_like(conf))
+    conf_sum = torch.zeros_like(count).index_add_(0, index, conf)
+    hit_sum = torch.zeros_like(count).index_add_(0, index, hit)
+    mean_conf, mean_acc = conf_sum / count, hit_sum / count  # NaN where empty
+    gap = (mean_acc - mean_conf).abs()
+    filled = count > 0
+    ece = (gap[filled] * count[filled]).sum() / conf.numel()
+    mce = gap[filled].max()
+    return ece.item(), mce.item(), {"confidence": mean_conf, "accuracy": mean_acc, "count": count}
+
+
+def classification_metrics(
+    posterior: ParticlePosterior,
+    x_query: torch.Tensor,
+    y_query: torch.Tensor,
+    num_bins: int = 15,
+) -> Dict[str, object]:
+    r"""Few-shot classification metrics of a batched posterior ``(T, M, D)`` on query sets
+    ``x_query (T, Q, ...)`` and integer labels ``y_query (T, Q)``, from the particle
+    mixture's class probabilities :math:`\bar p(c \mid x) = \frac1M \sum_m
+    p(c \mid x, \theta_m)` (the model's return value, averaged over particles):
+
+    - ``accuracy`` / ``error_rate``: of the mixture's most probable class, per episode; mean
+      and s.e. over episodes, and ``accuracy_ci95``, the half-width of the 95% interval
+      (1.96 s.e., the few-shot literature's convention);
+    - ``nll``: negative log of the mixture's probability of the true class, per point;
+    - ``brier``: :math:`\sum_c (\bar p(c \mid x) - [c = y])^2`, per point;
+    - ``ece`` / ``mce``: top-label calibration errors over ``num_bins`` equal-width bins,
+      pooled over every episode's query points (:func:`calibration_errors`); one value each
+      (their s.e. is NaN), and ``reliability``, the bins (confidence, accuracy, count);
+    - ``entropy_correct`` / ``entropy_wrong``: mean predictive entropy (nats) on correctly
+      and wrongly classified points (a useful model is less certain where it is wrong).
+
+    :returns: ``{name: (mean, se)}`` for the scalars, ``accuracy_ci95`` (float),
+        ``reliability`` (dict of ``(num_bins,)`` tensors) and ``per_task``.
+    """
+    if not posterior.batched:
+        raise ValueError("classification_metrics needs a batched (T, M, D) posterior")
+    if y_query.is_floating_point() or y_query.shape != x_query.shape[:2]:
+        raise ValueError(f"y_query must hold integer labels of shape {tuple(x_query.shape[:2])}, "
+                         f"got {tuple(y_query.shape)} ({y_query.dtype})")
+    with torch.no_grad():
+        probs = posterior.potential.model_output(posterior.particles, x_query, y_query).mean(1)
+        if probs.dim() != 3 or probs.shape[:2] != y_query.shape:
+            raise ValueError("the model must return class probabilities (n, num_classes) per "
+                             f"task; got {tuple(probs.shape)} for queries {tuple(y_query.shape)}")
+        nll = -posterior.log_predictive_density(x_query, y_query).mean(-1)
+        confidence, predicted = probs.max(-1)
+        correct = (predicted == y_query).to(probs.dtype)
+        onehot = torch.nn.functional.one_hot(y_query, probs.size(-1)).to(probs.dtype)
+        brier = (probs - onehot).pow(2).sum(-1).mean(-1)
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    per_task = {"accuracy": correct.mean(-1), "error_rate": 1 - correct.mean(-1), "nll": nll,
+                "brier": brier}
+    out: Dict[str, object] = {k: mean_and_se(v) for k, v in per_task.items()}
+    out["accuracy_ci95"] = 1.96 * out["accuracy"][1] if y_query.size(0) > 1 else float("nan")
+    ece, mce, bins = calibration_errors(confidence, correct, num_bins)
+    out["ece"], out["mce"] = (ece, float("nan")), (mce, float("nan"))
+    out["reliability"] = bins
+    right, wrong = correct.bool(), ~correct.bool()
+    out["entropy_correct"] = (entropy[right].mean().item() if right.any() else float("nan"),
+                              float("nan"))
+    out["entropy_wrong"] = (entropy[wrong].mean().item() if wrong.any() else float("nan"),
+                            float("nan"))
     out["per_task"] = per_task
     return out

@@ -23,10 +23,11 @@ from typing import Dict, Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+from torch import nn
 
 from ._checks import check_choice, check_int, check_positive_float
 
-__all__ = ["BayesianMLP"]
+__all__ = ["BayesianMLP", "BayesianClassifier"]
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 
@@ -168,4 +169,165 @@ class BayesianMLP:
             u = torch.rand(m, n_in, n_out, generator=generator, dtype=dtype)
             named[f"layer{i}.weight"] = (2 * u - 1) * bound
             named[f"layer{i}.bias"] = 0.01 * randn(m, n_out)
+        return named
+
+
+class BayesianClassifier(nn.Module):
+    r"""N-way classifier with a categorical likelihood over logits, for few-shot episodes.
+
+    .. math::
+
+        W_l \sim \mathcal N(0, s^2) \text{ elementwise (the Bayesian layers)}, \qquad
+        y_n \mid x_n \sim \mathrm{Categorical}\big(\mathrm{softmax}(f_W(x_n))\big).
+
+    The network is an MLP or the conv4 network of the MAML literature (Vinyals et al. 2016,
+    Finn et al. 2017: four blocks of 3x3 convolution, batch normalization over the task's
+    points, ReLU and 2x2 max-pooling; a linear head). With ``shared="features"`` the body
+    (every layer but the head) is an ordinary :class:`torch.nn.Module` whose parameters are
+    shared by all particles and tasks and meta-learned by the outer loop, and only the
+    head's weights are latent sites, as BMAML does for miniImageNet (the particles, and so
+    the SVGD kernel, cover the head alone; the meta-gradient reaches both). With
+    ``shared="none"`` every layer is latent.
+
+    :param num_classes: N, the number of ways.
+    :param input_shape: one input's shape: ``(features,)`` or ``(C, H, W)`` (flattened for
+        the MLP).
+    :param network: ``"mlp"`` or ``"conv4"``.
+    :param hidden: MLP hidden sizes (default ``(64, 64)``), or conv4's filters per block
+        (an int or four ints; default 32, the miniImageNet width; 64 for Omniglot).
+    :param shared: ``"none"`` or ``"features"`` (see above).
+    :param prior_scale: s, the prior sd of the latent weights.
+
+    Latent sites: ``body{i}.weight``/``body{i}.bias`` (``shared="none"``), then
+    ``head.weight`` ``(F, N)`` and ``head.bias`` ``(N,)``. Call ``model(x, y=None)`` with
+    ``x`` ``(n, *input_shape)`` and integer labels ``y`` ``(n,)`` in ``[0, N)``; returns the
+    class probabilities ``(n, N)`` (the predictive mean of the one-hot label).
+    """
+
+    def __init__(self, num_classes: int, input_shape: Sequence[int], network: str = "mlp",
+                 hidden=None, shared: str = "none", prior_scale: float = 1.0):
+        super().__init__()
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        if isinstance(input_shape, int):
+            input_shape = (input_shape,)
+        self.input_shape = tuple(check_int(f"input_shape[{i}]", n, 1)
+                                 for i, n in enumerate(input_shape))
+        self.network = check_choice("network", network, ("mlp", "conv4"))
+        self.shared = check_choice("shared", shared, ("none", "features"))
+        self.prior_scale = check_positive_float("prior_scale", prior_scale)
+        if self.network == "conv4":
+            if len(self.input_shape) != 3:
+                raise ValueError(f"network='conv4' needs input_shape (C, H, W), got {self.input_shape}")
+            widths = (32,) * 4 if hidden is None else (
+                (hidden,) * 4 if isinstance(hidden, int) else tuple(hidden))
+            if len(widths) != 4:
+                raise ValueError(f"conv4 takes one width or four, got hidden={hidden!r}")
+            channels, size = self.input_shape[0], self.input_shape[1:]
+            self.body_shapes = []
+            self._pool = []
+            for i, w in enumerate(widths):
+                check_int(f"hidden[{i}]", w, 1)
+                self.body_shapes.append(((w, channels, 3, 3), (w,)))
+                pool = min(size) >= 2
+                self._pool.append(pool)
+                size = tuple(s // 2 for s in size) if pool else size
+                channels = w
+            self.feature_size = channels * size[0] * size[1]
+        else:
+            widths = (64, 64) if hidden is None else tuple(hidden)
+            n_in = math.prod(self.input_shape)
+            self.body_shapes = []
+            for i, w in enumerate(widths):
+                check_int(f"hidden[{i}]", w, 1)
+                self.body_shapes.append(((n_in, w), (w,)))
+                n_in = w
+            self.feature_size = n_in
+        self.hidden = widths
+        if self.shared == "features":
+            self.features = nn.ParameterList()
+            for i, (w_shape, b_shape) in enumerate(self.body_shapes):
+                init = self._xavier(w_shape, 1, None, torch.get_default_dtype())[0]
+                self.features.append(nn.Parameter(init))
+                self.features.append(nn.Parameter(torch.zeros(b_shape)))
+            if self.network == "conv4":  # the batch norms' scale and shift
+                self.norm = nn.ParameterList(
+                    [nn.Parameter(torch.ones(w)) for w in widths]
+                    + [nn.Parameter(torch.zeros(w)) for w in widths])
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_classes}-way, input {self.input_shape}, {self.network} "
+                f"{self.hidden}, shared={self.shared!r}")
+
+    @staticmethod
+    def _xavier(shape, m, generator, dtype):
+        fan_in = shape[0] if len(shape) == 2 else shape[1] * shape[2] * shape[3]
+        fan_out = shape[1] if len(shape) == 2 else shape[0] * shape[2] * shape[3]
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        return (2 * torch.rand(m, *shape, generator=generator, dtype=dtype) - 1) * bound
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"x must have shape (n, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(x.shape)}")
+        return x
+
+    def body(self, x: torch.Tensor, weights: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Features ``(n, F)`` of inputs ``(n, *input_shape)``: the shared module's
+        parameters, or the latent ``body{i}`` sites in ``weights``."""
+        h = x if self.network == "conv4" else x.flatten(1)
+        for i in range(len(self.body_shapes)):
+            if self.shared == "features":
+                w, b = self.features[2 * i], self.features[2 * i + 1]
+            else:
+                w, b = weights[f"body{i}.weight"], weights[f"body{i}.bias"]
+            if self.network == "conv4":
+                h = torch.nn.functional.conv2d(h, w, b, padding=1)
+                scale, shift = ((self.norm[i], self.norm[len(self.hidden) + i])
+                                if self.shared == "features" else (None, None))
+                # batch statistics of the task's points, as MAML's transductive batch norm
+                h = torch.nn.functional.batch_norm(h, None, None, scale, shift, training=True)
+                h = torch.relu(h)
+                if self._pool[i]:
+                    h = torch.nn.functional.max_pool2d(h, 2)
+            else:
+                h = torch.relu(h @ w + b)
+        return h.flatten(1)
+
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self._inputs(x)
+        scale = x.new_tensor(self.prior_scale)
+        weights = {}
+        if self.shared == "none":
+            for i, (w_shape, b_shape) in enumerate(self.body_shapes):
+                weights[f"body{i}.weight"] = pyro.sample(
+                    f"body{i}.weight", dist.Normal(x.new_zeros(w_shape), scale).to_event(len(w_shape)))
+                weights[f"body{i}.bias"] = pyro.sample(
+                    f"body{i}.bias", dist.Normal(x.new_zeros(b_shape), scale).to_event(1))
+        head_w = pyro.sample("head.weight", dist.Normal(
+            x.new_zeros(self.feature_size, self.num_classes), scale).to_event(2))
+        head_b = pyro.sample("head.bias", dist.Normal(
+            x.new_zeros(self.num_classes), scale).to_event(1))
+        logits = self.body(x, weights) @ head_w + head_b
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+        return torch.softmax(logits, -1)
+
+    def example_args(self):
+        """Small dummy ``(x, y)`` to trace the model's sites with."""
+        return torch.zeros(2, *self.input_shape), torch.zeros(2, dtype=torch.long)
+
+    def paper_init(self, num_particles: int, generator: Optional[torch.Generator] = None,
+                   dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """Initial particles of the MAML literature (constrained values, leading dim M):
+        Xavier-uniform weights, zero biases (a small N(0, 0.01) jitter so that particles
+        differ)."""
+        m = check_int("num_particles", num_particles, 1)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        named = {}
+        shapes = [] if self.shared == "features" else [
+            (f"body{i}", shape) for i, shape in enumerate(self.body_shapes)]
+        shapes.append(("head", ((self.feature_size, self.num_classes), (self.num_classes,))))
+        for name, (w_shape, b_shape) in shapes:
+            named[f"{name}.weight"] = self._xavier(w_shape, m, generator, dtype)
+            named[f"{name}.bias"] = 0.01 * torch.randn(m, *b_shape, generator=generator, dtype=dtype)
         return named

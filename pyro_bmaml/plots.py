@@ -19,7 +19,8 @@ from .metrics import mixture_quantile
 from .posterior import ParticlePosterior
 
 __all__ = ["plot_predictive", "plot_ksd", "plot_calibration", "plot_reliability_panels",
-           "plot_training", "plot_curves", "plot_curve_panels"]
+           "plot_confidence_reliability", "plot_confidence_panels", "plot_training",
+           "plot_curves", "plot_curve_panels"]
 
 PathLike = Union[str, Path]
 
@@ -123,6 +124,37 @@ def plot_reliability_panels(panels: Dict[str, Dict[str, Dict[float, tuple]]],
     return _save(fig, path)
 
 
+def plot_confidence_reliability(methods: Dict[str, Dict[str, object]], path: PathLike) -> Path:
+    """Classification reliability diagram: accuracy against confidence per bin, one line per
+    method; ``methods``: ``{label: bins}`` with ``bins`` the ``"reliability"`` entry of
+    :func:`pyro_bmaml.metrics.classification_metrics`."""
+    return plot_confidence_panels({"": methods}, path)
+
+
+def plot_confidence_panels(panels: Dict[str, Dict[str, Dict[str, object]]],
+                           path: PathLike) -> Path:
+    """Classification reliability diagrams side by side: ``{panel title: {method: bins}}``
+    (empty bins are skipped; the marker area follows the bin's share of the points)."""
+    fig = Figure(figsize=(3.8 * len(panels), 3.6))
+    for i, (title, methods) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+        for label, bins in methods.items():
+            conf, acc, count = (np.asarray(torch.as_tensor(bins[k], dtype=torch.float64))
+                                for k in ("confidence", "accuracy", "count"))
+            keep = count > 0
+            line, = ax.plot(conf[keep], acc[keep], marker="o", ms=3, label=label)
+            ax.scatter(conf[keep], acc[keep], s=400 * count[keep] / count.sum(),
+                       color=line.get_color(), alpha=0.3)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("confidence (top-label probability)")
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def plot_training(history: Dict[str, list], path: PathLike) -> Path:
     """Meta-training curves: each meta-loss term per iteration (``history["terms"]``, else the
     total) and the held-out MSE, NLL and 90% coverage.
@@ -148,7 +180,8 @@ def plot_training(history: Dict[str, list], path: PathLike) -> Path:
     evals = history.get("eval") or []
     if evals:
         its = [e["iteration"] for e in evals]
-        for key, color in (("mse", "C0"), ("nll", "C1")):
+        keys = [k for k in ("mse", "nll", "error_rate", "ece") if all(k in e for e in evals)]
+        for key, color in zip(keys, ("C0", "C1", "C3", "C4")):
             mu = np.array([e[key][0] for e in evals])
             se = np.array([e[key][1] for e in evals])
             ax2.errorbar(its, mu, yerr=se, marker="o", color=color, label=f"held-out {key}")

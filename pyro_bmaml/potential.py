@@ -86,6 +86,24 @@ def check_task_batched(num_tasks: int, args: tuple, kwargs: dict) -> None:
             )
 
 
+class _FillUnobserved(poutine.messenger.Messenger):
+    """Unobserved sample sites take zeros of their shape and dtype instead of a draw: the
+    data sites of a model called without data, whose draws :meth:`ModelPotential.model_output`
+    discards (no randomness under vmap: a Categorical over per-particle logits cannot be
+    drawn there with "same" randomness, an unbatched Normal not with "different")."""
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
+            return
+        fn = msg["fn"]
+        shape = fn.batch_shape + fn.event_shape
+        dtype = torch.long if fn.support.is_discrete else None
+        probe = next((v for v in fn.__dict__.values() if isinstance(v, torch.Tensor)), None)
+        msg["value"] = (probe.new_zeros(shape, dtype=dtype) if probe is not None
+                        else torch.zeros(shape, dtype=dtype))
+        msg["done"] = True
+
+
 class ModelPotential:
     """The joint log density of a Pyro model, evaluated on flat unconstrained particles.
 
@@ -108,6 +126,8 @@ class ModelPotential:
         self.sites: Optional[List[LatentSite]] = None
         #: name of the model's (first) data site, found at setup; None if it has none
         self.observation_site: Optional[str] = None
+        #: whether that site's likelihood is over discrete values (e.g. class labels)
+        self.observation_discrete = False
 
     # ------------------------------------------------------------------ site discovery
     @property
@@ -129,10 +149,13 @@ class ModelPotential:
         with torch.no_grad():
             trace = poutine.trace(self.model).get_trace(*args, **kwargs)
         sites, offset = [], 0
+        self.observation_discrete = False
         self.observation_site = next(
             (name for name, site in trace.nodes.items()
              if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
              and not site["infer"].get("_deterministic")), None)
+        if self.observation_site is not None:
+            self.observation_discrete = bool(trace.nodes[self.observation_site]["fn"].support.is_discrete)
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
@@ -250,7 +273,11 @@ class ModelPotential:
             return None
         if not mean.requires_grad:  # a mean that depends on no latent site
             return []
-        (d_mean,) = torch.autograd.grad(mean.sum(), particles, allow_unused=True)
+        # a random projection of the mean, not its sum: class probabilities sum to one, so
+        # the gradient of their sum vanishes although they depend on every site
+        g = torch.Generator(device=mean.device).manual_seed(0)
+        weights = torch.rand(mean.shape, generator=g, device=mean.device, dtype=mean.dtype) + 0.5
+        (d_mean,) = torch.autograd.grad((mean * weights).sum(), particles, allow_unused=True)
         (d_lik,) = torch.autograd.grad(self.log_likelihood(particles, *args, **kwargs).sum(),
                                        particles, allow_unused=True)
         d_mean = torch.zeros_like(particles) if d_mean is None else d_mean
@@ -271,17 +298,21 @@ class ModelPotential:
         return mask
 
     # ------------------------------------------------------------------ log density
-    def _conditioned_trace(self, flat: torch.Tensor, args: tuple, kwargs: dict):
-        """Run the model on one particle ``(D,)``: ``(trace, log |Jacobian|)``."""
+    def _conditioned_trace(self, flat: torch.Tensor, args: tuple, kwargs: dict,
+                           draw_free: bool = False):
+        """Run the model on one particle ``(D,)``: ``(trace, log |Jacobian|)``. With
+        ``draw_free``, unobserved data sites take zeros instead of a random draw (for
+        :meth:`model_output`, whose value does not depend on them)."""
         values, log_jac = {}, 0.0
         for s in self.sites:
             u = flat[s.columns].reshape(s.unconstrained_shape)
             x = s.transform(u)
             values[s.name] = x
             log_jac = log_jac + s.transform.log_abs_det_jacobian(u, x).sum()
-        trace = poutine.trace(poutine.condition(self.model, data=values)).get_trace(
-            *args, **kwargs
-        )
+        model = poutine.condition(self.model, data=values)
+        if draw_free:
+            model = _FillUnobserved()(model)
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
         return trace, log_jac
 
     def _log_joint_one(self, flat: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -308,7 +339,7 @@ class ModelPotential:
         return total
 
     def _return_one(self, flat, args, kwargs) -> torch.Tensor:
-        trace, _ = self._conditioned_trace(flat, args, kwargs)
+        trace, _ = self._conditioned_trace(flat, args, kwargs, draw_free=True)
         value = trace.nodes["_RETURN"]["value"]
         if not isinstance(value, torch.Tensor):
             raise ValueError(

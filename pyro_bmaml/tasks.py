@@ -1,9 +1,12 @@
-r"""Task sources: families of few-shot regression tasks, batched with a leading task dim.
+r"""Task sources: families of few-shot tasks, batched with a leading task dim.
 
 The protocol is small: a task source has ``sample(batch_size, generator) -> TaskBatch`` (a
 meta-training batch) and ``evaluation_tasks(num_tasks, seed) -> TaskBatch``. A
 :class:`TaskBatch` holds support and query sets with a leading task dim ``T``:
-``x_support (T, K, in)``, ``y_support (T, K)``, ``x_query (T, Q, in)``, ``y_query (T, Q)``.
+``x_support (T, K, *input_shape)``, ``y_support (T, K, *target_shape)``, and the same for
+the query set. A source may also define ``metrics(posterior, x_query, y_query)`` (its
+family's held-out scores, used by :func:`~pyro_bmaml.training.fit`; regression's by
+default).
 Any object with these two methods plugs into :meth:`~pyro_bmaml.meta.MetaLearner.fit`.
 :class:`TaskPool` turns a fixed set of tasks (a :class:`TaskBatch` built from your own
 tensors) into such a source, and splits off held-out tasks (e.g. for the calibration
@@ -27,19 +30,39 @@ __all__ = ["TaskBatch", "TaskPool", "Sinusoid"]
 
 
 class TaskBatch(NamedTuple):
-    """Support and query sets of ``T`` tasks (leading dim ``T`` everywhere)."""
+    """Support and query sets of ``T`` tasks (leading dim ``T`` everywhere).
 
-    x_support: torch.Tensor  # (T, K, in)
-    y_support: torch.Tensor  # (T, K)
-    x_query: torch.Tensor  # (T, Q, in)
-    y_query: torch.Tensor  # (T, Q)
+    Any task family fits: inputs ``x (T, N, *input_shape)`` (features ``(T, K, in)``,
+    images ``(T, K, C, H, W)``), targets ``y (T, N, *target_shape)`` (floats ``(T, K)`` or
+    ``(T, K, out)``, integer class labels ``(T, K)``). The support set has ``K`` points per
+    task and the query set ``Q``; inputs and targets of the two sets share their shapes
+    beyond ``N``.
+    """
+
+    x_support: torch.Tensor  # (T, K, *input_shape)
+    y_support: torch.Tensor  # (T, K, *target_shape)
+    x_query: torch.Tensor  # (T, Q, *input_shape)
+    y_query: torch.Tensor  # (T, Q, *target_shape)
 
     @property
     def num_tasks(self) -> int:
         return self.x_support.size(0)
 
     def to(self, *args, **kwargs) -> "TaskBatch":
-        return TaskBatch(*(t.to(*args, **kwargs) for t in self))
+        """Move or cast (floating tensors only for a dtype: integer labels keep theirs)."""
+        dtype = kwargs.pop("dtype", None)
+        rest = []
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            else:
+                rest.append(a)
+
+        def move(t):
+            t = t.to(*rest, **kwargs)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        return TaskBatch(*(move(t) for t in self))
 
     def __getitem__(self, index):
         if isinstance(index, int):  # NamedTuple field access stays positional
@@ -47,31 +70,40 @@ class TaskBatch(NamedTuple):
         return TaskBatch(*(t[index] for t in self))
 
     def validate(self) -> "TaskBatch":
-        """Check shapes, dtypes and finiteness; raise ``ValueError`` naming the field."""
+        """Check shapes, dtypes and finiteness; raise ``ValueError``/``TypeError`` naming the
+        field: inputs floating, targets floating or integer, every tensor with the leading
+        task dim ``T`` and a points dim, x and y of a set with the same number of points."""
         names = self._fields
         for name, t in zip(names, self):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise TypeError(f"{name} must be a floating torch.Tensor, got {type(t).__name__}")
-            if not bool(torch.isfinite(t).all()):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if name.startswith("x") and not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+            if t.dtype == torch.bool or t.is_complex():
+                raise TypeError(f"{name} must be a floating or integer tensor, got {t.dtype}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains non-finite values (NaN or inf)")
-        T = self.x_support.size(0)
-        for name, t, nd in zip(names, self, (3, 2, 3, 2)):
-            if t.dim() != nd or t.size(0) != T:
+        T = self.x_support.size(0) if self.x_support.dim() else 0
+        for name, t in zip(names, self):
+            if t.dim() < 2 or t.size(0) != T:
                 raise ValueError(
-                    f"{name} must have {nd} dims with leading task dim {T}, got {tuple(t.shape)}"
-                )
+                    f"{name} must have a leading task dim {T} and a points dim, "
+                    f"got {tuple(t.shape)}")
         if self.x_support.size(1) == 0:
             raise ValueError("the support set is empty (K = 0); give at least one example")
-        if self.y_support.shape != self.x_support.shape[:2]:
-            raise ValueError(
-                f"y_support must have shape {tuple(self.x_support.shape[:2])}, "
-                f"got {tuple(self.y_support.shape)}"
-            )
-        if self.y_query.shape != self.x_query.shape[:2]:
-            raise ValueError(
-                f"y_query must have shape {tuple(self.x_query.shape[:2])}, "
-                f"got {tuple(self.y_query.shape)}"
-            )
+        for which in ("support", "query"):
+            x, y = getattr(self, f"x_{which}"), getattr(self, f"y_{which}")
+            if y.shape[:2] != x.shape[:2]:
+                raise ValueError(
+                    f"y_{which} must have shape ({T}, {x.size(1)}, ...) like x_{which} "
+                    f"{tuple(x.shape)}, got {tuple(y.shape)}")
+        for kind in ("x", "y"):
+            s, q = getattr(self, f"{kind}_support"), getattr(self, f"{kind}_query")
+            if s.shape[2:] != q.shape[2:] or s.dtype != q.dtype:
+                raise ValueError(
+                    f"{kind}_support {tuple(s.shape)} ({s.dtype}) and {kind}_query "
+                    f"{tuple(q.shape)} ({q.dtype}) must share their shape beyond the points "
+                    "dim and their dtype")
         return self
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -25,15 +25,29 @@ __all__ = ["fit", "evaluate"]
 
 
 def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
-             closed_form: bool = False, **kwargs) -> Dict[str, Any]:
-    """Adapt to each task's support set, score on its query set (see :mod:`.metrics`):
-    NLL, MSE (of the particle mean and per particle), RMSE, and with ``closed_form`` (Normal
-    likelihoods) coverage, reliability and PIT; ``kwargs`` go to
-    :func:`~pyro_bmaml.metrics.regression_metrics` (e.g. ``crps=True``)."""
+             closed_form: bool = False, metrics: Optional[Callable] = None,
+             **kwargs) -> Dict[str, Any]:
+    """Adapt to each task's support set, score on its query set.
+
+    :param metrics: the task family's scores, ``metrics(posterior, x_query, y_query,
+        **kwargs)`` (e.g. :func:`~pyro_bmaml.metrics.classification_metrics`, or a task
+        source's ``metrics``). Default: :func:`~pyro_bmaml.metrics.regression_metrics`
+        (NLL, MSE of the particle mean and per particle, RMSE, and with ``closed_form``
+        (Normal likelihoods) coverage, reliability and PIT; ``kwargs`` such as ``crps=True``
+        go to it).
+    """
     tasks = tasks.validate()
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps)
+    if metrics is not None:
+        return metrics(posterior, tasks.x_query, tasks.y_query, **kwargs)
     return regression_metrics(posterior, tasks.x_query, tasks.y_query, closed_form=closed_form,
                               **kwargs)
+
+
+def _scalars(metrics: dict) -> Dict[str, list]:
+    """The ``(mean, se)`` entries of a metrics dict, as lists (for the history)."""
+    return {k: [float(v[0]), float(v[1])] for k, v in metrics.items()
+            if isinstance(v, tuple) and len(v) == 2 and all(isinstance(a, float) for a in v)}
 
 
 def fit(
@@ -55,6 +69,7 @@ def fit(
     extra: Optional[dict] = None,
     stop_after: Optional[int] = None,
     calibration_tasks=None,
+    metrics: Optional[Callable] = None,
 ) -> Dict[str, list]:
     """Meta-train ``learner`` for ``num_iterations`` meta-iterations.
 
@@ -76,11 +91,13 @@ def fit(
         term (the noise offset), e.g. the second pool of
         :meth:`~pyro_bmaml.tasks.TaskPool.split`; each iteration draws ``meta_batch_size``
         of them (at most the pool's size). Default: the term uses the training batch.
+    :param metrics: the held-out scores (see :func:`evaluate`); default: the task source's
+        ``metrics`` if it has one, else regression's.
     :param stop_after: stop (after checkpointing) once this iteration count is reached, as if
         interrupted; used to test resumption.
     :returns: history ``{"iteration", "loss", "lr", "terms", "eval"}``: per iteration the
         total meta-loss, the learning rate and the learner's ``loss_terms``; per evaluation
-        the held-out MSEs, NLL and coverage.
+        every ``(mean, se)`` score of the metrics (regression: MSEs, NLL, and coverage).
     :raises FloatingPointError: naming the meta-iteration whose adaptation, meta-loss,
         meta-gradient or update was non-finite and the likely cause (the adaptation step size
         or the meta learning rate); nothing non-finite is stepped or saved.
@@ -136,17 +153,22 @@ def fit(
                 "extra": dict(extra or {}),
             }, path)
 
+    metrics = metrics if metrics is not None else getattr(tasks, "metrics", None)
+
     def run_eval(iteration):
-        try:
-            metrics = evaluate(learner, eval_tasks, closed_form=True, widths=False)
-        except ValueError:  # a likelihood other than Normal: no coverage
-            metrics = evaluate(learner, eval_tasks)
+        if metrics is not None:
+            scores = evaluate(learner, eval_tasks, metrics=metrics)
+        else:
+            try:
+                scores = evaluate(learner, eval_tasks, closed_form=True, widths=False)
+            except ValueError:  # a likelihood other than Normal: no coverage
+                scores = evaluate(learner, eval_tasks)
         entry = {"iteration": iteration}
-        entry.update({k: list(metrics[k]) for k in ("mse", "mse_particles", "nll")})
-        if "coverage" in metrics:
-            entry["coverage"] = {str(k): list(v) for k, v in metrics["coverage"].items()}
+        entry.update(_scalars(scores))
+        if "coverage" in scores:
+            entry["coverage"] = {str(k): list(v) for k, v in scores["coverage"].items()}
         history["eval"].append(entry)
-        return metrics
+        return entry
 
     end = num_iterations if stop_after is None else min(num_iterations, stop_after)
     bar = tqdm(range(start, end), total=num_iterations, initial=start, disable=not progress,
@@ -187,8 +209,10 @@ def fit(
         history.setdefault("terms", []).append(dict(getattr(learner, "loss_terms", {})))
         done = iteration + 1
         if eval_tasks is not None and eval_every and done % eval_every == 0 and done < num_iterations:
-            m = run_eval(done)
-            bar.set_postfix(loss=f"{loss.item():.4g}", mse=f"{m['mse'][0]:.4g}")
+            entry = run_eval(done)
+            headline = next((k for k in ("mse", "accuracy") if k in entry), None)
+            shown = {headline: f"{entry[headline][0]:.4g}"} if headline else {}
+            bar.set_postfix(loss=f"{loss.item():.4g}", **shown)
         elif done % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.4g}")
         if checkpoint_every and done % checkpoint_every == 0:

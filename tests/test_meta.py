@@ -315,8 +315,14 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="y contains non-finite"):
         learner.adapt(x, y * float("inf"))
     batch = tiny_batch(torch.float32)
-    with pytest.raises(ValueError, match="x_query must have 3 dims"):
+    with pytest.raises(ValueError, match="x_query must have a leading task dim 2"):
         learner.meta_loss(batch._replace(x_query=batch.x_query[0]))
+    with pytest.raises(ValueError, match=r"x_support .* and x_query .* must share"):
+        learner.meta_loss(batch._replace(x_query=batch.x_query[..., 0]))
+    with pytest.raises(TypeError, match="x_support must be a floating tensor"):
+        learner.meta_loss(batch._replace(x_support=batch.x_support.long()))
+    with pytest.raises(ValueError, match="input_shape=\\(1,\\)"):
+        learner.adapt(torch.randn(5, 2), y)
     with pytest.raises(ValueError, match="y_support contains non-finite"):
         learner.meta_loss(batch._replace(y_support=batch.y_support * float("nan")))
     with pytest.raises(ValueError, match="support set is empty"):
