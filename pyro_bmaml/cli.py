@@ -166,7 +166,7 @@ class ClassificationFamily:
         shape = (1, 8, 8) if config["task"].startswith("digits") else (
             config["channels"], *config["image_size"])
         return BayesianClassifier(config["ways"], shape, network=config.get("network", "mlp"),
-                                  hidden=hidden[0] if len(hidden) == 1 else tuple(hidden),
+                                  hidden=tuple(hidden),
                                   shared=config.get("shared", "none"))
 
     def sources(self, config, learner=None):

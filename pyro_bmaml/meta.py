@@ -86,7 +86,7 @@ SiteSpec = Union[str, Sequence[str], None]
 
 
 class MetaLearner(nn.Module):
-    """Common part of the meta-learners: the initial particles and the public methods.
+    r"""Common part of the meta-learners: the initial particles and the public methods.
 
     :param model: a Pyro task model called as ``model(x, y)`` (see :mod:`pyro_bmaml.models`).
     :param num_particles: M.
@@ -111,6 +111,12 @@ class MetaLearner(nn.Module):
         as ``step_size``).
     :param offset_per_particle: one noise offset per particle instead of one shared offset
         (a candidate; worse on sinusoid, ``results/calibration.md``).
+    :param noise_adaptation_scale: with ``"noise_offset"``, also meta-learn (on the same
+        query NLL) a log-scale :math:`s` of the noise coordinates' change during adaptation,
+        :math:`\theta_0 + e^s(\theta^n - \theta_0) + \delta` (a learned noise step size in
+        effect, applied after adaptation so that the network coordinates are untouched): it
+        lets the predictive noise follow each task's support residuals more (or less) than
+        the SVGD step does.
     :param chaser_trains_noise: let the meta-loss of the adapted particles (chaser, query MSE)
         reach ``theta0``'s noise coordinates, as the official code does (default). ``False``
         cuts it: the chaser loss rewards a lower noise precision for its own sake (a weaker
@@ -134,6 +140,7 @@ class MetaLearner(nn.Module):
         calibration_lr: float = 1e-2,
         offset_per_particle: bool = False,
         chaser_trains_noise: bool = True,
+        noise_adaptation_scale: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -174,6 +181,14 @@ class MetaLearner(nn.Module):
         self.offset_per_particle = bool(offset_per_particle)
         shape = (self.num_particles, width) if self.offset_per_particle else (width,)
         self.noise_offset = nn.Parameter(torch.zeros(shape, dtype=self.theta0.dtype))
+        #: meta-learned log-scale of the noise coordinates' change during adaptation
+        #: (``noise_adaptation_scale``), (D_noise,); empty when off
+        self.noise_adaptation_scale = bool(noise_adaptation_scale)
+        if self.noise_adaptation_scale and self.calibration != "noise_offset":
+            raise ValueError("noise_adaptation_scale=True needs calibration='noise_offset', "
+                             f"got {self.calibration!r}")
+        self.noise_log_scale = nn.Parameter(torch.zeros(
+            width if self.noise_adaptation_scale else 0, dtype=self.theta0.dtype))
         steps = torch.full((self.potential.dim,), self.step_size)
         if self.noise_step_size is not None:
             steps[self.noise_mask] = self.noise_step_size
@@ -196,7 +211,8 @@ class MetaLearner(nn.Module):
         one schedule)."""
         groups = [{"params": [self.theta0] + self.shared_parameters, "lr": lr}]
         if self.noise_offset.numel():
-            groups.append({"params": [self.noise_offset], "lr": self.calibration_lr * lr / 1e-3})
+            groups.append({"params": [self.noise_offset, self.noise_log_scale],
+                           "lr": self.calibration_lr * lr / 1e-3})
         return groups
 
     def _resolve_noise_sites(self, noise_sites: SiteSpec, example_args) -> List[str]:
@@ -283,9 +299,16 @@ class MetaLearner(nn.Module):
 
     def calibrate(self, particles: torch.Tensor) -> torch.Tensor:
         """Adapted particles with the meta-learned noise offset added to their noise
-        coordinates (unchanged unless ``calibration="noise_offset"``)."""
+        coordinates (unchanged unless ``calibration="noise_offset"``); with
+        ``noise_adaptation_scale`` the noise coordinates' change from ``theta0`` is first
+        scaled by the meta-learned :math:`e^s`."""
         if not self.noise_offset.numel():
             return particles
+        if self.noise_log_scale.numel():  # theta0 + e^s (theta - theta0) on the noise columns
+            base = self.theta0.detach().to(particles.dtype)
+            scale = particles.new_ones(particles.shape[-1]).masked_scatter(
+                self.noise_mask, self.noise_log_scale.to(particles.dtype).exp())
+            particles = base + (particles - base) * scale
         offset = self.noise_offset.to(particles.dtype)
         shift = particles.new_zeros(offset.shape[:-1] + particles.shape[-1:])
         shift = shift.masked_scatter(self.noise_mask.expand_as(shift), offset)
@@ -412,6 +435,8 @@ class MetaLearner(nn.Module):
             info["noise_step_size"] = self.noise_step_size
         if self.noise_offset.numel():
             info["noise_offset"] = ",".join(f"{v:.6g}" for v in self.noise_offset.flatten().tolist())
+        if self.noise_log_scale.numel():
+            info["noise_log_scale"] = ",".join(f"{v:.6g}" for v in self.noise_log_scale.tolist())
         return info
 
     def forward(self, batch: TaskBatch,
@@ -471,12 +496,13 @@ class BMAML(MetaLearner):
         calibration_lr: float = 1e-2,
         offset_per_particle: bool = False,
         chaser_trains_noise: bool = True,
+        noise_adaptation_scale: bool = False,
     ):
         num_particles = check_int("num_particles", num_particles, 2)
         self.objective = check_choice("objective", objective, ("chaser", "bfa"))
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
                          noise_sites, calibration, noise_step_size, calibration_lr,
-                         offset_per_particle, chaser_trains_noise)
+                         offset_per_particle, chaser_trains_noise, noise_adaptation_scale)
         if self.objective == "bfa" and self.calibration != "none":
             raise ValueError(
                 f"objective='bfa' meta-learns the noise through its query NLL already; "

@@ -194,7 +194,8 @@ class BayesianClassifier(nn.Module):
         the MLP).
     :param network: ``"mlp"`` or ``"conv4"``.
     :param hidden: MLP hidden sizes (default ``(64, 64)``), or conv4's filters per block
-        (an int or four ints; default 32, the miniImageNet width; 64 for Omniglot).
+        (one int for all four blocks, or four; default 32, the miniImageNet width; 64 for
+        Omniglot).
     :param shared: ``"none"`` or ``"features"`` (see above).
     :param prior_scale: s, the prior sd of the latent weights.
 
@@ -220,6 +221,7 @@ class BayesianClassifier(nn.Module):
                 raise ValueError(f"network='conv4' needs input_shape (C, H, W), got {self.input_shape}")
             widths = (32,) * 4 if hidden is None else (
                 (hidden,) * 4 if isinstance(hidden, int) else tuple(hidden))
+            widths = widths * 4 if len(widths) == 1 else widths
             if len(widths) != 4:
                 raise ValueError(f"conv4 takes one width or four, got hidden={hidden!r}")
             channels, size = self.input_shape[0], self.input_shape[1:]
@@ -234,7 +236,8 @@ class BayesianClassifier(nn.Module):
                 channels = w
             self.feature_size = channels * size[0] * size[1]
         else:
-            widths = (64, 64) if hidden is None else tuple(hidden)
+            widths = (64, 64) if hidden is None else (
+                (hidden,) if isinstance(hidden, int) else tuple(hidden))
             n_in = math.prod(self.input_shape)
             self.body_shapes = []
             for i, w in enumerate(widths):

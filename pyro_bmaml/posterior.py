@@ -81,12 +81,14 @@ class ParticlePosterior:
 
         :param num_samples: draws of ``y`` per particle through :class:`pyro.infer.Predictive`
             (0: none).
-        :returns: ``{"mean": (..., N), "particle_means": (..., M, N)}`` and, if asked,
-            ``"samples": (..., M * num_samples, N)``.
+        :returns: ``{"mean": ((T,) N, *out), "particle_means": ((T,) M, N, *out)}`` (the
+            model's return value: ``f(x)``, or class probabilities ``out = (C,)``) and, if
+            asked, ``"samples": ((T,) M * num_samples, N, ...)``.
         """
         num_samples = check_int("num_samples", num_samples, 0)
         particle_means = self.potential.model_output(self.particles, x)
-        out = {"mean": particle_means.mean(-2), "particle_means": particle_means}
+        out = {"mean": particle_means.mean(1 if self.batched else 0),
+               "particle_means": particle_means}
         if num_samples:
             out["samples"] = self._sample_y(x, num_samples)
         return out

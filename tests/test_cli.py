@@ -41,3 +41,25 @@ def test_bad_values_are_reported(tmp_path, capsys):
     assert "--particles must be >= 2" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "missing.pt")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    assert main(["train", "--task", "bogus", "--out", str(tmp_path)]) == 2
+    assert "unknown --task 'bogus'" in capsys.readouterr().err
+    assert main(["train", "--task", "digits-5way-1shot", "--shots", "5", "--out", str(tmp_path)]) == 2
+    assert "contradicts" in capsys.readouterr().err
+
+
+def test_classification_family_train_then_evaluate(tmp_path, capsys):
+    """Adding a task family is a CLI registry entry: digits episodes, the classifier, the
+    classification metrics and reliability diagram come through the same train/evaluate."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "digits"
+    assert main(["train", "--task", "digits-5way-1shot", "--iterations", "2", "--particles", "2",
+                 "--hidden", "8", "--eval-tasks", "6", "--meta-batch", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "ECE" in printed
+    metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"][0] <= 1 and len(metrics["reliability"]["count"]) == 15
+    assert (out / "evaluation" / "calibration.png").stat().st_size > 1000
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval-tasks", "4",
+                 "--out", str(tmp_path / "again")]) == 0
+    assert "test accuracy" in capsys.readouterr().out
