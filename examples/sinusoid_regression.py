@@ -62,7 +62,8 @@ def run_one(job):
            "step_size": learner.step_size, "objective": learner.objective,
            "calibration": learner.calibration,
            "noise_step_size": getattr(learner, "noise_step_size", None),
-           "calibration_holdout": args["calibration_holdout"] if calibration_tasks else 0.0}
+           "calibration_holdout": args["calibration_holdout"] if calibration_tasks else 0.0,
+           "noise_adaptation_scale": getattr(learner, "noise_adaptation_scale", False)}
     t0 = time.time()
     try:
         history = learner.fit(tasks, args["iterations"], meta_batch_size=10, seed=seed,

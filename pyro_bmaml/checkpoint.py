@@ -21,7 +21,9 @@ PathLike = Union[str, os.PathLike]
 
 
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file + rename)."""
+    """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsynced, then
+    ``os.replace`` and an fsync of the folder (so the rename itself survives a crash).
+    Temp files that an interrupted earlier write left beside ``path`` are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -35,12 +37,51 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+    for orphan in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            orphan.unlink()
+        except OSError:  # another writer's file in flight, or already gone
+            pass
     return path
 
 
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. a platform without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+#: the entries :func:`pyro_bmaml.training.fit` writes
+REQUIRED_KEYS = ("learner", "iteration", "history")
+
+
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``."""
+    """Load a checkpoint with ``torch.load(..., weights_only=True)`` (no pickled code runs).
+
+    :raises FileNotFoundError: if there is no such file.
+    :raises ValueError: "not a valid pyro_bmaml checkpoint: PATH (reason)" for a truncated or
+        foreign file, or one without the entries ``fit`` writes.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, random bytes, pickled code, not a torch file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in reason or "Weights only" in reason:
+            reason = "it holds objects other than tensors and plain data"
+        raise ValueError(f"not a valid pyro_bmaml checkpoint: {path} ({reason[:200]})") from None
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"not a valid pyro_bmaml checkpoint: {path} (expected the entries "
+                         f"{list(REQUIRED_KEYS)}, found {found})")
+    return state

@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import regression_metrics
 from .tasks import TaskBatch
 
-__all__ = ["fit", "evaluate"]
+__all__ = ["fit", "evaluate", "check_config"]
 
 
 def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
@@ -48,6 +48,33 @@ def _scalars(metrics: dict) -> Dict[str, list]:
     """The ``(mean, se)`` entries of a metrics dict, as lists (for the history)."""
     return {k: [float(v[0]), float(v[1])] for k, v in metrics.items()
             if isinstance(v, tuple) and len(v) == 2 and all(isinstance(a, float) for a in v)}
+
+
+def _differences(saved, current, prefix=""):
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(saved) | set(current), key=str):
+            out += _differences(saved.get(key, "<absent>"), current.get(key, "<absent>"),
+                                f"{prefix}{key}.")
+        return out
+    return [] if saved == current else [f"{prefix[:-1]}: {saved!r} (saved) != {current!r} (now)"]
+
+
+def check_config(state: dict, config: dict, path, keys=None) -> None:
+    """Raise ``ValueError`` if the configuration a checkpoint recorded differs from
+    ``config`` (restricted to ``keys``), naming every difference."""
+    saved = state.get("config")
+    if saved is None:
+        raise ValueError(f"{path} records no configuration (written by an older version?): "
+                         "it cannot be checked, so it is not resumed; start a new run")
+    if keys is not None:
+        saved = {k: saved.get(k) for k in keys}
+        config = {k: config.get(k) for k in keys}
+    diffs = _differences(saved, config)
+    if diffs:
+        raise ValueError(f"the checkpoint {path} was written with another configuration: "
+                         + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
+                         + ". Resume with the same settings, or start a new run elsewhere")
 
 
 def fit(
@@ -84,7 +111,10 @@ def fit(
         (and at the end) when given.
     :param checkpoint, checkpoint_every: path of the checkpoint written every
         ``checkpoint_every`` iterations and at the end; with ``resume`` an existing one is
-        loaded and training continues from it.
+        loaded and training continues from it (the same trajectory as an uninterrupted run).
+        The checkpoint records the learner's full configuration and these arguments
+        (``num_iterations`` aside, so that a run can be extended); resuming with others is
+        a ``ValueError`` naming the differences.
     :param seed: seed of the task-sampling generator.
     :param extra: extra entries stored in the checkpoint (e.g. the CLI's configuration).
     :param calibration_tasks: a task source of held-out tasks for the learner's calibration
@@ -131,8 +161,19 @@ def fit(
     history: Dict[str, list] = {"iteration": [], "loss": [], "lr": [], "eval": [], "terms": []}
     start = 0
     path = Path(checkpoint) if checkpoint else None
+    config = {
+        "learner": learner.config() if hasattr(learner, "config") else learner.describe(),
+        "meta_batch_size": meta_batch_size, "lr": lr, "lr_decay": lr_decay,
+        "decay_every": decay_every, "schedule_iterations": schedule_iterations, "seed": seed,
+        "calibration_tasks": calibration_tasks is not None,
+    }
     if path is not None and resume and path.is_file():
         state = load_checkpoint(path)
+        check_config(state, config, path)
+        if state["iteration"] > num_iterations:
+            raise ValueError(
+                f"the checkpoint {path} is at meta-iteration {state['iteration']}, beyond "
+                f"num_iterations={num_iterations}; ask for at least {state['iteration']}")
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -150,6 +191,7 @@ def fit(
                 "history": history,
                 "iteration": iteration,
                 "describe": learner.describe(),
+                "config": config,
                 "extra": dict(extra or {}),
             }, path)
 

@@ -14,3 +14,6 @@ def test_readme_python_example_runs():
     w_mean = namespace["svgd"].get_named_particles()["w"].mean(0)
     assert (w_mean - namespace["torch"].tensor([1.0, -2.0, 0.5])).abs().max() < 0.3
     assert namespace["theta0"].grad is not None
+    # the user-task and few-shot blocks ran: a fitted line model and classification scores
+    assert namespace["line"].noise_offset.abs().sum() > 0
+    assert 0.0 <= namespace["scores"]["accuracy"][0] <= 1.0
