@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -351,6 +353,10 @@ def parser() -> argparse.ArgumentParser:
                    help="held-out tasks; None: 100 (sinusoid), 600 episodes (classification)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("runs/default"))
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in --out (same settings)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its checkpoint and report)")
     t.add_argument("--no-progress", action="store_true")
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on its family's held-out tasks",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -359,8 +365,41 @@ def parser() -> argparse.ArgumentParser:
                    help="held-out tasks; None: the family's default")
     e.add_argument("--steps", type=int, default=None, help="adaptation steps (default: trained n)")
     e.add_argument("--out", type=Path, default=None,
-                   help="report folder (default: evaluation/ beside the checkpoint)")
+                   help="report folder (default: evaluation/ beside the checkpoint, which "
+                        "holds the training report: give --out or --overwrite)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace an existing report in the report folder")
     return p
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {folder} is not writable: {err.strerror or err}") from None
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> Path:
+    """The checkpoint path in ``out``, after checking the folder is writable and not
+    holding another run (unless ``resume`` or ``overwrite``)."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    checkpoint = out / "checkpoint.pt"
+    if checkpoint.exists() and not (resume or overwrite):
+        raise ValueError(f"--out {out} already holds a run ({checkpoint}); pass --resume to "
+                         "continue it, --overwrite to replace it, or another --out")
+    if resume and not checkpoint.exists():
+        raise ValueError(f"--resume: no checkpoint in {out} to continue")
+    _check_writable(out)
+    if overwrite:
+        checkpoint.unlink(missing_ok=True)
+        shutil.rmtree(out / "evaluation", ignore_errors=True)
+    return checkpoint
 
 
 def train(args) -> int:
@@ -391,11 +430,19 @@ def train(args) -> int:
                       image_size=list(args.image_size), channels=args.channels)
     config = resolve_config(config)
     eval_count = args.eval_tasks or family.eval_tasks
+    checkpoint = _prepare_out(args.out, args.resume, args.overwrite)
+    if args.resume and checkpoint.is_file():
+        from .training import _differences
+
+        saved = resolve_config(load_checkpoint(checkpoint).get("extra", {}).get("config") or {})
+        diffs = _differences(saved, config)
+        if diffs:
+            raise ValueError(f"--resume: {checkpoint} was trained with other settings: "
+                             + "; ".join(diffs[:6]) + ". Use the same arguments, or --overwrite")
     pyro.set_rng_seed(args.seed)
     learner = build_learner(config)
     source, tasks, calibration_tasks = task_sources(config, learner)
     eval_tasks = source.evaluation_tasks(eval_count)
-    args.out.mkdir(parents=True, exist_ok=True)
     history = learner.fit(
         tasks, args.iterations, meta_batch_size=args.meta_batch, lr=args.lr,
         schedule_iterations=args.schedule_iterations,
@@ -423,6 +470,10 @@ def evaluate_cmd(args) -> int:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     source, _, _ = task_sources(config)
     out = args.out or args.checkpoint.parent / "evaluation"
+    if (out / "metrics.json").exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a report (the training report by default); "
+                         "pass --out for another folder or --overwrite to replace it")
+    _check_writable(out)
     eval_count = args.eval_tasks or family.eval_tasks
     metrics = write_report(learner, source.evaluation_tasks(eval_count), out,
                            state.get("history"), num_steps=args.steps, family=family)

@@ -21,6 +21,7 @@ its NaN and support checks are data-dependent control flow that ``vmap`` cannot 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -156,6 +157,7 @@ class ModelPotential:
              and not site["infer"].get("_deterministic")), None)
         if self.observation_site is not None:
             self.observation_discrete = bool(trace.nodes[self.observation_site]["fn"].support.is_discrete)
+        self._check_observed_shapes(trace)
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
@@ -180,6 +182,30 @@ class ModelPotential:
             )
         self.sites = sites
         return self
+
+    @staticmethod
+    def _check_observed_shapes(trace) -> None:
+        """Every observed site's pointwise log-likelihood must have one term per point of
+        its plates: a likelihood whose batch shape broadcasts against the plate (a mean of
+        shape ``(N, 1)`` against ``y`` of shape ``(N,)`` gives ``N x N`` terms) is an error."""
+        for name, site in trace.nodes.items():
+            if (site["type"] != "sample" or not site["is_observed"] or site_is_subsample(site)
+                    or site["infer"].get("_deterministic")):
+                continue
+            plates = [f for f in site["cond_indep_stack"] if f.vectorized and f.size is not None]
+            expected = math.prod(f.size for f in plates)
+            with torch.no_grad():
+                log_prob = site["fn"].log_prob(site["value"])
+            if log_prob.numel() != expected:
+                sizes = ", ".join(f"{f.name}={f.size}" for f in plates) or "none"
+                raise ValueError(
+                    f"observed site '{name}': its log-likelihood has shape "
+                    f"{tuple(log_prob.shape)} ({log_prob.numel()} terms) but its plates ({sizes}) "
+                    f"hold {expected} points: the likelihood's batch shape "
+                    f"{tuple(site['fn'].batch_shape)} broadcasts against the data "
+                    f"{tuple(site['value'].shape)}. Likely cause: a mean computed from x of shape "
+                    "(N, in), e.g. (N, 1), against y of shape (N,): use x[:, 0] or "
+                    ".squeeze(-1), or declare extra dims with .to_event()")
 
     def setup_from(self, particles: torch.Tensor, args: tuple, kwargs: dict) -> None:
         """Set up lazily from a (possibly task-batched) call."""

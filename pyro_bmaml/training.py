@@ -113,8 +113,9 @@ def fit(
         ``checkpoint_every`` iterations and at the end; with ``resume`` an existing one is
         loaded and training continues from it (the same trajectory as an uninterrupted run).
         The checkpoint records the learner's full configuration and these arguments
-        (``num_iterations`` aside, so that a run can be extended); resuming with others is
-        a ``ValueError`` naming the differences.
+        (``num_iterations`` aside: a run can be extended when ``schedule_iterations`` is
+        given, since by default the decay is spread over ``num_iterations``); resuming with
+        others is a ``ValueError`` naming the differences.
     :param seed: seed of the task-sampling generator.
     :param extra: extra entries stored in the checkpoint (e.g. the CLI's configuration).
     :param calibration_tasks: a task source of held-out tasks for the learner's calibration
@@ -169,11 +170,11 @@ def fit(
     }
     if path is not None and resume and path.is_file():
         state = load_checkpoint(path)
-        check_config(state, config, path)
         if state["iteration"] > num_iterations:
             raise ValueError(
                 f"the checkpoint {path} is at meta-iteration {state['iteration']}, beyond "
                 f"num_iterations={num_iterations}; ask for at least {state['iteration']}")
+        check_config(state, config, path)
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -63,3 +63,39 @@ def test_classification_family_train_then_evaluate(tmp_path, capsys):
     assert main(["evaluate", str(out / "checkpoint.pt"), "--eval-tasks", "4",
                  "--out", str(tmp_path / "again")]) == 0
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_out_collisions_resume_and_bad_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--iterations", "2", "--hidden", "4", "--particles", "2", "--num-tasks", "12",
+            "--eval-tasks", "3", "--out", str(out), "--no-progress"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base) == 2  # a run is there: neither resumed nor replaced silently
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(base[:2] + ["3"] + base[3:] + ["--resume", "--seed", "1"]) == 2
+    assert "seed: 0 (saved) != 1 (now)" in capsys.readouterr().err
+    assert main(base[:2] + ["3"] + base[3:] + ["--resume", "--lr", "0.01"]) == 2
+    assert "lr: 0.001 (saved) != 0.01 (now)" in capsys.readouterr().err
+    assert main(base[:2] + ["3"] + base[3:] + ["--resume"]) == 0
+    assert main(base + ["--overwrite"]) == 0
+    capsys.readouterr()
+    # evaluate keeps the training report unless told otherwise
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval-tasks", "3"]) == 2
+    assert "already holds a report" in capsys.readouterr().err
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval-tasks", "3", "--overwrite"]) == 0
+    capsys.readouterr()
+    # unreadable checkpoints: one clear message naming the path, no traceback, no advice to
+    # load with weights_only=False
+    bad = tmp_path / "bad.pt"
+    for content in (b"\x00garbage" * 50, (out / "checkpoint.pt").read_bytes()[:300]):
+        bad.write_bytes(content)
+        assert main(["evaluate", str(bad), "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert f"not a valid pyro_bmaml checkpoint: {bad}" in err
+        assert "Traceback" not in err and "weights_only=False" not in err
+    import torch
+
+    torch.save({"model": torch.zeros(2)}, bad)
+    assert main(["evaluate", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "expected the entries" in capsys.readouterr().err

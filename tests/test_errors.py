@@ -103,3 +103,20 @@ def test_pack_errors():
         potential.unpack(torch.ones(3, 5))
     with pytest.raises(RuntimeError, match="setup"):
         _ = pb.ModelPotential(normal_gamma_regression).dim
+
+
+def test_broadcasting_likelihood_is_an_error_naming_the_site():
+    """The natural mistake ``mean = a * x + b`` with x of shape (N, 1): Pyro broadcasts the
+    likelihood to N x N terms silently; setting the learner up names the site and the fix."""
+    from pyro_bmaml import BMAML
+
+    def line(x, y=None):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(a * x + b, 0.5), obs=y)  # (N, 1) vs (N,)
+        return a * x + b
+
+    x, y = torch.randn(5, 1), torch.randn(5)
+    with pytest.raises(ValueError, match=r"observed site 'y'.*\(5, 5\).*data=5.*x\[:, 0\]"):
+        BMAML(line, num_particles=3, example_args=(x, y))

@@ -477,3 +477,34 @@ def test_noise_sites_found_or_warned():
     with pytest.raises(ValueError, match="needs noise sites"):
         EMAML(silent, num_particles=3, example_args=(x, y), calibration="noise_offset",
               noise_sites=None)
+
+
+def test_resume_refuses_another_configuration_and_load_api(tmp_path):
+    from pyro_bmaml.models import BayesianMLP
+
+    def make(m=3):
+        pyro.set_rng_seed(0)
+        return BMAML(BayesianMLP(hidden=(6,)), num_particles=m, init="paper")
+
+    tasks = Sinusoid(num_tasks=20, num_support=5)
+    path = tmp_path / "ckpt.pt"
+    trained = make()
+    trained.fit(tasks, 4, meta_batch_size=2, progress=False, checkpoint=str(path))
+    with pytest.raises(ValueError, match=r"lr: 0.001 \(saved\) != 0.01 \(now\)"):
+        make().fit(tasks, 6, meta_batch_size=2, lr=0.01, progress=False, checkpoint=str(path))
+    with pytest.raises(ValueError, match="inference_method: 'bmaml' \\(saved\\) != 'emaml'"):
+        EMAML(BayesianMLP(hidden=(6,)), num_particles=3, init="paper").fit(
+            tasks, 6, meta_batch_size=2, progress=False, checkpoint=str(path))
+    with pytest.raises(ValueError, match="beyond num_iterations=2"):
+        make().fit(tasks, 2, meta_batch_size=2, progress=False, checkpoint=str(path))
+    loaded = make()
+    state = loaded.load_checkpoint(path)
+    assert state["iteration"] == 4 and torch.equal(loaded.theta0, trained.theta0)
+    assert torch.equal(loaded.noise_offset, trained.noise_offset)
+    with pytest.raises(ValueError, match="num_particles: 3 \\(saved\\) != 4"):
+        make(4).load_checkpoint(path)
+    prior = loaded.prior_particles()
+    assert set(prior) == set(loaded.potential.site_names)
+    assert prior["layer0.weight"].shape == (3, 1, 6) and bool((prior["noise_precision"] > 0).all())
+    assert torch.allclose(prior["noise_precision"].log(),
+                          loaded.theta0[:, loaded.noise_mask].squeeze(-1))
