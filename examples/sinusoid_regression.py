@@ -89,15 +89,26 @@ def mean_se(values):
     return [vals.mean().item(), se]
 
 
+def calibration_label(row) -> str:
+    """How the run's noise calibration was learned: the offset (+ the adaptation scale,
+    which only moves BMAML, whose SVGD step changes the noise), on the training batches or
+    on a held-out share of the pool."""
+    label = "offset"
+    if row.get("noise_adaptation_scale") and row["method"] == "bmaml":
+        label += "+scale"
+    holdout = row.get("calibration_holdout", 0.0)
+    return label + (f", holdout {holdout:g}" if holdout else ", training tasks")
+
+
 def summarize(rows):
     groups = {}
     for r in rows:
-        key = (r["K"], r["T"], r["method"], r["M"], r.get("calibration_holdout", 0.0))
+        key = (r["K"], r["T"], r["method"], r["M"], calibration_label(r))
         groups.setdefault(key, []).append(r)
     table = []
-    for (k, t, method, m, holdout), rs in sorted(groups.items()):
+    for (k, t, method, m, label), rs in sorted(groups.items()):
         ok = [r for r in rs if "error" not in r]
-        entry = {"K": k, "T": t, "method": method, "M": m, "holdout": holdout,
+        entry = {"K": k, "T": t, "method": method, "M": m, "calibration": label,
                  "seeds": len(rs), "diverged": len(rs) - len(ok)}
         for key in METRICS:
             entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
@@ -125,15 +136,16 @@ def write_outputs(out: Path, budget: dict, rows: list):
              "each particle's MSE (the official EMAML code's log); NLL = mixture negative log "
              "likelihood per query point; coverage of the central 50% / 90% predictive "
              "intervals (nominal 0.50 / 0.90). Predicting 0 everywhere scores MSE 4.25. "
-             "Holdout = share of the |T| tasks kept out of meta-training to learn the noise "
-             "offset on (0: learned on the training batches).", "",
-             "| K | \\|T\\| | method | M | step | holdout | MSE | per-particle MSE | NLL | "
+             "Calibration: the meta-learned noise offset (+scale: and the learned scale of "
+             "the noise's SVGD change), learned on the training tasks' batches or on a held-out "
+             "share of the |T| tasks kept out of meta-training.", "",
+             "| K | \\|T\\| | method | M | step | calibration | MSE | per-particle MSE | NLL | "
              "cov. 50% | cov. 90% | diverged |", "|---" * 12 + "|"]
     steps = {(r["method"]): r["step_size"] for r in rows}
     for e in table:
         lines.append(
             f"| {e['K']} | {e['T']} | {e['method']} | {e['M']} | {steps[e['method']]:g} | "
-            f"{e['holdout']:g} | "
+            f"{e['calibration']} | "
             f"{fmt(e['mse'])} | {fmt(e['mse_particles'])} | {fmt(e['nll'])} | "
             f"{fmt(e['coverage_50'])} | {fmt(e['coverage_90'])} | {e['diverged']}/{e['seeds']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -144,12 +156,11 @@ def write_outputs(out: Path, budget: dict, rows: list):
     def variants(k, t):
         """``(label, runs)`` per method (and calibration holdout, when a cell has several)."""
         cell = [r for r in rows if (r["K"], r["T"]) == (k, t) and "error" not in r]
-        keys = sorted({(r["method"], r.get("calibration_holdout", 0.0)) for r in cell})
+        keys = sorted({(r["method"], calibration_label(r)) for r in cell})
         several = {m for m, _ in keys if sum(1 for m2, _ in keys if m2 == m) > 1}
-        for method, holdout in keys:
-            label = method.upper() + (f" (holdout {holdout:g})" if method in several else "")
-            yield label, [r for r in cell
-                          if (r["method"], r.get("calibration_holdout", 0.0)) == (method, holdout)]
+        for method, cal in keys:
+            label = method.upper() + (f" ({cal})" if method in several else "")
+            yield label, [r for r in cell if (r["method"], calibration_label(r)) == (method, cal)]
 
     curves = {}
     for key in ("mse", "coverage_90"):

@@ -7,7 +7,7 @@ with a message that names the argument, what it received and what was expected.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import torch
 from torch.utils._pytree import tree_flatten_with_path, keystr
@@ -82,11 +82,19 @@ def check_particles(
     return particles
 
 
-def check_finite_data(args: tuple, kwargs: dict) -> None:
-    """Reject NaN/inf in any floating tensor passed to a model."""
+def check_finite_data(args: tuple, kwargs: dict, dtype: Optional[torch.dtype] = None) -> None:
+    """Reject NaN/inf in any floating tensor passed to a model, empty data tensors, and
+    (with ``dtype``, the particles' dtype) floating data of another dtype."""
     leaves, _ = tree_flatten_with_path((args, kwargs))
     for path, leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.numel() == 0:
+            raise ValueError(f"model argument {_describe_path(path)} is empty (shape "
+                             f"{tuple(leaf.shape)}); give at least one data point")
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            if dtype is not None and leaf.dtype != dtype:
+                raise TypeError(
+                    f"model argument {_describe_path(path)} is {leaf.dtype} but the particles "
+                    f"are {dtype}: cast the data (e.g. x.to({dtype})) or the particles")
             if not bool(torch.isfinite(leaf).all()):
                 where = _describe_path(path)
                 raise ValueError(

@@ -41,7 +41,12 @@ tasks). As temperature scaling fits its temperature on a validation set, the off
 learned on tasks the initial particles are *not* trained on (``fit(calibration_tasks=...)``,
 e.g. :meth:`~pyro_bmaml.tasks.TaskPool.split`): on a small pool (|T| = 100) the particles
 meta-overfit the pool's tasks, their residuals there understate those on new tasks, and an
-offset learned on the training batches makes the intervals too narrow on new tasks. The offset learns the noise level the few-step posterior needs for its predictive to
+offset learned on the training batches makes the intervals too narrow on new tasks. One
+global offset also gives every task the same noise shift, so the mixture's tails are too
+light across tasks of very different difficulty (intervals right at 90% are too wide at
+50%); by default a meta-learned scale of the noise coordinates' change during adaptation,
+:math:`\theta_0 + e^s(\theta^n - \theta_0) + \delta`, lets each task's support residuals
+set its noise level more strongly (``noise_adaptation_scale``). The offset learns the noise level the few-step posterior needs for its predictive to
 be calibrated on unseen points; adaptation itself (and so the MSE) is exactly that of the
 uncalibrated learner, since the offset enters after it and its loss reaches nothing else.
 The noise sites are found from the model
@@ -483,7 +488,24 @@ class MetaLearner(nn.Module):
         return self.meta_loss(batch, calibration_batch)
 
     def fit(self, tasks, num_iterations: int, **kwargs):
-        """Meta-train on a task source; see :func:`pyro_bmaml.training.fit`."""
+        """Meta-train on a task source (Adam on ``theta0``, the noise calibration and the
+        model's shared parameters); returns the history. The full argument list is
+        :func:`pyro_bmaml.training.fit`'s; the common ones:
+
+        - ``tasks``: a task source, ``sample(batch_size, generator) -> TaskBatch``
+          (:class:`~pyro_bmaml.tasks.Sinusoid`, :class:`~pyro_bmaml.tasks.TaskPool` of your
+          own tensors, :class:`~pyro_bmaml.fewshot.FewShotClassification`);
+        - ``meta_batch_size`` (10), ``lr`` (1e-3), ``schedule_iterations`` (the nominal
+          budget the x0.98 decay is spread over; default ``num_iterations``);
+        - ``eval_tasks``, ``eval_every``: held-out tasks scored along the way (``metrics``:
+          the family's scores, default the task source's ``metrics`` or regression's);
+        - ``calibration_tasks``: held-out tasks on which the noise offset is learned;
+        - ``checkpoint``, ``checkpoint_every``, ``resume``: atomic checkpoints recording
+          the configuration; an existing one is resumed (same settings only);
+        - ``seed``, ``progress``.
+
+        Raises ``FloatingPointError`` naming the meta-iteration and the likely cause when
+        the adaptation or the meta-update becomes non-finite (nothing bad is saved)."""
         from .training import fit
 
         return fit(self, tasks, num_iterations, **kwargs)

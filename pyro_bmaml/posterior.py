@@ -13,12 +13,13 @@ of the particles' predictives,
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Optional
 
 import torch
 from pyro.infer import Predictive
 
-from ._checks import check_int
+from ._checks import check_finite_data, check_int
 from .potential import ModelPotential
 
 __all__ = ["ParticlePosterior", "mixture_log_likelihood"]
@@ -86,12 +87,31 @@ class ParticlePosterior:
             asked, ``"samples": ((T,) M * num_samples, N, ...)``.
         """
         num_samples = check_int("num_samples", num_samples, 0)
-        particle_means = self.potential.model_output(self.particles, x)
-        out = {"mean": particle_means.mean(1 if self.batched else 0),
-               "particle_means": particle_means}
+        check_finite_data((x,), {})
+        particle_dim = 1 if self.batched else 0
+        try:
+            particle_means = self.potential.model_output(self.particles, x)
+        except ValueError as err:  # the model returns no mean: estimate it from draws
+            if "must return its predictive mean" not in str(err):
+                raise
+            draws = max(num_samples, self.FALLBACK_DRAWS)
+            if not self._warned:
+                warnings.warn(
+                    f"the model returns no predictive mean; predict estimates it from {draws} "
+                    "draws of the observed site per particle (return the mean from the model "
+                    "for exact values)", stacklevel=2)
+                self._warned = True
+            samples = self._sample_y(x, draws)  # ((T,) M * draws, N, ...)
+            shape = samples.shape[:particle_dim] + (self.num_particles, draws) + samples.shape[particle_dim + 1:]
+            particle_means = samples.reshape(shape).to(self.particles.dtype).mean(particle_dim + 1)
+        out = {"mean": particle_means.mean(particle_dim), "particle_means": particle_means}
         if num_samples:
             out["samples"] = self._sample_y(x, num_samples)
         return out
+
+    #: draws per particle that estimate the mean of a model that returns none
+    FALLBACK_DRAWS = 100
+    _warned = False
 
     def _sample_y(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
         site = self.potential.observation_site

@@ -26,6 +26,8 @@ particles and sites for models with more than one latent site).
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Callable, Dict, Optional, Union
 
 import pyro
@@ -40,6 +42,17 @@ from .potential import ModelPotential
 __all__ = ["svgd_direction", "transport", "SVGD", "MODES"]
 
 MODES = ("multivariate", "univariate")
+
+
+def warn_if_identical(particles: torch.Tensor) -> None:
+    """Warn when a set of particles holds one point M times: the kernel's repulsion between
+    identical particles is zero, so SVGD moves them together and they never separate."""
+    with torch.no_grad():
+        flat = particles.detach().reshape(-1, *particles.shape[-2:])
+        if flat.size(-2) > 1 and bool((flat == flat[:, :1]).all()):
+            warnings.warn("all particles are identical: SVGD cannot separate them (the "
+                          "kernel's repulsion vanishes); initialize them apart, e.g. from the "
+                          "prior", stacklevel=3)
 
 
 def svgd_direction(
@@ -96,9 +109,11 @@ def transport(
     """
     num_steps = check_int("num_steps", num_steps, 0)
     check_choice("mode", mode, MODES)
-    check_finite_data(args, kwargs)
+    check_finite_data(args, kwargs, particles.dtype if isinstance(particles, torch.Tensor)
+                      and particles.is_floating_point() else None)
     potential.setup_from(particles, args, kwargs)
     check_particles(particles, potential.dim, min_particles=2)
+    warn_if_identical(particles)
     step_size = check_step_size(step_size, potential.dim)
     if create_graph is None:
         create_graph = torch.is_grad_enabled() and particles.requires_grad
@@ -198,7 +213,15 @@ class SVGD(pyro.infer.SVGD):
         """
         check_finite_data(args, kwargs)
         param = self._particles_param(args, kwargs)
-        _, grad = self.potential.log_density_and_grad(param.detach(), *args, **kwargs)
+        check_finite_data(args, kwargs, param.dtype)
+        warn_if_identical(param.detach())
+        log_p, grad = self.potential.log_density_and_grad(param.detach(), *args, **kwargs)
+        if not bool(torch.isfinite(log_p).all()):  # as transport: never step on -inf / NaN
+            bad = int((~torch.isfinite(log_p)).sum())
+            raise FloatingPointError(
+                f"SVGD step: the log density is non-finite for {bad} particle(s) "
+                "(outside the prior's support, or a likelihood of zero); lower the learning "
+                "rate or check the model")
         with torch.no_grad():
             phi = svgd_direction(param.detach(), grad, self.kernel, self.mode)
         if not bool(torch.isfinite(phi).all()):

@@ -120,3 +120,31 @@ def test_broadcasting_likelihood_is_an_error_naming_the_site():
     x, y = torch.randn(5, 1), torch.randn(5)
     with pytest.raises(ValueError, match=r"observed site 'y'.*\(5, 5\).*data=5.*x\[:, 0\]"):
         BMAML(line, num_particles=3, example_args=(x, y))
+
+
+def test_engine_refuses_silent_wrong_answers():
+    pyro.clear_param_store()
+    x, y = regression_data()
+
+    def infinite(x, y):  # a likelihood of zero: log density -inf for every particle
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Uniform(w + 100.0, w + 101.0), obs=y)
+
+    with pytest.raises(FloatingPointError, match="log density is non-finite for 5 particle"):
+        with pyro.validation_enabled(False):
+            _svgd(infinite).step(x, y)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match=r"args\[0\] is empty"):
+        _svgd().step(x[:0], y[:0])
+    pyro.clear_param_store()
+    with pytest.raises(TypeError, match=r"args\[1\] is torch.float64 but the particles are torch.float32"):
+        _svgd().step(x, y.double())
+    pyro.clear_param_store()
+    svgd = _svgd()
+    theta = svgd.init_particles(x, y)
+    with pytest.warns(UserWarning, match="all particles are identical"):
+        svgd.transport(theta[:1].expand(5, -1).clone(), x, y, num_steps=1, step_size=1e-3)
+    post = pb.ParticlePosterior(svgd.potential, theta, x, y)
+    with pytest.raises(ValueError, match="non-finite"):
+        post.predict(x * float("nan"))
