@@ -268,6 +268,20 @@ def task_sources(config: dict, learner=None):
     return task_family(config["task"]).sources(config, learner)
 
 
+def load_learner(path) -> "tuple":
+    """``(learner, checkpoint)`` from a ``pyro-bmaml train`` checkpoint: the learner is
+    rebuilt from the configuration the checkpoint records and its learned state loaded
+    (``learner.adapt(...)`` is ready to use)."""
+    state = load_checkpoint(path)
+    config = state.get("extra", {}).get("config")
+    if config is None:
+        raise ValueError(f"{path} was not written by `pyro-bmaml train` (no config); build "
+                         "the learner yourself and call learner.load_checkpoint(path)")
+    learner = build_learner(config)
+    learner.load_state_dict(state["learner"])
+    return learner, state
+
+
 def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] = None,
                  num_steps: Optional[int] = None, family=None) -> dict:
     """Adapt to held-out tasks and write metrics (JSON + markdown) and plots into ``out``:
@@ -458,14 +472,9 @@ def train(args) -> int:
 
 
 def evaluate_cmd(args) -> int:
-    state = load_checkpoint(args.checkpoint)
-    config = state.get("extra", {}).get("config")
-    if config is None:
-        raise ValueError(f"{args.checkpoint} was not written by `pyro-bmaml train` (no config)")
-    config = resolve_config(config)
+    learner, state = load_learner(args.checkpoint)
+    config = resolve_config(state["extra"]["config"])
     family = task_family(config["task"])
-    learner = build_learner(config)
-    learner.load_state_dict(state["learner"])
     if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     source, _, _ = task_sources(config)

@@ -99,3 +99,18 @@ def test_out_collisions_resume_and_bad_checkpoints(tmp_path, capsys):
     torch.save({"model": torch.zeros(2)}, bad)
     assert main(["evaluate", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "expected the entries" in capsys.readouterr().err
+
+
+def test_load_learner_from_a_cli_checkpoint(tmp_path):
+    import torch
+
+    from pyro_bmaml.cli import load_learner
+
+    out = tmp_path / "run"
+    assert main(["train", "--iterations", "2", "--hidden", "4", "--particles", "2",
+                 "--num-tasks", "12", "--eval-tasks", "3", "--out", str(out), "--no-progress"]) == 0
+    learner, state = load_learner(out / "checkpoint.pt")
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["learner"]
+    assert torch.equal(learner.theta0, saved["theta0"]) and state["iteration"] == 2
+    post = learner.adapt(torch.linspace(-3, 3, 5)[:, None], torch.zeros(5))
+    assert post.particles.shape == learner.theta0.shape
