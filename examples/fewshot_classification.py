@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import pyro
 import torch
 
+from _runs import fmt, mean_se, read_runs, run_jobs
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
 from pyro_bmaml.metrics import classification_metrics
 from pyro_bmaml.training import evaluate
@@ -71,15 +70,6 @@ def run_one(job):
     return row
 
 
-def mean_se(values):
-    vals = torch.tensor(values, dtype=torch.float64)
-    se = vals.std().item() / math.sqrt(len(vals)) if len(vals) > 1 else None
-    return [vals.mean().item(), se]
-
-
-def fmt(pair, digits=3):
-    mean, se = pair
-    return f"{mean:.{digits}f}" if se is None else f"{mean:.{digits}f} +- {se:.{digits}f}"
 
 
 def write_outputs(out: Path, budget: dict, rows: list):
@@ -177,22 +167,12 @@ def main():
                 "val_episodes": args.val_episodes}
     budget = settings | {"meta_batch": 10, "lr": 1e-3, "seeds": args.seeds, "task": "digits"}
     if args.from_runs:
-        rows = [json.loads(line) for f in args.from_runs for line in f.read_text().splitlines()]
-        write_outputs(out, budget, rows)
+        write_outputs(out, budget, read_runs(args.from_runs))
         return
     cost = {"bmaml": 3, "emaml": 2, "maml": 1}
     jobs = sorted([(m, k, s, settings) for k in args.shots for m in args.methods for s in args.seeds],
                   key=lambda j: (j[2], -cost[j[0]], -j[1]))
-    log = out.parent / f"{out.name}.runs.jsonl"
-    rows = []
-    with ProcessPoolExecutor(args.workers) as pool, log.open("w") as f:
-        for fut in as_completed([pool.submit(run_one, j) for j in jobs]):
-            row = fut.result()
-            rows.append(row)
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            print(json.dumps({k: v for k, v in row.items() if k not in ("curve", "reliability")}),
-                  flush=True)
+    rows = run_jobs(run_one, jobs, args.workers, out.parent / f"{out.name}.runs.jsonl")
     write_outputs(out, budget, rows)
 
 

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import pyro
 import torch
 
+from _runs import fmt, mean_se, read_runs, run_jobs
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
 from pyro_bmaml.metrics import RELIABILITY_LEVELS
 from pyro_bmaml.training import evaluate
@@ -83,11 +82,6 @@ def run_one(job):
     return row
 
 
-def mean_se(values):
-    vals = torch.tensor(values, dtype=torch.float64)
-    se = vals.std().item() / math.sqrt(len(vals)) if len(vals) > 1 else None
-    return [vals.mean().item(), se]
-
 
 def calibration_label(row) -> str:
     """How the run's noise calibration was learned: the offset (+ the adaptation scale,
@@ -115,10 +109,6 @@ def summarize(rows):
         table.append(entry)
     return table
 
-
-def fmt(pair, digits=3):
-    mean, se = pair
-    return f"{mean:.{digits}f}" if se is None else f"{mean:.{digits}f} +- {se:.{digits}f}"
 
 
 def write_outputs(out: Path, budget: dict, rows: list):
@@ -223,26 +213,14 @@ def main():
     budget = settings | {"meta_batch": 10, "lr": 1e-3, "network": "1-40-40-40-1",
                          "seeds": args.seeds, "M": args.particles}
     if args.from_runs:
-        rows = [json.loads(line) for f in args.from_runs for line in f.read_text().splitlines()]
-        write_outputs(out, budget, rows)
+        write_outputs(out, budget, read_runs(args.from_runs))
         return
     jobs = [(method, args.particles, k, t, s, settings) for k in args.shots
             for t in args.num_tasks for method in args.methods for s in args.seeds]
-    log = out.parent / f"{out.name}.runs.jsonl"
-    rows = []
     cost = {"bmaml": 3, "emaml": 2, "maml": 1}
-    with ProcessPoolExecutor(args.workers) as pool, log.open("w") as f:
-        # seed by seed, biggest jobs first: each finished run is logged at once, so a run cut
-        # short leaves whole seeds of every method rather than one method's seeds
-        futures = [pool.submit(run_one, j)
-                   for j in sorted(jobs, key=lambda j: (j[4], -cost[j[0]]))]
-        for fut in as_completed(futures):
-            row = fut.result()
-            rows.append(row)
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            print(json.dumps({k: v for k, v in row.items() if k not in ("curve", "reliability")}),
-                  flush=True)
+    # seed by seed, biggest jobs first (see run_jobs)
+    jobs = sorted(jobs, key=lambda j: (j[4], -cost[j[0]]))
+    rows = run_jobs(run_one, jobs, args.workers, out.parent / f"{out.name}.runs.jsonl")
     write_outputs(out, budget, rows)
 
 

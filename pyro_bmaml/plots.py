@@ -115,13 +115,19 @@ def plot_reliability_panels(panels: Dict[str, Dict[str, Dict[float, tuple]]],
             means = np.array([coverage[lv][0] for lv in levels])
             ses = np.array([coverage[lv][1] for lv in levels])
             ax.errorbar(levels, means, yerr=ses, marker="o", ms=3, capsize=2, label=label)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("nominal level of the central interval")
-        ax.set_ylabel("observed coverage")
-        ax.legend(fontsize=7)
+        _finish_unit_panel(ax, title, "nominal level of the central interval",
+                           "observed coverage")
     return _save(fig, path)
+
+
+def _finish_unit_panel(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """Axes of a reliability panel: the unit square, labels, title and legend."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
 
 
 def plot_confidence_reliability(methods: Dict[str, Dict[str, object]], path: PathLike) -> Path:
@@ -146,12 +152,7 @@ def plot_confidence_panels(panels: Dict[str, Dict[str, Dict[str, object]]],
             line, = ax.plot(conf[keep], acc[keep], marker="o", ms=3, label=label)
             ax.scatter(conf[keep], acc[keep], s=400 * count[keep] / count.sum(),
                        color=line.get_color(), alpha=0.3)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("confidence (top-label probability)")
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=7)
+        _finish_unit_panel(ax, title, "confidence (top-label probability)", "accuracy")
     return _save(fig, path)
 
 

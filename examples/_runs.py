@@ -1,0 +1,44 @@
+"""Helpers shared by the reproduction scripts: mean and s.e. over seeds, table cells, and a
+process pool that logs each finished run at once (one JSON line per run)."""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+
+
+def mean_se(values):
+    """``[mean, s.e.]`` over seeds (s.e. ``None`` for one seed: tables print no +-)."""
+    vals = torch.tensor(values, dtype=torch.float64)
+    se = vals.std().item() / math.sqrt(len(vals)) if len(vals) > 1 else None
+    return [vals.mean().item(), se]
+
+
+def fmt(pair, digits=3):
+    mean, se = pair
+    return f"{mean:.{digits}f}" if se is None else f"{mean:.{digits}f} +- {se:.{digits}f}"
+
+
+def read_runs(paths):
+    """The rows of logged runs (``*.runs.jsonl``)."""
+    return [json.loads(line) for f in paths for line in Path(f).read_text().splitlines()]
+
+
+def run_jobs(run_one, jobs, workers: int, log: Path) -> list:
+    """Run ``run_one(job)`` for every job in ``workers`` processes, in the order given (put
+    whole seeds first: a run cut short then leaves whole seeds of every method), writing each
+    finished row to ``log`` at once; returns the rows."""
+    rows = []
+    with ProcessPoolExecutor(workers) as pool, log.open("w") as f:
+        for fut in as_completed([pool.submit(run_one, j) for j in jobs]):
+            row = fut.result()
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            print(json.dumps({k: v for k, v in row.items() if k not in ("curve", "reliability")}),
+                  flush=True)
+    return rows
