@@ -79,7 +79,7 @@ from torch import nn
 from ._checks import check_choice, check_int, check_positive_float
 from .kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from .ksd import ksd_trajectory
-from .posterior import ParticlePosterior, mixture_log_likelihood
+from .posterior import ParticlePosterior, mixture_log_likelihood, model_with_prior, particle_prior
 from .potential import ModelPotential
 from .svgd import transport
 from .tasks import TaskBatch
@@ -469,6 +469,19 @@ class MetaLearner(nn.Module):
         """The meta-learned prior: ``theta0`` as named constrained site values, each with a
         leading particle dim M (e.g. ``noise_precision`` as a precision, not its log)."""
         return {k: v.detach() for k, v in self.potential.unpack(self.theta0).items()}
+
+    def prior_distribution(self, bandwidth="scott"):
+        """The meta-learned prior as a :mod:`pyro.distributions` object over the flat
+        unconstrained vector: a Gaussian kernel-density mixture of the M particles
+        (:func:`~pyro_bmaml.posterior.particle_prior`, which documents the bandwidth)."""
+        return particle_prior(self.theta0, bandwidth)
+
+    def model_with_learned_prior(self, bandwidth="scott", site: str = "theta"):
+        """The task model with the meta-learned prior in place of its own priors, for any
+        Pyro inference on a new task, e.g. ``NUTS(learner.model_with_learned_prior())``;
+        posterior samples of ``site`` map to named sites with ``learner.potential.unpack``
+        (see :func:`~pyro_bmaml.posterior.model_with_prior`)."""
+        return model_with_prior(self.potential, self.prior_distribution(bandwidth), site)
 
     def load_checkpoint(self, path) -> dict:
         """Load the learned state a :func:`~pyro_bmaml.training.fit` checkpoint holds into

@@ -16,13 +16,17 @@ import math
 import warnings
 from typing import Dict, Optional
 
+import pyro
+import pyro.distributions as dist
 import torch
+from pyro import poutine
+from torch.distributions import constraints
 from pyro.infer import Predictive
 
 from ._checks import check_finite_data, check_int
 from .potential import ModelPotential
 
-__all__ = ["ParticlePosterior", "mixture_log_likelihood"]
+__all__ = ["ParticlePosterior", "mixture_log_likelihood", "particle_prior", "model_with_prior"]
 
 
 def mixture_log_likelihood(log_lik: torch.Tensor) -> torch.Tensor:
@@ -147,3 +151,81 @@ class ParticlePosterior:
     def __repr__(self) -> str:
         shape = tuple(self.particles.shape)
         return f"ParticlePosterior(particles={shape}, sites={self.potential.site_names})"
+
+
+def particle_prior(particles: torch.Tensor, bandwidth="scott"):
+    r"""A particle set as a :mod:`pyro.distributions` prior over the flat unconstrained
+    vector: the equally weighted Gaussian kernel-density mixture
+
+    .. math::
+
+        q(u) = \frac1M \sum_{m=1}^M \mathcal N\big(u;\ \theta_m,\ \mathrm{diag}(h^2)\big),
+
+    in the unconstrained space the particles live in (so that constrained sites keep their
+    support when mapped back, see :func:`model_with_prior`). Its mean is the particles' mean
+    and its covariance the particles' (population) covariance plus :math:`\mathrm{diag}(h^2)`.
+
+    :param particles: ``(M, D)``.
+    :param bandwidth: ``"scott"`` (Scott's rule per coordinate, :math:`h_d = \hat\sigma_d
+        M^{-1/(D+4)}` with :math:`\hat\sigma_d` the particles' sd, floored at 1e-3 so that
+        coordinates the particles agree on stay proper), a float, or a ``(D,)`` tensor.
+    :returns: a ``MixtureSameFamily`` with event shape ``(D,)``.
+    """
+    if not isinstance(particles, torch.Tensor) or particles.dim() != 2 or particles.size(0) < 1:
+        raise ValueError(f"particles must be (M, D), got "
+                         f"{tuple(particles.shape) if isinstance(particles, torch.Tensor) else type(particles).__name__}")
+    theta = particles.detach()
+    m, d = theta.shape
+    if isinstance(bandwidth, str):
+        if bandwidth != "scott":
+            raise ValueError(f"bandwidth must be 'scott', a float or a ({d},) tensor, got {bandwidth!r}")
+        sd = theta.std(0, unbiased=m > 1) if m > 1 else torch.zeros(d, dtype=theta.dtype)
+        h = sd.clamp_min(1e-3) * m ** (-1.0 / (d + 4))
+    else:
+        h = torch.as_tensor(bandwidth, dtype=theta.dtype).expand(d).clone()
+        if not bool((h > 0).all()) or not bool(torch.isfinite(h).all()):
+            raise ValueError(f"bandwidth must be finite and > 0, got {bandwidth!r}")
+    components = dist.Normal(theta, h.expand(m, d)).to_event(1)
+    return _KernelMixture(dist.Categorical(logits=theta.new_zeros(m)), components)
+
+
+class _KernelMixture(dist.MixtureSameFamily):
+    """A mixture of Gaussians over R^D whose support says so (the base class's wrapped
+    support constraint has no bijection registered, which NUTS and SVI need)."""
+
+    @property
+    def support(self):
+        return constraints.independent(constraints.real, 1)
+
+
+class _ReplacePrior(poutine.messenger.Messenger):
+    """Fix the named latent sites to given values and drop their own prior terms."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values:
+            msg["value"] = self.values[msg["name"]]
+            msg["is_observed"] = True
+            msg["mask"] = False  # the learned prior replaces the model's prior on this site
+
+
+def model_with_prior(potential: ModelPotential, prior, site: str = "theta"):
+    """The potential's model with ``prior`` (over the flat unconstrained vector, e.g.
+    :func:`particle_prior`) in place of its own priors, for any Pyro inference (NUTS, SVI).
+
+    The returned model samples ``site`` (``(D,)``, unconstrained) from ``prior``, maps it to
+    the model's latent sites with the same transforms as the particles, and runs the model
+    with those values and without their original prior terms; the data sites are untouched.
+    Posterior samples of ``site`` map back with ``potential.unpack``.
+    """
+    potential._require_sites()
+
+    def model(*args, **kwargs):
+        u = pyro.sample(site, prior)
+        with _ReplacePrior(potential.unpack(u)):
+            return potential.model(*args, **kwargs)
+
+    return model
