@@ -297,7 +297,9 @@ def test_model_without_a_return_value_gets_a_clear_error():
     x = torch.ones(3, 1)
     potential = pb.ModelPotential(model).setup(x, torch.ones(3))
     with pytest.raises(ValueError, match="must return its predictive mean"):
-        ParticlePosterior(potential, torch.zeros(2, 1)).predict(x)
+        potential.model_output(torch.zeros(2, 1), x)
+    with pytest.warns(UserWarning, match="returns no predictive mean"):  # predict falls back
+        assert ParticlePosterior(potential, torch.zeros(2, 1)).predict(x)["mean"].shape == (3,)
 
 
 def test_plots_write_non_empty_files(adapted, tmp_path):
