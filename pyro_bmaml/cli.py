@@ -26,6 +26,7 @@ from .checkpoint import load_checkpoint
 from .meta import BMAML, EMAML, MAML
 from .metrics import classification_metrics, mean_and_se, regression_metrics
 from .models import BayesianClassifier, BayesianMLP
+from .training import evaluate
 from .tasks import Sinusoid, TaskBatch
 
 METHODS = ("bmaml", "emaml", "maml")
@@ -94,8 +95,12 @@ class SinusoidFamily:
         training, calibration = source.split(holdout, seed=config["seed"])
         return source, training, calibration
 
-    def metrics(self, posterior, tasks):
-        return regression_metrics(posterior, tasks.x_query, tasks.y_query, crps=True)
+    def metrics(self, posterior, x_query, y_query):
+        return regression_metrics(posterior, x_query, y_query, crps=True)
+
+    def headline(self, metrics: dict) -> str:
+        return (f"MSE {metrics['mse'][0]:.4f}, NLL {metrics['nll'][0]:.4f}, 90% coverage "
+                f"{metrics['coverage'][0.9][0]:.3f}")
 
     def summary(self, metrics: dict, num_tasks: int) -> str:
         mse, nll = metrics["mse"], metrics["nll"]
@@ -175,8 +180,12 @@ class ClassificationFamily:
         source = self.source(config)
         return source, source, None
 
-    def metrics(self, posterior, tasks):
-        return classification_metrics(posterior, tasks.x_query, tasks.y_query)
+    def metrics(self, posterior, x_query, y_query):
+        return classification_metrics(posterior, x_query, y_query)
+
+    def headline(self, metrics: dict) -> str:
+        return (f"accuracy {metrics['accuracy'][0]:.4f}, NLL {metrics['nll'][0]:.4f}, "
+                f"ECE {metrics['ece'][0]:.4f}")
 
     def summary(self, metrics: dict, num_tasks: int) -> str:
         acc, nll = metrics["accuracy"], metrics["nll"]
@@ -292,7 +301,7 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
     out.mkdir(parents=True, exist_ok=True)
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps,
                               track_ksd=True)
-    metrics = family.metrics(posterior, tasks)
+    metrics = family.metrics(posterior, tasks.x_query, tasks.y_query)
     ksd = posterior.info["ksd"]
     table, lines = family.write(learner, posterior, tasks, metrics, out)
     table["ksd_squared_final"] = list(mean_and_se(ksd[-1]))
@@ -457,6 +466,8 @@ def train(args) -> int:
     learner = build_learner(config)
     source, tasks, calibration_tasks = task_sources(config, learner)
     eval_tasks = source.evaluation_tasks(eval_count)
+    # the reference a meta-learned prior has to beat: the same learner before meta-training
+    before = None if args.resume else evaluate(learner, eval_tasks, metrics=family.metrics)
     history = learner.fit(
         tasks, args.iterations, meta_batch_size=args.meta_batch, lr=args.lr,
         schedule_iterations=args.schedule_iterations,
@@ -467,6 +478,9 @@ def train(args) -> int:
     )
     metrics = write_report(learner, eval_tasks, args.out / "evaluation", history, family=family)
     print(family.summary(metrics, eval_count))
+    if before is not None:
+        print("before meta-training (the initial particles, adapted alike): "
+              + family.headline(before))
     print(f"checkpoint: {args.out / 'checkpoint.pt'}   report: {args.out / 'evaluation'}/")
     return 0
 

@@ -114,3 +114,28 @@ def test_load_learner_from_a_cli_checkpoint(tmp_path):
     assert torch.equal(learner.theta0, saved["theta0"]) and state["iteration"] == 2
     post = learner.adapt(torch.linspace(-3, 3, 5)[:, None], torch.zeros(5))
     assert post.particles.shape == learner.theta0.shape
+
+
+@pytest.mark.parametrize("script,args", [
+    ("sinusoid_regression.py", ["--iterations", "2", "--seeds", "0", "--shots", "5",
+                                "--num-tasks", "100", "--methods", "maml", "--eval-tasks", "5"]),
+    ("fewshot_classification.py", ["--iterations", "2", "--seeds", "0", "--shots", "1",
+                                   "--methods", "maml", "--test-episodes", "5",
+                                   "--val-episodes", "3"]),
+])
+def test_examples_write_to_a_scratch_folder_by_default(tmp_path, script, args):
+    """A trial run of a reproduction script never touches the committed results/."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if script.startswith("fewshot"):
+        pytest.importorskip("sklearn")
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    done = subprocess.run([sys.executable, str(path), *args, "--workers", "1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (tmp_path / "results").exists()
+    written = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert any(name.endswith(".md") for name in written) and any(
+        name.endswith(".runs.jsonl") for name in written)

@@ -17,3 +17,5 @@ def test_readme_python_example_runs():
     # the user-task and few-shot blocks ran: a fitted line model and classification scores
     assert namespace["line"].noise_offset.abs().sum() > 0
     assert 0.0 <= namespace["scores"]["accuracy"][0] <= 1.0
+    assert namespace["line_post"].particles.shape == (8, 2)
+    assert callable(namespace["nuts_model"])
