@@ -71,6 +71,10 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
     :param detach_bandwidth: stop the gradient through the bandwidth (default, as the paper).
     """
 
+    #: the largest intermediate tensor (elements) the univariate direction builds; larger
+    #: problems are computed over chunks of coordinates (set on an instance to change it)
+    max_elements: int = 2 ** 24
+
     def __init__(
         self,
         bandwidth: Union[str, float] = "auto",
@@ -188,23 +192,48 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         r"""Attraction and repulsion of the per-coordinate ("univariate") SVGD direction.
 
-        Same math as :meth:`log_kernel_and_grad` followed by the sums over ``m``, but with
-        one ``(..., M, M, D)`` kernel tensor instead of two (the hot path of that mode).
+        Same math as :meth:`log_kernel_and_grad` followed by the sums over ``m``, computed
+        over chunks of coordinates so that no intermediate exceeds :attr:`max_elements`
+        elements (an ``(..., M, M, D)`` tensor at D = 10,403 and M = 100 would take 2 GB);
+        a single coordinate's ``(..., M, M)`` beyond it is refused with the size it needs.
 
         :returns: ``(A, R)``, each ``(..., M, D)``, with
             :math:`A_{nd} = \sum_m k_d(x_n, x_m) g_{md}` and
             :math:`R_{nd} = \sum_m \partial_{x_{md}} k_d(x_m, x_n)`.
         """
-        sq = (particles.unsqueeze(-3) - particles.unsqueeze(-2)).pow(2)
         rule = self._rule(per_dimension=True)
-        h = self._bandwidth_from_sq(sq if rule == "pyro" else sq.sum(-1), rule)
-        log_k, dlog_k = self._log_profile(sq / h.unsqueeze(-2).unsqueeze(-2))
-        kernel = log_k.exp()
-        dk = kernel * dlog_k  # f'(r)
-        attraction = (kernel * grad_log_p.unsqueeze(-3)).sum(-2)
-        # sum_m f'(r_nmd) 2 (x_md - x_nd) / h_d
-        weighted = (dk * particles.unsqueeze(-3)).sum(-2) - particles * dk.sum(-2)
-        return attraction, 2.0 * weighted / h.unsqueeze(-2)
+        m, d = particles.shape[-2:]
+        batch = math.prod(particles.shape[:-2])
+        per_column = batch * m * m  # elements of one coordinate's (..., M, M) tensors
+        if per_column > self.max_elements:
+            raise ValueError(
+                f"the univariate SVGD direction needs (..., M, M) = {per_column:,} elements per "
+                f"coordinate ({per_column * particles.element_size() / 2**20:.0f} MiB), beyond "
+                f"max_elements={self.max_elements:,}; use mode='multivariate' or fewer particles")
+        chunk = max(1, self.max_elements // per_column)
+
+        def sq_of(cols):
+            x = particles[..., cols]
+            return (x.unsqueeze(-3) - x.unsqueeze(-2)).pow(2)
+
+        columns = [slice(i, min(i + chunk, d)) for i in range(0, d, chunk)]
+        if rule == "pyro":  # per-coordinate bandwidths, chunk by chunk
+            h = torch.cat([self._bandwidth_from_sq(sq_of(c), rule) for c in columns], -1)
+        else:  # one bandwidth from the full squared distances, accumulated over chunks
+            total = sum(sq_of(c).sum(-1) for c in columns)
+            h = self._bandwidth_from_sq(total, rule)
+        attraction, repulsion = [], []
+        for c in columns:
+            x = particles[..., c]
+            hc = h[..., c] if h.size(-1) == d else h
+            log_k, dlog_k = self._log_profile(sq_of(c) / hc.unsqueeze(-2).unsqueeze(-2))
+            kernel = log_k.exp()
+            dk = kernel * dlog_k  # f'(r)
+            attraction.append((kernel * grad_log_p[..., c].unsqueeze(-3)).sum(-2))
+            # sum_m f'(r_nmd) 2 (x_md - x_nd) / h_d
+            weighted = (dk * x.unsqueeze(-3)).sum(-2) - x * dk.sum(-2)
+            repulsion.append(2.0 * weighted / hc.unsqueeze(-2))
+        return torch.cat(attraction, -1), torch.cat(repulsion, -1)
 
     def kernel_and_repulsion(self, particles: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The multivariate kernel matrix and SVGD's repulsive term, in O(M^2 + MD) memory.

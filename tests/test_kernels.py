@@ -140,3 +140,27 @@ def test_coordinatewise_terms_match_pyro_convention(kernel):
     attraction, repulsion = kernel.coordinatewise_direction_terms(x, g)
     assert torch.allclose(attraction, torch.einsum("...nmd,...md->...nd", log_k.exp(), g))
     assert torch.allclose(repulsion, -(log_k.exp() * k_grad).sum(-2))
+
+
+@pytest.mark.parametrize("bandwidth", ["median", "pyro", 0.7])
+def test_univariate_direction_in_chunks_equals_the_full_tensor(bandwidth):
+    """Chunks of coordinates give the same direction (and gradient) as one (M, M, D) tensor;
+    a single coordinate beyond the limit is refused with the size it needs."""
+    from pyro_bmaml.kernels import RBFSteinKernel
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    score = torch.randn(2, 5, 13, generator=g, dtype=torch.float64)
+    full = RBFSteinKernel(bandwidth=bandwidth)
+    chunked = RBFSteinKernel(bandwidth=bandwidth)
+    chunked.max_elements = 2 * 5 * 5 * 3  # three coordinates per chunk
+    a_full, r_full = full.coordinatewise_direction_terms(x, score)
+    a_chunk, r_chunk = chunked.coordinatewise_direction_terms(x, score)
+    torch.testing.assert_close(a_chunk, a_full)
+    torch.testing.assert_close(r_chunk, r_full)
+    (g_full,) = torch.autograd.grad((a_full + r_full).pow(2).sum(), x)
+    (g_chunk,) = torch.autograd.grad((a_chunk + r_chunk).pow(2).sum(), x)
+    torch.testing.assert_close(g_chunk, g_full)
+    chunked.max_elements = 10
+    with pytest.raises(ValueError, match="needs \\(..., M, M\\) = 50 elements per coordinate"):
+        chunked.coordinatewise_direction_terms(x, score)
