@@ -21,6 +21,7 @@ its NaN and support checks are data-dependent control flow that ``vmap`` cannot 
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -147,6 +148,16 @@ class ModelPotential:
 
     def setup(self, *args, **kwargs) -> "ModelPotential":
         """Trace the model once with one task's arguments and record its latent sites."""
+        try:
+            signature = inspect.signature(self.model)
+        except (TypeError, ValueError):  # a callable without an inspectable signature
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(*args, **kwargs)
+            except TypeError as err:
+                raise TypeError(f"the model cannot be called with these arguments ({err}); "
+                                f"its signature is {signature}") from None
         with torch.no_grad():
             trace = poutine.trace(self.model).get_trace(*args, **kwargs)
         sites, offset = [], 0

@@ -148,3 +148,9 @@ def test_engine_refuses_silent_wrong_answers():
     post = pb.ParticlePosterior(svgd.potential, theta, x, y)
     with pytest.raises(ValueError, match="non-finite"):
         post.predict(x * float("nan"))
+
+
+def test_unknown_model_arguments_name_the_signature():
+    x, y = regression_data()
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'noise'.*signature is \(X, y, a0=2.0"):
+        pb.ModelPotential(normal_gamma_regression).setup(x, y, noise=0.1)
