@@ -151,6 +151,7 @@ class MetaLearner(nn.Module):
         chaser_trains_noise: bool = True,
         noise_adaptation_scale: Optional[bool] = None,
     ):
+        """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         super().__init__()
         self.model = model
         self.potential = ModelPotential(model)
@@ -571,6 +572,7 @@ class BMAML(MetaLearner):
         chaser_trains_noise: bool = True,
         noise_adaptation_scale: Optional[bool] = None,
     ):
+        """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         num_particles = check_int("num_particles", num_particles, 2)
         self.objective = check_choice("objective", objective, ("chaser", "bfa"))
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
@@ -682,6 +684,7 @@ class EMAML(MetaLearner):
                  example_args: Optional[Sequence] = None, objective: str = "auto",
                  noise_sites: SiteSpec = "auto", calibration: Optional[str] = None,
                  calibration_lr: float = 1e-2):
+        """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         self.objective = check_choice("objective", objective, ("auto", "mse", "nll", "log_joint"))
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
                          noise_sites, calibration, calibration_lr=calibration_lr)
@@ -768,5 +771,6 @@ class MAML(EMAML):
                  init: InitSpec = "prior", example_args: Optional[Sequence] = None,
                  objective: str = "auto", noise_sites: SiteSpec = "auto",
                  calibration: Optional[str] = None, calibration_lr: float = 1e-2):
+        """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         super().__init__(model, 1, inner_steps, step_size, init, example_args, objective,
                          noise_sites, calibration, calibration_lr)
