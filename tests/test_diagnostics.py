@@ -382,7 +382,8 @@ def test_model_without_return_adapts_predicts_and_exports():
     assert pred["particle_means"].shape == (4, 6)
     # 100 draws of sd 0.1: the estimate is within 4 s.e. = 0.04 of the exact mean
     assert (pred["particle_means"] - exact).abs().max() < 0.04
-    idata = post.to_inference_data(x)
+    with pytest.warns(UserWarning, match="returns no predictive mean"):
+        idata = post.to_inference_data(x)
     assert idata.predictions["y"].shape == (1, 4, 1, 6)
 
 
