@@ -149,15 +149,16 @@ class SVGD(pyro.infer.SVGD):
 
     Differences from Pyro's class: the model need not be vectorized (it is ``vmap``-ed over
     particles); each row of ``svgd_particles`` is one particle with all its sites; kernels are
-    differentiable; bad arguments raise ``TypeError``/``ValueError``.
+    differentiable; bad arguments raise ``TypeError``/``ValueError``. The named particles
+    have Pyro's shapes (``get_named_particles(compact=True)`` for the unpadded ones).
 
     :param model: a Pyro model with continuous latent sites.
     :param kernel: :class:`~pyro_bmaml.RBFSteinKernel`, :class:`~pyro_bmaml.IMQSteinKernel`,
         or Pyro's stock RBF/IMQ kernels (converted, keeping Pyro's bandwidth rule).
     :param optim: a :class:`pyro.optim.PyroOptim` used by :meth:`step`.
     :param num_particles: M >= 2.
-    :param max_plate_nesting: kept for API compatibility with Pyro (the vectorization here
-        does not need it).
+    :param max_plate_nesting: as Pyro's: the vectorization here does not need it, but
+        :meth:`get_named_particles` pads the sites' plate dims to it, as Pyro does.
     :param mode: ``"univariate"`` (Pyro's default) or ``"multivariate"``.
     """
 
@@ -233,9 +234,22 @@ class SVGD(pyro.infer.SVGD):
         pyro.infer.util.zero_grads([param])
         return squared
 
-    def get_named_particles(self) -> Dict[str, torch.Tensor]:
-        """``{site: constrained particles (num_particles, *site_shape)}``."""
-        return self.potential.unpack(pyro.param("svgd_particles").unconstrained().detach())
+    def get_named_particles(self, compact: bool = False) -> Dict[str, torch.Tensor]:
+        """``{site: constrained particles}``, shaped as :class:`pyro.infer.SVGD` shapes them:
+        ``(num_particles, 1, ..., 1, *site_shape)``, the site's plate (batch) dims padded with
+        ones to ``max_plate_nesting`` (Pyro's particle plate sits left of every model plate),
+        so code written for Pyro indexes the same axes. ``compact=True`` gives
+        ``(num_particles, *site_shape)``, the layout of this package's own API
+        (``potential.pack`` / ``unpack``)."""
+        named = self.potential.unpack(pyro.param("svgd_particles").unconstrained().detach())
+        if compact:
+            return named
+        out = {}
+        for site in self.potential.sites:
+            pad = self.max_plate_nesting - (len(site.shape) - site.event_dim)
+            value = named[site.name]
+            out[site.name] = value.reshape(value.shape[:1] + (1,) * max(pad, 0) + value.shape[1:])
+        return out
 
     def transport(
         self,

@@ -71,7 +71,7 @@ def test_pyro_module_with_pyro_sample_priors():
                    mode="multivariate")
     for _ in range(3):
         svgd.step(x, y)
-    named = svgd.get_named_particles()
+    named = svgd.get_named_particles(compact=True)
     assert set(named) == {"linear.weight", "linear.bias", "sigma"}
     assert named["linear.weight"].shape == (10, 1, 2)
     flat = svgd.potential.pack(named)

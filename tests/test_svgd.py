@@ -105,8 +105,9 @@ def test_gamma_poisson_conjugate(mode, kernel_cls):
     svgd = pb.SVGD(model, kernel, Adam({"lr": 0.05}), 200, 2, mode=mode)
     _anneal(svgd, kernel, 451)
     rate = svgd.get_named_particles()["latent"]
-    assert rate.shape == (200, 3)
-    _assert_moments(rate, posterior.mean, posterior.variance)
+    assert rate.shape == (200, 1, 3)  # Pyro's shape: the plate dims padded to max_plate_nesting
+    assert svgd.get_named_particles(compact=True)["latent"].shape == (200, 3)
+    _assert_moments(rate[:, 0], posterior.mean, posterior.variance)
 
 
 @pytest.mark.parametrize("mode", ["univariate", "multivariate"])
@@ -243,3 +244,24 @@ def test_transport_reports_the_step_that_went_non_finite():
     init = torch.randn(5, 3)
     with pytest.raises(FloatingPointError, match="SVGD step [0-9]+"):
         pb.transport(potential, pb.RBFSteinKernel(), init, x, y * 1e3, num_steps=50, step_size=1e3)
+
+
+def test_named_particle_shapes_match_pyro():
+    """Drop-in: ``get_named_particles`` has pyro.infer.SVGD's shapes (site plate dims padded
+    to max_plate_nesting) for global, event-shaped and plate sites."""
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("p", 3):
+            z = pyro.sample("z", dist.Normal(mu, 1.0))
+        pyro.sample("y", dist.Normal(z.sum(-1) + w.sum(-1), 1.0), obs=y)
+
+    for nesting in (1, 2):
+        shapes = []
+        for cls, kernel in ((pyro.infer.SVGD, pyro.infer.RBFSteinKernel()),
+                            (pb.SVGD, pb.RBFSteinKernel())):
+            pyro.clear_param_store()
+            svgd = cls(model, kernel, Adam({"lr": 0.1}), 4, nesting)
+            svgd.step(torch.tensor(1.0))
+            shapes.append({k: tuple(v.shape) for k, v in svgd.get_named_particles().items()})
+        assert shapes[0] == shapes[1], nesting
