@@ -173,6 +173,9 @@ class SVGD(pyro.infer.SVGD):
     ):
         if not callable(model):
             raise TypeError(f"model must be callable (a Pyro model), got {type(model).__name__}")
+        #: a Pyro stock kernel the user passed: its settings (e.g. an annealed
+        #: ``bandwidth_factor``, as Pyro's own tests do) are read again at every step
+        self._source_kernel = None if isinstance(kernel, SteinKernel) else kernel
         kernel = as_differentiable_kernel(kernel)
         if not isinstance(optim, pyro.optim.PyroOptim):
             raise TypeError(
@@ -213,6 +216,8 @@ class SVGD(pyro.infer.SVGD):
         :returns: ``{site: mean squared SVGD direction}``, to monitor convergence (as Pyro).
         """
         check_finite_data(args, kwargs)
+        if self._source_kernel is not None:  # follow changes made to the user's Pyro kernel
+            self.kernel.bandwidth_factor = self._source_kernel.bandwidth_factor
         param = self._particles_param(args, kwargs)
         check_finite_data(args, kwargs, param.dtype)
         warn_if_identical(param.detach())
