@@ -42,3 +42,15 @@ def run_jobs(run_one, jobs, workers: int, log: Path) -> list:
             print(json.dumps({k: v for k, v in row.items() if k not in ("curve", "reliability")}),
                   flush=True)
     return rows
+
+
+def save_json(out: Path, budget: dict, table: list, rows: list) -> None:
+    """``OUT.json``: the budget, the summary table and every run."""
+    out.with_suffix(".json").write_text(json.dumps({"budget": budget, "table": table,
+                                                    "runs": rows}, indent=2))
+
+
+def seed_note(rows) -> str:
+    """How the table's +- reads: over seeds, or none for one seed."""
+    return ("mean +- s.e. over seeds" if len({r["seed"] for r in rows}) > 1
+            else "one seed: no s.e.")

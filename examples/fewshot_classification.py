@@ -30,7 +30,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from _runs import fmt, mean_se, read_runs, run_jobs
+from _runs import fmt, mean_se, read_runs, run_jobs, save_json, seed_note
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
 from pyro_bmaml.metrics import classification_metrics
 from pyro_bmaml.training import evaluate
@@ -86,10 +86,8 @@ def write_outputs(out: Path, budget: dict, rows: list):
         for key in METRICS + ("accuracy_ci95",):
             entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
         table.append(entry)
-    out.with_suffix(".json").write_text(json.dumps({"budget": budget, "table": table,
-                                                    "runs": rows}, indent=2))
-    seeds = sorted({r["seed"] for r in rows})
-    se_note = "mean +- s.e. over seeds" if len(seeds) > 1 else "one seed: no s.e."
+    save_json(out, budget, table, rows)
+    se_note = seed_note(rows)
     lines = [f"Budget: {json.dumps(budget)}", "",
              f"Digits 5-way, {budget['test_episodes']} test episodes of unseen classes per "
              f"seed ({se_note}). Accuracy of the particle mixture; CI95 = each seed's 95% "

@@ -31,7 +31,7 @@ from pathlib import Path
 import pyro
 import torch
 
-from _runs import fmt, mean_se, read_runs, run_jobs
+from _runs import fmt, mean_se, read_runs, run_jobs, save_json, seed_note
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
 from pyro_bmaml.metrics import RELIABILITY_LEVELS
 from pyro_bmaml.training import evaluate
@@ -115,10 +115,8 @@ def write_outputs(out: Path, budget: dict, rows: list):
     from pyro_bmaml import plots
 
     table = summarize(rows)
-    out.with_suffix(".json").write_text(json.dumps({"budget": budget, "table": table,
-                                                    "runs": rows}, indent=2))
-    seeds = sorted({r["seed"] for r in rows})
-    se_note = "mean +- s.e. over seeds" if len(seeds) > 1 else "one seed: no s.e."
+    save_json(out, budget, table, rows)
+    se_note = seed_note(rows)
     lines = [f"Budget: {json.dumps(budget)}", "",
              f"Held-out metrics on {budget['eval_tasks']} noise-free evaluation tasks ({se_note}; "
              "each seed's value is a mean over the tasks). MSE = MSE of the particle-mean "

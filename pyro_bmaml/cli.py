@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -20,13 +21,11 @@ from typing import List, Optional
 
 import pyro
 
-import re
-
 from .checkpoint import load_checkpoint
 from .meta import BMAML, EMAML, MAML
 from .metrics import classification_metrics, mean_and_se, regression_metrics
 from .models import BayesianClassifier, BayesianMLP
-from .training import evaluate
+from .training import config_differences, evaluate
 from .tasks import Sinusoid, TaskBatch
 
 METHODS = ("bmaml", "emaml", "maml")
@@ -84,7 +83,7 @@ class SinusoidFamily:
                           seed=config["seed"])
         fraction = config.get("calibration_holdout") or 0.0
         if (not fraction or config["num_tasks"] is None
-                or getattr(learner, "calibration", "noise_offset") not in ("noise_offset", "initial_noise")):
+                or (learner is not None and not learner.has_calibration_term)):
             return source, source, None
         holdout = max(1, round(fraction * config["num_tasks"]))
         if config["num_tasks"] - holdout < config.get("meta_batch", 1):
@@ -117,7 +116,8 @@ class SinusoidFamily:
                 + "; see calibration.png")
         return "\n".join(lines)
 
-    def write(self, learner, posterior, tasks, metrics, out: Path) -> None:
+    def write(self, learner, posterior, tasks, metrics, out: Path):
+        """``(table, markdown rows)`` of the report, writing the family's plots into ``out``."""
         from . import plots
 
         table = {k: metrics[k] for k in ("mse", "mse_particles", "rmse", "nll", "crps")}
@@ -142,6 +142,7 @@ class ClassificationFamily:
 
     name = "classification"
     eval_tasks = 600
+
     def method_defaults(self, method: str, config: dict) -> dict:
         """Steps picked on the validation classes of digits 5-way 1-shot (200 iterations;
         BMAML 0.05 / 0.2 / 0.5, EMAML and MAML 0.4 / 1.0): BMAML's SVGD step is on the log
@@ -455,10 +456,8 @@ def train(args) -> int:
     eval_count = args.eval_tasks or family.eval_tasks
     checkpoint = _prepare_out(args.out, args.resume, args.overwrite)
     if args.resume and checkpoint.is_file():
-        from .training import _differences
-
         saved = resolve_config(load_checkpoint(checkpoint).get("extra", {}).get("config") or {})
-        diffs = _differences(saved, config)
+        diffs = config_differences(saved, config)
         if diffs:
             raise ValueError(f"--resume: {checkpoint} was trained with other settings: "
                              + "; ".join(diffs[:6]) + ". Use the same arguments, or --overwrite")

@@ -46,8 +46,8 @@ global offset also gives every task the same noise shift, so the mixture's tails
 light across tasks of very different difficulty (intervals right at 90% are too wide at
 50%); by default a meta-learned scale of the noise coordinates' change during adaptation,
 :math:`\theta_0 + e^s(\theta^n - \theta_0) + \delta`, lets each task's support residuals
-set its noise level more strongly (``noise_adaptation_scale``). The offset learns the noise level the few-step posterior needs for its predictive to
-be calibrated on unseen points; adaptation itself (and so the MSE) is exactly that of the
+set its noise level more strongly (``noise_adaptation_scale``). The offset learns the
+noise level the few-step posterior needs for its predictive to be calibrated on unseen points; adaptation itself (and so the MSE) is exactly that of the
 uncalibrated learner, since the offset enters after it and its loss reaches nothing else.
 The noise sites are found from the model
 (:meth:`~pyro_bmaml.potential.ModelPotential.noise_sites`): sites the likelihood depends on
@@ -210,6 +210,12 @@ class MetaLearner(nn.Module):
         return "noise_offset" if self.noise_sites else "none"
 
     @property
+    def has_calibration_term(self) -> bool:
+        """Whether the meta-loss has the query-NLL calibration term (``"noise_offset"`` or
+        ``"initial_noise"``), the term ``fit(calibration_tasks=...)`` feeds."""
+        return self.calibration in ("noise_offset", "initial_noise")
+
+    @property
     def shared_parameters(self) -> List[nn.Parameter]:
         """The model's own :class:`torch.nn.Parameter` s (e.g. the shared feature extractor
         of :class:`~pyro_bmaml.models.BayesianClassifier` with ``shared="features"``):
@@ -348,7 +354,7 @@ class MetaLearner(nn.Module):
         ``loss_terms["calibration_nll"]``). With ``calibration_batch`` (held-out tasks) the
         term is computed on those tasks, adapted from ``theta0`` without a graph, instead of
         on the training batch's ``adapted`` particles."""
-        if self.calibration not in ("noise_offset", "initial_noise"):
+        if not self.has_calibration_term:
             return loss
         if calibration_batch is not None:
             batch = calibration_batch.validate()

@@ -161,13 +161,12 @@ class ModelPotential:
         with torch.no_grad():
             trace = poutine.trace(self.model).get_trace(*args, **kwargs)
         sites, offset = [], 0
-        self.observation_discrete = False
         self.observation_site = next(
             (name for name, site in trace.nodes.items()
              if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
              and not site["infer"].get("_deterministic")), None)
-        if self.observation_site is not None:
-            self.observation_discrete = bool(trace.nodes[self.observation_site]["fn"].support.is_discrete)
+        self.observation_discrete = self.observation_site is not None and bool(
+            trace.nodes[self.observation_site]["fn"].support.is_discrete)
         self._check_observed_shapes(trace)
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):

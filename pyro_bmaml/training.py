@@ -21,7 +21,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import regression_metrics
 from .tasks import TaskBatch
 
-__all__ = ["fit", "evaluate", "check_config"]
+__all__ = ["fit", "evaluate", "check_config", "config_differences"]
 
 
 def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
@@ -50,11 +50,13 @@ def _scalars(metrics: dict) -> Dict[str, list]:
             if isinstance(v, tuple) and len(v) == 2 and all(isinstance(a, float) for a in v)}
 
 
-def _differences(saved, current, prefix=""):
+def config_differences(saved, current, prefix="") -> list:
+    """``"key: saved (saved) != current (now)"`` for every leaf where two (nested)
+    configuration dicts differ."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current), key=str):
-            out += _differences(saved.get(key, "<absent>"), current.get(key, "<absent>"),
+            out += config_differences(saved.get(key, "<absent>"), current.get(key, "<absent>"),
                                 f"{prefix}{key}.")
         return out
     return [] if saved == current else [f"{prefix[:-1]}: {saved!r} (saved) != {current!r} (now)"]
@@ -70,7 +72,7 @@ def check_config(state: dict, config: dict, path, keys=None) -> None:
     if keys is not None:
         saved = {k: saved.get(k) for k in keys}
         config = {k: config.get(k) for k in keys}
-    diffs = _differences(saved, config)
+    diffs = config_differences(saved, config)
     if diffs:
         raise ValueError(f"the checkpoint {path} was written with another configuration: "
                          + "; ".join(diffs[:8]) + ("; ..." if len(diffs) > 8 else "")
@@ -147,8 +149,7 @@ def fit(
         if source is not None and not hasattr(source, "sample"):
             raise TypeError(f"{name} must be a task source with a sample() method, "
                             f"got {type(source).__name__}")
-    if calibration_tasks is not None and getattr(learner, "calibration", None) not in (
-            "noise_offset", "initial_noise"):
+    if calibration_tasks is not None and not getattr(learner, "has_calibration_term", False):
         raise ValueError("calibration_tasks needs a learner with a calibration term "
                          f"(calibration='noise_offset' or 'initial_noise'), got "
                          f"{getattr(learner, 'calibration', None)!r}")
