@@ -52,7 +52,8 @@ def run_one(job):
     config = resolve_config({"method": method, "particles": m, "hidden": [40, 40, 40],
                              "inner_steps": 1, "leader_steps": 1, "variant": "bmaml",
                              "num_tasks": num_tasks, "shots": k, "seed": seed, "meta_batch": 10,
-                             "calibration_holdout": args["calibration_holdout"]})
+                             "calibration_holdout": args["calibration_holdout"],
+                             "calibration": args.get("calibration")})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
     source, tasks, calibration_tasks = task_sources(config, learner)
@@ -87,6 +88,10 @@ def calibration_label(row) -> str:
     """How the run's noise calibration was learned: the offset (+ the adaptation scale,
     which only moves BMAML, whose SVGD step changes the noise), on the training batches or
     on a held-out share of the pool."""
+    if row.get("calibration") == "none":
+        return "none (chaser only)"
+    if row.get("calibration") == "initial_noise":
+        return "initial noise"
     label = "offset"
     if row.get("noise_adaptation_scale") and row["method"] == "bmaml":
         label += "+scale"
@@ -191,6 +196,8 @@ def main():
     p.add_argument("--particles", type=int, default=10)
     p.add_argument("--calibration-holdout", type=float, default=0.1,
                    help="fraction of each pool held out of meta-training for the noise offset")
+    p.add_argument("--calibration", default=None, choices=["noise_offset", "initial_noise", "none"],
+                   help="BMAML/EMAML/MAML calibration term (default: each method's default)")
     p.add_argument("--eval-tasks", type=int, default=100)
     p.add_argument("--methods", nargs="+", default=["bmaml", "emaml", "maml"],
                    choices=["bmaml", "emaml", "maml"])
@@ -207,7 +214,8 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"iterations": args.iterations, "schedule_iterations": args.schedule_iterations,
                 "eval_every": args.eval_every or max(1, args.iterations // 10),
-                "eval_tasks": args.eval_tasks, "calibration_holdout": args.calibration_holdout}
+                "eval_tasks": args.eval_tasks, "calibration_holdout": args.calibration_holdout,
+                "calibration": args.calibration}
     budget = settings | {"meta_batch": 10, "lr": 1e-3, "network": "1-40-40-40-1",
                          "seeds": args.seeds, "M": args.particles}
     if args.from_runs:
