@@ -44,7 +44,8 @@ def run_one(job):
     config = resolve_config({
         "task": f"digits-5way-{shots}shot", "method": method, "particles": args["particles"],
         "ways": 5, "shots": shots, "query": 15, "network": args["network"],
-        "shared": args["shared"], "hidden": args["hidden"], "inner_steps": 1,
+        "shared": args["shared"], "shared_step_size": args.get("shared_step_size"),
+        "hidden": args["hidden"], "inner_steps": 1,
         "leader_steps": 1, "seed": seed})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
@@ -52,7 +53,8 @@ def run_one(job):
     val = source.evaluation_tasks(args["val_episodes"], seed=777, split="val")
     test = source.evaluation_tasks(args["test_episodes"], seed=12345, split="test")
     row = {"method": method, "K": shots, "seed": seed, "M": learner.num_particles,
-           "step_size": learner.step_size, "objective": learner.objective}
+           "step_size": learner.step_size, "objective": learner.objective,
+           "shared": args["shared"], "shared_step_size": learner.shared_step_size}
     t0 = time.time()
     try:
         history = learner.fit(tasks, args["iterations"], meta_batch_size=10, seed=seed,
@@ -72,17 +74,26 @@ def run_one(job):
 
 
 
+def body_label(row) -> str:
+    """How the network's hidden layers are treated in a run (see the table's caption)."""
+    if row.get("shared", "none") == "none":
+        return "latent"
+    alpha = row.get("shared_step_size")
+    return "shared" + (f", adapted alpha={alpha:g}" if alpha else ", not adapted")
+
+
 def write_outputs(out: Path, budget: dict, rows: list):
     from pyro_bmaml import plots
 
     groups = {}
     for r in rows:
-        groups.setdefault((r["K"], r["method"]), []).append(r)
+        groups.setdefault((r["K"], body_label(r), r["method"]), []).append(r)
     table = []
-    for (k, method), rs in sorted(groups.items()):
+    for (k, body, method), rs in sorted(groups.items()):
         ok = [r for r in rs if "error" not in r]
-        entry = {"K": k, "method": method, "M": rs[0]["M"], "step_size": rs[0]["step_size"],
-                 "seeds": len(rs), "diverged": len(rs) - len(ok)}
+        entry = {"K": k, "method": method, "body": body, "M": rs[0]["M"],
+                 "step_size": rs[0]["step_size"], "seeds": len(rs),
+                 "diverged": len(rs) - len(ok)}
         for key in METRICS + ("accuracy_ci95",):
             entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
         table.append(entry)
@@ -94,41 +105,51 @@ def write_outputs(out: Path, budget: dict, rows: list):
              "interval half-width over episodes (mean over seeds); NLL = mixture negative log "
              "likelihood per query point; Brier per point; ECE / MCE top-label, 15 bins, pooled "
              "over the episodes; H right / wrong = mean predictive entropy (nats) on correctly "
-             "/ wrongly classified points. Chance accuracy is 0.2 (NLL 1.609).", "",
-             "| K | method | M | step | accuracy | CI95 | NLL | Brier | ECE | MCE | H right | "
-             "H wrong | diverged |", "|---" * 13 + "|"]
+             "/ wrongly classified points. Chance accuracy is 0.2 (NLL 1.609). Body: the "
+             "hidden layers are latent (particles over every weight), or shared by the "
+             "particles and meta-learned (particles over the head only, the paper's "
+             "miniImageNet setup), and then adapted per task by a gradient step of size alpha "
+             "or not.", "",
+             "| K | body | method | M | step | accuracy | CI95 | NLL | Brier | ECE | MCE | "
+             "H right | H wrong | diverged |", "|---" * 14 + "|"]
     for e in table:
         lines.append(
-            f"| {e['K']} | {e['method']} | {e['M']} | {e['step_size']:g} | {fmt(e['accuracy'])} | "
+            f"| {e['K']} | {e['body']} | {e['method']} | {e['M']} | {e['step_size']:g} | "
+            f"{fmt(e['accuracy'])} | "
             f"{e['accuracy_ci95'][0]:.3f} | {fmt(e['nll'])} | {fmt(e['brier'])} | "
             f"{fmt(e['ece'])} | {fmt(e['mce'])} | {fmt(e['entropy_correct'])} | "
             f"{fmt(e['entropy_wrong'])} | {e['diverged']}/{e['seeds']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+    bodies = sorted({body_label(r) for r in rows})
+    variants = [((body, method), method.upper() + (f" ({body})" if len(bodies) > 1 else ""))
+                for body in bodies for method in sorted({r["method"] for r in rows})]
     curves, panels = {}, {}
     for key in ("accuracy", "ece"):
         for k in sorted({r["K"] for r in rows}):
             panel = {}
-            for method in sorted({r["method"] for r in rows}):
-                runs = [r for r in rows if (r["K"], r["method"]) == (k, method) and r.get("curve")]
+            for variant, label in variants:
+                runs = [r for r in rows if (r["K"], body_label(r), r["method"]) == (k, *variant)
+                        and r.get("curve")]
                 if not runs:
                     continue
                 its = [c["iteration"] for c in runs[0]["curve"]]
                 stats = [mean_se([r["curve"][i][key] for r in runs]) for i in range(len(its))]
-                panel[method.upper()] = (its, [s[0] for s in stats], [s[1] or 0.0 for s in stats])
+                panel[label] = (its, [s[0] for s in stats], [s[1] or 0.0 for s in stats])
             curves[f"{key} (validation), 5-way {k}-shot"] = panel
     plots.plot_curve_panels(curves, out.parent / f"{out.name}_curves.png", "meta-iteration")
     for k in sorted({r["K"] for r in rows}):
-        for method in sorted({r["method"] for r in rows}):
-            runs = [r for r in rows if (r["K"], r["method"]) == (k, method) and "reliability" in r]
+        for variant, label in variants:
+            runs = [r for r in rows if (r["K"], body_label(r), r["method"]) == (k, *variant)
+                    and "reliability" in r]
             if runs:  # pool the seeds' bins: counts add, accuracies and confidences weigh by count
                 count = torch.tensor([r["reliability"]["count"] for r in runs], dtype=torch.float64)
                 pooled = {"count": count.sum(0)}
                 for name in ("confidence", "accuracy"):
                     v = torch.tensor([r["reliability"][name] for r in runs], dtype=torch.float64)
                     pooled[name] = (v.nan_to_num() * count).sum(0) / count.sum(0)
-                panels.setdefault(f"5-way {k}-shot (test, seeds pooled)", {})[method.upper()] = pooled
+                panels.setdefault(f"5-way {k}-shot (test, seeds pooled)", {})[label] = pooled
     plots.plot_confidence_panels(panels, out.parent / f"{out.name}_reliability.png")
 
 
@@ -144,6 +165,8 @@ def main():
     p.add_argument("--particles", type=int, default=5)
     p.add_argument("--network", choices=("mlp", "conv4"), default="mlp")
     p.add_argument("--shared", choices=("none", "features"), default="none")
+    p.add_argument("--shared-step-size", type=float, default=None,
+                   help="with --shared features: adapt the shared body per task with this step")
     p.add_argument("--hidden", type=int, nargs="+", default=None)
     p.add_argument("--test-episodes", type=int, default=600)
     p.add_argument("--val-episodes", type=int, default=200)
@@ -161,7 +184,8 @@ def main():
     settings = {"iterations": args.iterations, "schedule_iterations": args.schedule_iterations,
                 "eval_every": args.eval_every or max(1, args.iterations // 8),
                 "particles": args.particles, "network": args.network, "shared": args.shared,
-                "hidden": args.hidden, "test_episodes": args.test_episodes,
+                "shared_step_size": args.shared_step_size, "hidden": args.hidden,
+                "test_episodes": args.test_episodes,
                 "val_episodes": args.val_episodes}
     budget = settings | {"meta_batch": 10, "lr": 1e-3, "seeds": args.seeds, "task": "digits"}
     if args.from_runs:

@@ -252,14 +252,15 @@ def build_learner(config: dict):
 
     Keys: ``method``, ``particles``, ``inner_steps``, ``leader_steps``, the task's keys
     (``task`` and, for sinusoid, nothing else; for classification ``ways``, ``shots``,
-    ``network``, ``shared``, ...) and, optional (``None``: the family's default for the
-    method), ``hidden``, ``step_size``, ``objective``, ``calibration``, ``noise_step_size``
+    ``network``, ``shared``, ``shared_step_size``, ...) and, optional (``None``: the
+    family's default for the method), ``hidden``, ``step_size``, ``objective``, ``calibration``, ``noise_step_size``
     (BMAML only).
     """
     config = resolve_config(config)
     model = task_family(config["task"]).model(config)
     common = dict(inner_steps=config["inner_steps"], step_size=config["step_size"], init="paper",
-                  objective=config["objective"], calibration=config["calibration"])
+                  objective=config["objective"], calibration=config["calibration"],
+                  shared_step_size=config.get("shared_step_size"))
     if config["method"] == "bmaml":
         return BMAML(model, num_particles=config["particles"], leader_steps=config["leader_steps"],
                      noise_step_size=config["noise_step_size"], **common)
@@ -350,6 +351,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--shared", choices=("none", "features"), default="none",
                    help="classification: 'features' shares the body among particles "
                         "(particles over the head only)")
+    t.add_argument("--shared-step-size", type=_positive(float), default=None,
+                   help="classification with --shared features: also adapt the shared body to "
+                        "each task in the inner loop with this gradient step (default: not "
+                        "adapted, only meta-learned)")
     t.add_argument("--image-size", type=_hidden, default=(28, 28),
                    help="folder:PATH: images are resized to H,W")
     t.add_argument("--channels", type=int, choices=(1, 3), default=1,
@@ -451,6 +456,7 @@ def train(args) -> int:
             raise ValueError(f"--shots {args.shots} contradicts --task {args.task}")
         config.update(ways=ways, shots=args.shots or shots, query=args.query,
                       network=args.network, shared=args.shared,
+                      shared_step_size=args.shared_step_size,
                       image_size=list(args.image_size), channels=args.channels)
     config = resolve_config(config)
     eval_count = args.eval_tasks or family.eval_tasks

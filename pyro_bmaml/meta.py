@@ -70,6 +70,7 @@ previous variants (inner gradient ascent on the whole log joint, query-NLL meta-
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -126,6 +127,14 @@ class MetaLearner(nn.Module):
         amplitudes 0.1 to 5): intervals calibrated at 90% are too wide at 50%; the scale
         lets the noise differ by task (``results/sinusoid.md``). No effect on learners whose
         adaptation leaves the noise coordinates alone (EMAML and MAML on the MSE).
+    :param shared_step_size: with a model that has shared parameters (e.g.
+        :class:`~pyro_bmaml.models.BayesianClassifier` with ``shared="features"``), adapt them
+        to each task in the inner loop too: at every adaptation step, alongside the
+        particles' step, :math:`\phi \leftarrow \phi - \alpha_\phi \nabla_\phi
+        \big(-\frac{1}{MN}\sum_{m,n} \log p(y_n \mid x_n, \theta_m, \phi)\big)` (one
+        copy per task, differentiable, so the meta-gradient reaches :math:`\phi` through it as
+        MAML's does). ``None`` (default): the shared parameters are not adapted, only
+        meta-learned.
     :param chaser_trains_noise: let the meta-loss of the adapted particles (chaser, query MSE)
         reach ``theta0``'s noise coordinates, as the official code does (default). ``False``
         cuts it: the chaser loss rewards a lower noise precision for its own sake (a weaker
@@ -150,6 +159,7 @@ class MetaLearner(nn.Module):
         offset_per_particle: bool = False,
         chaser_trains_noise: bool = True,
         noise_adaptation_scale: Optional[bool] = None,
+        shared_step_size: Optional[float] = None,
     ):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         super().__init__()
@@ -201,6 +211,12 @@ class MetaLearner(nn.Module):
                              f"got {self.calibration!r}")
         self.noise_log_scale = nn.Parameter(torch.zeros(
             width if self.noise_adaptation_scale else 0, dtype=self.theta0.dtype))
+        self.shared_step_size = (None if shared_step_size is None
+                                 else check_positive_float("shared_step_size", shared_step_size))
+        if self.shared_step_size is not None and not self.shared_parameters:
+            raise ValueError("shared_step_size adapts the model's shared parameters, and the "
+                             f"model ({type(model).__name__}) has none (torch.nn.Parameter "
+                             "attributes, e.g. BayesianClassifier(shared='features'))")
         steps = torch.full((self.potential.dim,), self.step_size)
         if self.noise_step_size is not None:
             steps[self.noise_mask] = self.noise_step_size
@@ -296,6 +312,59 @@ class MetaLearner(nn.Module):
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------
+    def adapt_state(self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    num_steps: int, callback=None, step_size: Optional[float] = None,
+                    shared: Optional[Dict[str, torch.Tensor]] = None):
+        """Adapt ``(T, M, D)`` particles and, with ``shared_step_size``, the model's shared
+        parameters (one copy per task: ``shared``, default the module's own, expanded).
+
+        :returns: ``(particles, shared)``, ``shared`` the per-task parameters ``{name:
+            (T, *shape)}`` or ``None`` when the shared parameters are not adapted; evaluate
+            the adapted model with ``self.potential.with_parameters(shared)``."""
+        if self.shared_step_size is None:
+            return self.adapt_particles(particles, x, y, num_steps, callback=callback,
+                                        step_size=step_size), None
+        if shared is None:
+            shared = {name: p.unsqueeze(0).expand(particles.size(0), *p.shape)
+                      for name, p in self.model.named_parameters()}
+        create_graph = torch.is_grad_enabled()
+        base = self.potential
+        for step in range(num_steps):
+            with torch.enable_grad():
+                phi = {k: v if v.requires_grad and create_graph else v.detach().requires_grad_(True)
+                       for k, v in shared.items()}
+                view = base.with_parameters(phi)
+                loss = -view.log_likelihood(particles, x, y).mean((-1, -2)).sum()
+                grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)
+
+            def each(k, p, lp, g, step=step):  # one step at a time: renumber, one final call
+                if k == 0 or step == num_steps - 1:
+                    callback(step + k, p, lp, g)
+
+            try:  # the particles' step, with this step's shared parameters
+                self.potential = view
+                particles = self.adapt_particles(particles, x, y, 1, step_size=step_size,
+                                                 callback=None if callback is None else each)
+            finally:
+                self.potential = base
+            shared = {k: p - self.shared_step_size * g for (k, p), g in zip(phi.items(), grads)}
+            if not create_graph:
+                shared = {k: v.detach() for k, v in shared.items()}
+        if num_steps == 0 and callback is not None:
+            self.adapt_particles(particles, x, y, 0, callback=callback)
+        return particles, shared
+
+    @contextlib.contextmanager
+    def adapted_model(self, shared: Optional[Dict[str, torch.Tensor]]):
+        """Within the block, ``self.potential`` evaluates the model with the per-task
+        shared parameters ``shared`` from :meth:`adapt_state` (nothing changes for ``None``)."""
+        base = self.potential
+        self.potential = base.with_parameters(shared) if shared is not None else base
+        try:
+            yield self.potential
+        finally:
+            self.potential = base
+
     def _expand(self, num_tasks: int) -> torch.Tensor:
         return self.theta0.unsqueeze(0).expand(num_tasks, -1, -1)
 
@@ -349,19 +418,23 @@ class MetaLearner(nn.Module):
 
     def add_calibration_loss(self, loss: torch.Tensor, adapted: torch.Tensor,
                              batch: TaskBatch,
-                             calibration_batch: Optional[TaskBatch] = None) -> torch.Tensor:
+                             calibration_batch: Optional[TaskBatch] = None,
+                             shared: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """``loss`` plus the calibration term when the learner has one (logged as
         ``loss_terms["calibration_nll"]``). With ``calibration_batch`` (held-out tasks) the
         term is computed on those tasks, adapted from ``theta0`` without a graph, instead of
-        on the training batch's ``adapted`` particles."""
+        on the training batch's ``adapted`` particles (and adapted ``shared`` parameters)."""
         if not self.has_calibration_term:
             return loss
         if calibration_batch is not None:
             batch = calibration_batch.validate()
             with torch.no_grad():
-                adapted = self.adapt_particles(self._expand(batch.num_tasks).detach(),
-                                               batch.x_support, batch.y_support, self.inner_steps)
-        term = self.calibration_loss(adapted, batch)
+                adapted, shared = self.adapt_state(
+                    self._expand(batch.num_tasks).detach(), batch.x_support, batch.y_support,
+                    self.inner_steps)
+        with self.adapted_model(None if shared is None else
+                                {k: v.detach() for k, v in shared.items()}):
+            term = self.calibration_loss(adapted, batch)
         self.loss_terms["calibration_nll"] = term.item()
         return loss + term
 
@@ -424,11 +497,13 @@ class MetaLearner(nn.Module):
 
         callback = record if track_ksd else None
         with torch.no_grad():
-            particles = self.calibrate(self.adapt_particles(
-                self._expand(xb.size(0)).detach(), xb, yb, steps, callback=callback,
-                step_size=step_size,
-            ))
+            adapted, shared = self.adapt_state(self._expand(xb.size(0)).detach(), xb, yb, steps,
+                                               callback=callback, step_size=step_size)
+            particles = self.calibrate(adapted)
+        potential = self.potential.with_parameters(shared) if shared is not None else self.potential
         particles = particles[0] if single else particles
+        if single:
+            potential = potential.task_view(0)
         info = self.describe(steps)
         if step_size is not None:
             info["step_size"] = step_size
@@ -437,7 +512,7 @@ class MetaLearner(nn.Module):
             values = ksd_trajectory(self.potential, recorded, xb, yb,
                                     scores_per_step=scores)  # (steps + 1, T)
             info["ksd"] = values[:, 0] if single else values
-        return ParticlePosterior(self.potential, particles, x, y, info=info)
+        return ParticlePosterior(potential, particles, x, y, info=info)
 
     def describe(self, steps: Optional[int] = None) -> dict:
         """Attributes for diagnostics and checkpoints."""
@@ -451,6 +526,8 @@ class MetaLearner(nn.Module):
         }
         if self.noise_step_size is not None:
             info["noise_step_size"] = self.noise_step_size
+        if self.shared_step_size is not None:
+            info["shared_step_size"] = self.shared_step_size
         if self.noise_offset.numel():
             info["noise_offset"] = ",".join(f"{v:.6g}" for v in self.noise_offset.flatten().tolist())
         if self.noise_log_scale.numel():
@@ -469,7 +546,8 @@ class MetaLearner(nn.Module):
             chaser_trains_noise=self.chaser_trains_noise,
             offset_per_particle=self.offset_per_particle,
             noise_adaptation_scale=self.noise_adaptation_scale,
-            shared_parameters=[list(p.shape) for p in self.shared_parameters])
+            shared_parameters=[list(p.shape) for p in self.shared_parameters],
+            shared_step_size=self.shared_step_size)
         return info
 
     def prior_particles(self) -> Dict[str, torch.Tensor]:
@@ -577,13 +655,15 @@ class BMAML(MetaLearner):
         offset_per_particle: bool = False,
         chaser_trains_noise: bool = True,
         noise_adaptation_scale: Optional[bool] = None,
+        shared_step_size: Optional[float] = None,
     ):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         num_particles = check_int("num_particles", num_particles, 2)
         self.objective = check_choice("objective", objective, ("chaser", "bfa"))
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
                          noise_sites, calibration, noise_step_size, calibration_lr,
-                         offset_per_particle, chaser_trains_noise, noise_adaptation_scale)
+                         offset_per_particle, chaser_trains_noise, noise_adaptation_scale,
+                         shared_step_size)
         if self.objective == "bfa" and self.calibration != "none":
             raise ValueError(
                 f"objective='bfa' meta-learns the noise through its query NLL already; "
@@ -626,25 +706,29 @@ class BMAML(MetaLearner):
 
     def meta_loss(self, batch: TaskBatch, calibration_batch: Optional[TaskBatch] = None):
         batch = batch.validate()
-        chaser = self.adapt_particles(
+        chaser, shared = self.adapt_state(
             self._initial_for_adaptation(batch.num_tasks), batch.x_support, batch.y_support,
             self.inner_steps,
         )
         if self.objective == "bfa":
-            loss = self.bfa_loss(chaser, batch)
+            with self.adapted_model(shared):
+                loss = self.bfa_loss(chaser, batch)
             self.loss_terms = {"bfa": loss.item()}
             return loss
         x_all = torch.cat([batch.x_support, batch.x_query], dim=1)
         y_all = torch.cat([batch.y_support, batch.y_query], dim=1)
         with torch.no_grad():  # the leader is a target: no graph, stop-gradient
-            leader = self.adapt_particles(chaser.detach(), x_all, y_all, self.leader_steps)
+            leader, _ = self.adapt_state(
+                chaser.detach(), x_all, y_all, self.leader_steps,
+                shared=None if shared is None else {k: v.detach() for k, v in shared.items()})
         loss = ((chaser - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
         self.loss_terms = {"chaser": loss.item()}
         if self.calibration == "mixture":
-            term = self.bfa_loss(chaser, batch)
+            with self.adapted_model(shared):
+                term = self.bfa_loss(chaser, batch)
             self.loss_terms["bfa"] = term.item()
             loss = loss + self.calibration_weight * term
-        return self.add_calibration_loss(loss, chaser, batch, calibration_batch)
+        return self.add_calibration_loss(loss, chaser, batch, calibration_batch, shared)
 
     def bfa_loss(self, chaser: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
         """BFA's meta-loss: the query mixture NLL summed over points, averaged over tasks."""
@@ -689,11 +773,12 @@ class EMAML(MetaLearner):
                  step_size: float = 1e-3, init: InitSpec = "prior",
                  example_args: Optional[Sequence] = None, objective: str = "auto",
                  noise_sites: SiteSpec = "auto", calibration: Optional[str] = None,
-                 calibration_lr: float = 1e-2):
+                 calibration_lr: float = 1e-2, shared_step_size: Optional[float] = None):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         self.objective = check_choice("objective", objective, ("auto", "mse", "nll", "log_joint"))
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
-                         noise_sites, calibration, calibration_lr=calibration_lr)
+                         noise_sites, calibration, calibration_lr=calibration_lr,
+                         shared_step_size=shared_step_size)
         if self.objective == "auto":
             self.objective = "nll" if self.potential.observation_discrete else "mse"
         if self.objective == "log_joint" and self.calibration != "none":
@@ -743,18 +828,19 @@ class EMAML(MetaLearner):
 
     def meta_loss(self, batch: TaskBatch, calibration_batch: Optional[TaskBatch] = None):
         batch = batch.validate()
-        adapted = self.adapt_particles(
+        adapted, shared = self.adapt_state(
             self._initial_for_adaptation(batch.num_tasks), batch.x_support, batch.y_support,
             self.inner_steps,
         )
-        if self.objective == "log_joint":
-            log_lik = self.potential.log_likelihood(adapted, batch.x_query, batch.y_query)
-            loss = -log_lik.mean(-1).sum(-1).mean()
-            self.loss_terms = {"query_nll": loss.item()}
-            return loss
-        loss = self.point_loss(adapted, batch.x_query, batch.y_query).sum(-1).mean()
+        with self.adapted_model(shared):
+            if self.objective == "log_joint":
+                log_lik = self.potential.log_likelihood(adapted, batch.x_query, batch.y_query)
+                loss = -log_lik.mean(-1).sum(-1).mean()
+                self.loss_terms = {"query_nll": loss.item()}
+                return loss
+            loss = self.point_loss(adapted, batch.x_query, batch.y_query).sum(-1).mean()
         self.loss_terms = {f"query_{self.objective}": loss.item()}
-        return self.add_calibration_loss(loss, adapted, batch, calibration_batch)
+        return self.add_calibration_loss(loss, adapted, batch, calibration_batch, shared)
 
     def describe(self, steps=None):
         info = super().describe(steps)
@@ -776,7 +862,8 @@ class MAML(EMAML):
     def __init__(self, model: Callable, inner_steps: int = 1, step_size: float = 1e-2,
                  init: InitSpec = "prior", example_args: Optional[Sequence] = None,
                  objective: str = "auto", noise_sites: SiteSpec = "auto",
-                 calibration: Optional[str] = None, calibration_lr: float = 1e-2):
+                 calibration: Optional[str] = None, calibration_lr: float = 1e-2,
+                 shared_step_size: Optional[float] = None):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         super().__init__(model, 1, inner_steps, step_size, init, example_args, objective,
-                         noise_sites, calibration, calibration_lr)
+                         noise_sites, calibration, calibration_lr, shared_step_size)

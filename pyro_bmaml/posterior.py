@@ -78,8 +78,8 @@ class ParticlePosterior:
         if not self.batched:
             raise ValueError("task(index) needs a batched (T, M, D) posterior")
         sup = None if self.x_support is None else (self.x_support[index], self.y_support[index])
-        return ParticlePosterior(self.potential, self.particles[index], *(sup or (None, None)),
-                                 info=self.info)
+        return ParticlePosterior(self.potential.task_view(index), self.particles[index],
+                                 *(sup or (None, None)), info=self.info)
 
     def predict(self, x: torch.Tensor, num_samples: int = 0) -> Dict[str, torch.Tensor]:
         """Posterior predictive at inputs ``x`` (``(N, in)``, or ``(T, N, in)`` if batched).
@@ -122,18 +122,17 @@ class ParticlePosterior:
         if site is None:
             raise ValueError("the model has no observed site to draw predictions of")
 
-        def draws(named, x_task):
+        def draws(named, x_task, potential):
             # Each particle's values repeated num_samples times; Predictive loops over them.
             reps = {k: v.repeat_interleave(num_samples, dim=0) for k, v in named.items()}
-            pred = Predictive(self.potential.model, posterior_samples=reps, return_sites=[site])
+            pred = Predictive(potential.call_model, posterior_samples=reps, return_sites=[site])
             return pred(x_task)[site]
 
         named = self.named
         if not self.batched:
-            return draws(named, x)
-        return torch.stack(
-            [draws({k: v[t] for k, v in named.items()}, x[t]) for t in range(x.size(0))]
-        )
+            return draws(named, x, self.potential)
+        return torch.stack([draws({k: v[t] for k, v in named.items()}, x[t],
+                                  self.potential.task_view(t)) for t in range(x.size(0))])
 
     def log_predictive_density(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         r"""Pointwise log of the mixture predictive, :math:`\log \frac1M \sum_m p(y|x,\theta_m)`.

@@ -21,6 +21,7 @@ its NaN and support checks are data-dependent control flow that ``vmap`` cannot 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -130,6 +131,52 @@ class ModelPotential:
         self.observation_site: Optional[str] = None
         #: whether that site's likelihood is over discrete values (e.g. class labels)
         self.observation_discrete = False
+        #: the module parameters this view runs the model with (:meth:`with_parameters`)
+        self.parameters: Optional[Dict[str, torch.Tensor]] = None
+        self._active: Optional[Dict[str, torch.Tensor]] = None  # inside a vectorized call
+
+    # ------------------------------------------------------------------ module parameters
+    def with_parameters(self, parameters: Optional[Dict[str, torch.Tensor]]) -> "ModelPotential":
+        """A view of this potential whose model runs with ``parameters`` in place of the
+        module's own (:func:`torch.func.functional_call`): e.g. a shared feature extractor
+        adapted to each task in the inner loop. Each value has the parameter's shape, or a
+        leading task dim ``T`` (one value per task of a ``(T, M, D)`` call). The view shares
+        the sites; ``None`` gives back a view with the module's own parameters."""
+        if parameters is not None:
+            if not isinstance(self.model, torch.nn.Module):
+                raise TypeError("with_parameters needs a model that is a torch.nn.Module, got "
+                                f"{type(self.model).__name__}")
+            own = dict(self.model.named_parameters())
+            for name, value in parameters.items():
+                if name not in own:
+                    raise ValueError(f"parameters: the model has no parameter {name!r} "
+                                     f"(it has {sorted(own)})")
+                shape = tuple(own[name].shape)
+                if not (isinstance(value, torch.Tensor)
+                        and shape in (tuple(value.shape), tuple(value.shape[1:]))):
+                    raise ValueError(
+                        f"parameters[{name!r}] must have shape {shape} or (T, *{shape}), got "
+                        f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+        view = copy.copy(self)
+        view.parameters = None if parameters is None else dict(parameters)
+        return view
+
+    def _per_task_parameters(self) -> bool:
+        own = dict(self.model.named_parameters())
+        return any(v.dim() > own[k].dim() for k, v in self.parameters.items())
+
+    def task_view(self, index: int) -> "ModelPotential":
+        """The view of task ``index`` of a task-batched call (its own parameters)."""
+        if self.parameters is None or not self._per_task_parameters():
+            return self
+        return self.with_parameters({k: v[index] for k, v in self.parameters.items()})
+
+    def call_model(self, *args, **kwargs):
+        """Run the model (with this view's parameters, see :meth:`with_parameters`)."""
+        params = self._active if self._active is not None else self.parameters
+        if params is None:
+            return self.model(*args, **kwargs)
+        return torch.func.functional_call(self.model, params, args, kwargs)
 
     # ------------------------------------------------------------------ site discovery
     @property
@@ -345,7 +392,7 @@ class ModelPotential:
             x = s.transform(u)
             values[s.name] = x
             log_jac = log_jac + s.transform.log_abs_det_jacobian(u, x).sum()
-        model = poutine.condition(self.model, data=values)
+        model = poutine.condition(self.call_model, data=values)
         if draw_free:
             model = _FillUnobserved()(model)
         trace = poutine.trace(model).get_trace(*args, **kwargs)
@@ -414,14 +461,30 @@ class ModelPotential:
         """Apply ``fn(flat (D,), args, kwargs)`` to ``(M, D)`` or ``(T, M, D)`` particles."""
         self.setup_from(particles, args, kwargs)
         check_particles(particles, self.dim)
-        vfn = torch.func.vmap(fn, in_dims=(0, None, None), randomness=randomness)
+        params = self.parameters or {}
+        per_task = bool(params) and self._per_task_parameters()
+        if per_task and (particles.dim() != 3 or any(
+                v.size(0) != particles.size(0) for v in params.values())):
+            raise ValueError(
+                f"per-task parameters (leading dim {next(iter(params.values())).size(0)}) need "
+                f"particles (T, M, D) with the same T, got {tuple(particles.shape)}")
+
+        def one(flat, args, kwargs, active):
+            self._active = active or None
+            try:
+                return fn(flat, args, kwargs)
+            finally:
+                self._active = None
+
+        vfn = torch.func.vmap(one, in_dims=(0, None, None, None), randomness=randomness)
         if particles.dim() == 3:
             check_task_batched(particles.size(0), args, kwargs)
             in_dims = tree_map(lambda a: 0 if _is_tensor(a) else None, (args, kwargs))
-            vfn = torch.func.vmap(vfn, in_dims=(0,) + in_dims, randomness=randomness)
+            vfn = torch.func.vmap(vfn, in_dims=(0,) + in_dims + (0 if per_task else None,),
+                                  randomness=randomness)
         # Validation off inside only: its checks branch on tensor values, which vmap forbids.
         with pyro.validation_enabled(False):
-            return vfn(particles, args, kwargs)
+            return vfn(particles, args, kwargs, params)
 
     def log_density(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Joint log density (unconstrained space) of ``(M, D)`` or ``(T, M, D)`` particles.
