@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import pyro
+import torch
 
+from . import distributed
 from .checkpoint import load_checkpoint
 from .meta import BMAML, EMAML, MAML
 from .metrics import classification_metrics, mean_and_se, regression_metrics
@@ -279,17 +281,17 @@ def task_sources(config: dict, learner=None):
     return task_family(config["task"]).sources(config, learner)
 
 
-def load_learner(path) -> "tuple":
+def load_learner(path, device="cpu") -> "tuple":
     """``(learner, checkpoint)`` from a ``pyro-bmaml train`` checkpoint: the learner is
-    rebuilt from the configuration the checkpoint records and its learned state loaded
-    (``learner.adapt(...)`` is ready to use)."""
+    rebuilt from the configuration the checkpoint records, moved to ``device`` and its
+    learned state loaded (``learner.adapt(...)`` is ready to use)."""
     state = load_checkpoint(path)
     config = state.get("extra", {}).get("config")
     if config is None:
         raise ValueError(f"{path} was not written by `pyro-bmaml train` (no config); build "
                          "the learner yourself and call learner.load_checkpoint(path)")
-    learner = build_learner(config)
-    learner.load_state_dict(state["learner"])
+    learner = build_learner(config).to(device)
+    learner.load_state_dict(state["learner"])  # copied onto the learner's device
     return learner, state
 
 
@@ -301,6 +303,7 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
 
     family = family or TASK_FAMILIES["sinusoid"]
     out.mkdir(parents=True, exist_ok=True)
+    tasks = tasks.to(device=next(learner.parameters()).device)
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps,
                               track_ksd=True)
     metrics = family.metrics(posterior, tasks.x_query, tasks.y_query)
@@ -387,6 +390,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (its checkpoint and report)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--device", default="cpu",
+                   help="cpu, cuda or cuda:N (under torchrun: cuda takes cuda:LOCAL_RANK)")
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on its family's held-out tasks",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("checkpoint", type=Path)
@@ -398,6 +403,7 @@ def parser() -> argparse.ArgumentParser:
                         "holds the training report: give --out or --overwrite)")
     e.add_argument("--overwrite", action="store_true",
                    help="replace an existing report in the report folder")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     return p
 
 
@@ -460,7 +466,20 @@ def train(args) -> int:
                       image_size=list(args.image_size), channels=args.channels)
     config = resolve_config(config)
     eval_count = args.eval_tasks or family.eval_tasks
-    checkpoint = _prepare_out(args.out, args.resume, args.overwrite)
+    # under torchrun: join the process group; rank 0 alone prepares --out and reports
+    multi = distributed.init_from_environment(args.device)
+    rank, world = distributed.rank_and_size()
+    device = args.device
+    if multi and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', rank)}"
+    if multi and args.meta_batch % world:
+        raise ValueError(f"--meta-batch ({args.meta_batch}) must be a multiple of the number "
+                         f"of processes ({world})")
+    checkpoint = args.out / "checkpoint.pt"
+    if rank == 0:
+        _prepare_out(args.out, args.resume, args.overwrite)
+    if multi:
+        torch.distributed.barrier()
     if args.resume and checkpoint.is_file():
         saved = resolve_config(load_checkpoint(checkpoint).get("extra", {}).get("config") or {})
         diffs = config_differences(saved, config)
@@ -468,11 +487,12 @@ def train(args) -> int:
             raise ValueError(f"--resume: {checkpoint} was trained with other settings: "
                              + "; ".join(diffs[:6]) + ". Use the same arguments, or --overwrite")
     pyro.set_rng_seed(args.seed)
-    learner = build_learner(config)
+    learner = build_learner(config).to(device)
     source, tasks, calibration_tasks = task_sources(config, learner)
     eval_tasks = source.evaluation_tasks(eval_count)
     # the reference a meta-learned prior has to beat: the same learner before meta-training
-    before = None if args.resume else evaluate(learner, eval_tasks, metrics=family.metrics)
+    before = (None if args.resume or rank != 0
+              else evaluate(learner, eval_tasks, metrics=family.metrics))
     history = learner.fit(
         tasks, args.iterations, meta_batch_size=args.meta_batch, lr=args.lr,
         schedule_iterations=args.schedule_iterations,
@@ -481,6 +501,12 @@ def train(args) -> int:
         seed=args.seed, progress=not args.no_progress, extra={"config": config},
         calibration_tasks=calibration_tasks,
     )
+    if multi:
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
+        print(f"meta-trained on {world} processes ({args.meta_batch // world} tasks each per "
+              "meta-batch)")
     metrics = write_report(learner, eval_tasks, args.out / "evaluation", history, family=family)
     print(family.summary(metrics, eval_count))
     if before is not None:
@@ -491,7 +517,7 @@ def train(args) -> int:
 
 
 def evaluate_cmd(args) -> int:
-    learner, state = load_learner(args.checkpoint)
+    learner, state = load_learner(args.checkpoint, device=args.device)
     config = resolve_config(state["extra"]["config"])
     family = task_family(config["task"])
     if args.steps is not None and args.steps < 0:

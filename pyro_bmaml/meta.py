@@ -476,7 +476,7 @@ class MetaLearner(nn.Module):
         """Adapt the learned prior to a task's support set; returns its particle posterior.
 
         :param x: ``(K, *input_shape)`` (``(K,)`` for 1-D inputs), or ``(T, K, ...)`` for T
-            tasks at once.
+            tasks at once (moved to the learner's device, as ``y``).
         :param y: ``(K, *target_shape)`` or ``(T, K, ...)``.
         :param num_steps: adaptation steps (default: ``inner_steps``).
         :param track_ksd: record the squared kernelized Stein discrepancy (IMQ, V-statistic)
@@ -486,6 +486,7 @@ class MetaLearner(nn.Module):
             e.g. smaller when adapting on many more points than the learner was trained on.
         """
         x, y, batched = self._check_xy(x, y)
+        x, y = x.to(self.theta0.device), y.to(self.theta0.device)  # data go to the learner
         steps = self.inner_steps if num_steps is None else check_int("num_steps", num_steps, 0)
         single = not batched
         xb, yb = (x[None], y[None]) if single else (x, y)

@@ -36,6 +36,7 @@ from torch.distributions.transforms import Transform
 from torch.utils._pytree import tree_flatten_with_path, tree_map, keystr
 
 from ._checks import check_int, check_particles
+from .capture import GraphCache
 
 __all__ = ["LatentSite", "ModelPotential"]
 
@@ -122,10 +123,15 @@ class ModelPotential:
     - :meth:`log_density` returns ``(M,)`` or ``(T, M)``.
     """
 
-    def __init__(self, model: Callable):
+    def __init__(self, model: Callable, capture: bool = True):
         if not callable(model):
             raise TypeError(f"model must be callable (a Pyro model), got {type(model).__name__}")
         self.model = model
+        #: record the vectorized log density / likelihood once per input signature and
+        #: replay it (:mod:`pyro_bmaml.capture`); off for models that read ``pyro.param``
+        self.capture = bool(capture)
+        self._graphs = {"log_density": GraphCache("log density"),
+                        "log_likelihood": GraphCache("log likelihood")}
         self.sites: Optional[List[LatentSite]] = None
         #: name of the model's (first) data site, found at setup; None if it has none
         self.observation_site: Optional[str] = None
@@ -215,6 +221,8 @@ class ModelPotential:
         self.observation_discrete = self.observation_site is not None and bool(
             trace.nodes[self.observation_site]["fn"].support.is_discrete)
         self._check_observed_shapes(trace)
+        #: a model that reads pyro.param values is never recorded (they change between calls)
+        self.reads_params = any(site["type"] == "param" for site in trace.nodes.values())
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
                 continue
@@ -457,8 +465,9 @@ class ModelPotential:
         return {s.name for s in self.sites}
 
     def _vectorized(self, fn: Callable, particles: torch.Tensor, args: tuple, kwargs: dict,
-                    randomness: str = "error"):
-        """Apply ``fn(flat (D,), args, kwargs)`` to ``(M, D)`` or ``(T, M, D)`` particles."""
+                    randomness: str = "error", graph: Optional[str] = None):
+        """Apply ``fn(flat (D,), args, kwargs)`` to ``(M, D)`` or ``(T, M, D)`` particles;
+        ``graph`` names the recorded-graph cache to replay it from (see ``capture``)."""
         self.setup_from(particles, args, kwargs)
         check_particles(particles, self.dim)
         params = self.parameters or {}
@@ -482,16 +491,26 @@ class ModelPotential:
             in_dims = tree_map(lambda a: 0 if _is_tensor(a) else None, (args, kwargs))
             vfn = torch.func.vmap(vfn, in_dims=(0,) + in_dims + (0 if per_task else None,),
                                   randomness=randomness)
+        cache = self._graphs.get(graph)
         # Validation off inside only: its checks branch on tensor values, which vmap forbids.
         with pyro.validation_enabled(False):
-            return vfn(particles, args, kwargs, params)
+            if cache is None or not self.capture or self.reads_params:
+                return vfn(particles, args, kwargs, params)
+            if isinstance(self.model, torch.nn.Module):  # recorded as inputs, not constants
+                module = dict(self.model.named_parameters())
+                module.update(self.model.named_buffers())
+                if per_task:  # one value per task for every entry: expand the module's own
+                    module = {k: v.expand(particles.size(0), *v.shape) for k, v in module.items()}
+                params = {**module, **params}
+            return cache(vfn, particles, args, kwargs, params)
 
     def log_density(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Joint log density (unconstrained space) of ``(M, D)`` or ``(T, M, D)`` particles.
 
         :returns: ``(M,)`` or ``(T, M)``.
         """
-        return self._vectorized(self._log_joint_one, particles, args, kwargs)
+        return self._vectorized(self._log_joint_one, particles, args, kwargs,
+                                graph="log_density")
 
     def log_likelihood(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Pointwise log likelihood of the observed sites, per particle.
@@ -501,7 +520,8 @@ class ModelPotential:
 
         :returns: ``(M, N)`` or ``(T, M, N)``.
         """
-        return self._vectorized(self._log_likelihood_one, particles, args, kwargs)
+        return self._vectorized(self._log_likelihood_one, particles, args, kwargs,
+                                graph="log_likelihood")
 
     def normal_likelihood_params(self, particles, *args, **kwargs):
         """``(loc, scale)`` of a Normal observation site per particle and data point.

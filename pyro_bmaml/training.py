@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._checks import check_int, check_positive_float
 from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import regression_metrics
@@ -36,12 +37,17 @@ def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
         (Normal likelihoods) coverage, reliability and PIT; ``kwargs`` such as ``crps=True``
         go to it).
     """
-    tasks = tasks.validate()
+    tasks = tasks.validate().to(device=_device(learner))
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps)
     if metrics is not None:
         return metrics(posterior, tasks.x_query, tasks.y_query, **kwargs)
     return regression_metrics(posterior, tasks.x_query, tasks.y_query, closed_form=closed_form,
                               **kwargs)
+
+
+def _device(learner) -> torch.device:
+    """Where the learner's parameters live (tasks are moved there)."""
+    return next(learner.parameters()).device
 
 
 def _scalars(metrics: dict) -> Dict[str, list]:
@@ -128,9 +134,17 @@ def fit(
         ``metrics`` if it has one, else regression's.
     :param stop_after: stop (after checkpointing) once this iteration count is reached, as if
         interrupted; used to test resumption.
+    Tasks are moved to the learner's device (``learner.to("cuda")`` trains on the GPU).
+    In a :mod:`torch.distributed` process group (see :mod:`pyro_bmaml.distributed`) each
+    rank adapts its share of every meta-batch (``meta_batch_size`` must be a multiple of the
+    number of processes), the meta-gradients are averaged over the ranks, and rank 0 alone
+    evaluates, shows progress and writes the checkpoint; the parameters follow the
+    single-process trajectory with the same total meta-batch.
+
     :returns: history ``{"iteration", "loss", "lr", "terms", "eval"}``: per iteration the
         total meta-loss, the learning rate and the learner's ``loss_terms``; per evaluation
-        every ``(mean, se)`` score of the metrics (regression: MSEs, NLL, and coverage).
+        every ``(mean, se)`` score of the metrics (regression: MSEs, NLL, and coverage); in a
+        process group the loss is the whole meta-batch's, the terms rank-local.
     :raises FloatingPointError: naming the meta-iteration whose adaptation, meta-loss,
         meta-gradient or update was non-finite and the likely cause (the adaptation step size
         or the meta learning rate); nothing non-finite is stepped or saved.
@@ -183,8 +197,12 @@ def fit(
         history = state["history"]
         start = state["iteration"]
 
+    rank, world = distributed.rank_and_size()
+    distributed.broadcast_parameters(learner)  # every rank starts from rank 0's state
+    device = _device(learner)
+
     def save(iteration):
-        if path is not None:
+        if path is not None and rank == 0:
             save_checkpoint({
                 "learner": learner.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -215,8 +233,10 @@ def fit(
         return entry
 
     end = num_iterations if stop_after is None else min(num_iterations, stop_after)
-    bar = tqdm(range(start, end), total=num_iterations, initial=start, disable=not progress,
-               desc=learner.method, dynamic_ncols=True)
+    bar = tqdm(range(start, end), total=num_iterations, initial=start,
+               disable=not progress or rank != 0, desc=learner.method, dynamic_ncols=True)
+    if rank != 0:  # rank 0 alone evaluates (and checkpoints, in save)
+        eval_tasks = None
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def diverged(iteration: int, what: str, cause: str) -> FloatingPointError:
@@ -227,28 +247,37 @@ def fit(
     step_hint = f"the adaptation step size (step_size={getattr(learner, 'step_size', '?')})"
     lr_hint = f"the meta learning rate (lr={lr})"
     for iteration in bar:
-        batch = tasks.sample(meta_batch_size, generator)
-        held_out = (None if calibration_tasks is None
-                    else calibration_tasks.sample(calibration_batch_size, generator))
+        # every rank draws the same batch (same generator) and keeps its shard of tasks
+        batch = distributed.shard(tasks.sample(meta_batch_size, generator)).to(device=device)
+        held_out = (None if calibration_tasks is None else distributed.shard(
+            calibration_tasks.sample(calibration_batch_size, generator),
+            "the calibration batch size").to(device=device))
         optimizer.zero_grad()
+        failure = None
         try:
             loss = learner.meta_loss(batch) if held_out is None else learner.meta_loss(batch, held_out)
         except FloatingPointError as err:  # the adaptation itself diverged
+            failure = err
+        if distributed.any_rank(failure is not None, device):
+            err = failure or FloatingPointError("the adaptation diverged on another rank")
             raise diverged(iteration, str(err), step_hint) from err
-        if not math.isfinite(loss.item()):
-            raise diverged(iteration, f"non-finite meta-loss ({loss.item()})",
+        total = distributed.all_reduce_mean(loss.detach()).item()  # the whole batch's loss
+        if not math.isfinite(total):
+            raise diverged(iteration, f"non-finite meta-loss ({total})",
                            f"{step_hint} or {lr_hint}")
         loss.backward()
+        distributed.average_gradients(params)  # the whole batch's meta-gradient
         # checked before the optimizer moves anything, so no bad state is stepped or saved
-        if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
             raise diverged(iteration, "non-finite meta-gradient", f"{lr_hint} or {step_hint}")
         optimizer.step()
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             raise diverged(iteration, "the meta-update made the initial particles non-finite",
                            lr_hint)
         scheduler.step()
         history["iteration"].append(iteration + 1)
-        history["loss"].append(loss.item())
+        history["loss"].append(total)
         history["lr"].append(optimizer.param_groups[0]["lr"])
         history.setdefault("terms", []).append(dict(getattr(learner, "loss_terms", {})))
         done = iteration + 1
@@ -256,9 +285,9 @@ def fit(
             entry = run_eval(done)
             headline = next((k for k in ("mse", "accuracy") if k in entry), None)
             shown = {headline: f"{entry[headline][0]:.4g}"} if headline else {}
-            bar.set_postfix(loss=f"{loss.item():.4g}", **shown)
+            bar.set_postfix(loss=f"{total:.4g}", **shown)
         elif done % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4g}")
+            bar.set_postfix(loss=f"{total:.4g}")
         if checkpoint_every and done % checkpoint_every == 0:
             save(done)
     bar.close()

@@ -139,3 +139,29 @@ def test_examples_write_to_a_scratch_folder_by_default(tmp_path, script, args):
     written = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert any(name.endswith(".md") for name in written) and any(
         name.endswith(".runs.jsonl") for name in written)
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, capsys):
+    """`torchrun --standalone --nproc_per_node=2 -m pyro_bmaml train ...` (gloo on the CPU)
+    writes the checkpoint a single process writes with the same meta-batch (float32 sums in
+    another order: 1e-5)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    argv = ["train", "--iterations", "6", "--particles", "3", "--hidden", "10,10",
+            "--eval-tasks", "5", "--no-progress", "--meta-batch", "4"]
+    assert main(argv + ["--out", str(tmp_path / "one")]) == 0
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", "-m", "pyro_bmaml"] + argv
+                          + ["--out", str(tmp_path / "two")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "meta-trained on 2 processes (2 tasks each per meta-batch)" in done.stdout
+    one, two = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)
+                for run in ("one", "two"))
+    torch.testing.assert_close(two["learner"]["theta0"], one["learner"]["theta0"],
+                               rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "two" / "evaluation" / "metrics.json").is_file()

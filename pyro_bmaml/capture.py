@@ -1,0 +1,122 @@
+r"""Capture of the vectorized potential as a graph of tensor operations, replayed per call.
+
+Evaluating a Pyro model under :func:`torch.func.vmap` costs Python time at every call: Pyro's
+effect handlers run, distributions are built, and vmap dispatches each of a few hundred
+small operators through its batching rules. For a fixed input signature (shapes, dtypes,
+devices and the non-tensor arguments) that work produces the same sequence of tensor
+operations every time, so it can be recorded once with
+:func:`torch.fx.experimental.proxy_tensor.make_fx` (on fake tensors: no arithmetic) and
+replayed as an :class:`torch.fx.GraphModule`. The replay is a plain sequence of ATen
+operators, so autograd differentiates it as it would the traced call, to any order (SVGD
+needs the score, the meta-gradient its derivative); :func:`torch.compile` is not used
+because it does not support double backward.
+
+A model whose *control flow depends on tensor values* (``if x.sum() > 0``) cannot be
+recorded this way: tracing it on fake tensors raises, and :class:`GraphCache` then falls
+back to the traced call for that signature, with a one-line warning. Tensors the model
+closes over are held by the graph as the objects themselves, so in-place updates (an
+optimizer's step) are seen and gradients reach them; but Python state outside the arguments
+(a global counter, a tensor *reassigned* to a new object, a ``pyro.param`` value) would be
+frozen into the graph: models that read ``pyro.param`` are never recorded
+(:class:`~pyro_bmaml.potential.ModelPotential` checks), and ``capture=False`` turns the
+recording off for a model that needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Optional
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["GraphCache", "signature"]
+
+
+def signature(*trees: Any) -> Hashable:
+    """A hashable key of a call's inputs: the pytree structure, each tensor's shape, dtype
+    and device, and the value of every non-tensor leaf (frozen into the graph); ``None``
+    when a non-tensor leaf is unhashable (such a call is not recorded)."""
+    leaves, spec = tree_flatten(trees)
+    parts = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            parts.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.device.index))
+        else:
+            try:
+                hash(leaf)
+            except TypeError:
+                return None  # an unhashable argument: not capturable
+            parts.append(("V", type(leaf).__name__, leaf))
+    return (str(spec), tuple(parts))
+
+
+@contextlib.contextmanager
+def _no_sample_validation():
+    """Skip :meth:`torch.distributions.Distribution._validate_sample` while recording.
+
+    A distribution built with validation on (e.g. a ``PyroSample`` prior made when the
+    module was) checks the support of each value with a data-dependent branch, which fake
+    tensors cannot take. The values recorded are the particles mapped into each site's
+    support by its bijection, so the check cannot fail, and the replay never runs it."""
+    original = torch.distributions.Distribution._validate_sample
+    torch.distributions.Distribution._validate_sample = lambda self, value: None
+    try:
+        yield
+    finally:
+        torch.distributions.Distribution._validate_sample = original
+
+
+class GraphCache:
+    """Recorded graphs of a function, one per input signature (least recently used first
+    out past ``max_entries``).
+
+    :param name: what the function computes, for the fallback warning.
+    :param max_entries: how many signatures to keep.
+    """
+
+    def __init__(self, name: str, max_entries: int = 16):
+        self.name = name
+        self.max_entries = max_entries
+        self._graphs: "OrderedDict[Hashable, Optional[Callable]]" = OrderedDict()
+        self.captures = 0  #: graphs recorded so far
+        self.fallbacks = 0  #: signatures that could not be recorded
+
+    def __call__(self, fn: Callable, *inputs):
+        """``fn(*inputs)``, replayed from its recorded graph for this signature (recorded
+        on first use), or called directly when recording it failed."""
+        key = signature(*inputs)
+        if key is None:
+            return fn(*inputs)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            graph = self._graphs[key]
+        else:
+            graph = self._record(fn, inputs)
+            self._graphs[key] = graph
+            if len(self._graphs) > self.max_entries:
+                self._graphs.popitem(last=False)
+        return fn(*inputs) if graph is None else graph(*inputs)
+
+    def _record(self, fn: Callable, inputs) -> Optional[Callable]:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        try:
+            # tensors the model closes over are held by the graph (the objects themselves)
+            with _no_sample_validation():
+                graph = make_fx(fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*inputs)
+        except Exception as err:  # data-dependent control flow, unsupported operators, ...
+            self.fallbacks += 1
+            text = str(err).strip()
+            reason = text.splitlines()[0][:160] if text else ""
+            warnings.warn(f"{self.name}: could not record the model as a tensor graph "
+                          f"({type(err).__name__}: {reason}); using the traced path for "
+                          "these inputs", stacklevel=4)
+            return None
+        self.captures += 1
+        return graph
+
+    def clear(self) -> None:
+        self._graphs.clear()

@@ -1,0 +1,138 @@
+"""The recorded-graph fast path of the potential equals the traced path (values, first and
+second derivatives), keeps gradients to module parameters, and falls back on models whose
+control flow depends on data."""
+
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_bmaml as pb
+from pyro_bmaml.models import BayesianClassifier, BayesianMLP
+from test_potential import BayesianLinear
+
+
+def _both(model, particles, *args):
+    """(captured, traced) potentials of ``model``, set up on ``args``."""
+    fast, slow = pb.ModelPotential(model), pb.ModelPotential(model, capture=False)
+    return fast, slow
+
+
+def _derivatives(potential, particles, *args):
+    """Log density, its gradient and the gradient of the gradient's squared norm (the
+    second-order term the meta-gradient needs), all with respect to the particles."""
+    p = particles.clone().requires_grad_(True)
+    log_p = potential.log_density(p, *args)
+    (grad,) = torch.autograd.grad(log_p.sum(), p, create_graph=True)
+    (second,) = torch.autograd.grad(grad.pow(2).sum(), p)
+    return log_p.detach(), grad.detach(), second
+
+
+def _assert_same(fast, slow, particles, *args, tol=1e-10):
+    """Equal up to rounding: the replay runs the same operators, so float64 agrees to
+    ~1e-12 and float32 to ~1e-6 relative."""
+    for a, b in zip(_derivatives(fast, particles, *args), _derivatives(slow, particles, *args)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert fast._graphs["log_density"].captures >= 1  # the fast path did run
+    assert slow._graphs["log_density"].captures == 0
+
+
+def test_captured_bayesian_mlp_equals_traced_to_second_order():
+    torch.manual_seed(0)
+    model = BayesianMLP(hidden=(8, 8))
+    x = torch.randn(3, 5, 1, dtype=torch.float64)
+    y = torch.randn(3, 5, dtype=torch.float64)
+    fast, slow = _both(model, None)
+    fast.setup(x[0], y[0])
+    particles = 0.5 * torch.randn(3, 4, fast.dim, dtype=torch.float64)
+    _assert_same(fast, slow, particles, x, y)
+    _assert_same(fast, slow, particles[0], x[0], y[0])  # one task: its own graph
+    assert fast._graphs["log_density"].captures == 2
+    # log likelihood too
+    torch.testing.assert_close(fast.log_likelihood(particles, x, y),
+                               slow.log_likelihood(particles, x, y), rtol=1e-10, atol=1e-10)
+
+
+def test_captured_pyro_module_equals_traced():
+    torch.manual_seed(1)
+    model = BayesianLinear()  # its PyroSample priors are float32
+    x, y = torch.randn(2, 6, 2), torch.randn(2, 6)
+    fast, slow = _both(model, None)
+    fast.setup(x[0], y[0])
+    particles = torch.randn(2, 5, fast.dim)
+    _assert_same(fast, slow, particles, x, y, tol=1e-5)
+
+
+def test_captured_graph_keeps_gradients_to_module_parameters():
+    """Shared features (nn.Parameters) are inputs of the recorded graph, not constants:
+    their gradient equals the traced path's, and later parameter values are used."""
+    torch.manual_seed(2)
+    model = BayesianClassifier(3, (1, 4, 4), hidden=(5,), shared="features").double()
+    x = torch.rand(2, 6, 1, 4, 4, dtype=torch.float64)
+    y = torch.arange(3).repeat(2, 2)
+    fast, slow = _both(model, None)
+    fast.setup(x[0], y[0])
+    particles = torch.randn(2, 3, fast.dim, dtype=torch.float64)
+    grads = []
+    for potential in (fast, slow):
+        model.zero_grad()
+        potential.log_density(particles, x, y).sum().backward()
+        grads.append(model.features[0].grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        model.features[0].mul_(2.0)
+    torch.testing.assert_close(fast.log_density(particles, x, y), slow.log_density(particles, x, y))
+
+
+def test_data_dependent_control_flow_falls_back_with_one_notice():
+    def model(x, y=None):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        scale = 1.0 if x.sum() > 0 else 2.0  # branches on the data's values
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(z.sum() * x, scale), obs=y)
+
+    fast, slow = _both(model, None)
+    x, y = torch.randn(4), torch.randn(4)
+    particles = torch.randn(3, 2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        first = fast.log_density(particles, x, y)
+        second = fast.log_density(particles, -x.abs(), y)  # same signature: no new notice
+    notices = [r for r in record if "could not record the model" in str(r.message)]
+    assert len(notices) == 1 and fast._graphs["log_density"].fallbacks == 1
+    torch.testing.assert_close(first, slow.log_density(particles, x, y))
+    torch.testing.assert_close(second, slow.log_density(particles, -x.abs(), y))
+
+
+def test_models_reading_pyro_params_are_not_recorded():
+    pyro.clear_param_store()
+
+    def model(y=None):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        z = pyro.sample("z", dist.Normal(loc, 1.0))
+        pyro.sample("y", dist.Normal(z, 1.0), obs=y)
+
+    potential = pb.ModelPotential(model)
+    particles = torch.zeros(3, 1)
+    before = potential.log_density(particles, torch.tensor(0.5))
+    pyro.param("loc").data.fill_(3.0)
+    after = potential.log_density(particles, torch.tensor(0.5))
+    assert potential.reads_params and potential._graphs["log_density"].captures == 0
+    assert not torch.allclose(before, after)
+    pyro.clear_param_store()
+
+
+def test_meta_learning_is_unchanged_by_the_fast_path():
+    """A BMAML meta-gradient on sinusoid tasks is the same with the capture on and off."""
+    torch.manual_seed(3)
+    batch = pb.Sinusoid(num_tasks=20, num_support=5).sample(3, torch.Generator().manual_seed(0))
+    grads = []
+    for capture in (True, False):
+        pyro.set_rng_seed(0)
+        learner = pb.BMAML(BayesianMLP(hidden=(10, 10)), num_particles=4, init="paper")
+        learner.potential.capture = capture
+        learner.meta_loss(batch).backward()
+        grads.append(learner.theta0.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
