@@ -1,73 +1,256 @@
-"""Time of one meta-step (meta-loss + backward) on the paper's sinusoid configuration.
+"""Time of one BMAML meta-step (meta-loss + backward) against baselines that live in this repo.
 
-BMAML (M = 10, chaser n = s = 1), EMAML (M = 10), MAML, 10 tasks, K = 10, 1-40-40-40-1, and a
-python-loop version of the same BMAML math (loops over tasks and particles). Medians over
-repeats, ratios measured in one process.  Run:
-    python benchmarks/meta_step.py [--quick]
+(a) The paper's sinusoid configuration (M = 10 particles, T = 10 tasks, K = 10, 1-40-40-40-1
+    Bayesian MLP, D = 3403, chaser n = s = 1): BMAML (chaser only, the floor's math) with the
+    recorded-graph fast path on and off, the default BMAML (with its noise calibration term),
+    EMAML, MAML, a python loop over tasks and particles (the public ports' style), and the
+    hand-batched pure-torch floor (``floor.py``, same meta-gradient, checked). Ratios are
+    divided by the floor, measured in this process, variants interleaved round by round.
+(b) Scaling of the BMAML meta-step against tasks T, particles M, support size K and the
+    dimension D (hidden width), time and ratio to the floor, and peak memory (CUDA: the
+    allocator's peak; CPU: the peak resident set of a fresh process running the config,
+    minus that of one running the smallest config).
+(c) 1 vs 2 processes on torch.distributed (gloo on the CPU, one thread each): time per
+    meta-iteration of ``fit`` with the same total meta-batch of 10 tasks, against one process
+    with 1 and with 2 threads.
+
+Run: ``python benchmarks/meta_step.py [--quick] [--device cuda] [--update-results]``; the
+numbers go to ``runs/benchmarks/`` (``results/`` with ``--update-results``) as JSON and
+markdown. No figure quoted from elsewhere enters a ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pyro
 import torch
 from _timing import median_time
 from svgd_engine import loop_svgd_step
 
+import floor
 from pyro_bmaml.meta import BMAML, EMAML, MAML
 from pyro_bmaml.models import BayesianMLP
 from pyro_bmaml.tasks import Sinusoid
 
-
+HERE = Path(__file__).resolve().parent
 
 
 def loop_meta_loss(learner, batch):
+    """BMAML's chaser loss with python loops over tasks and particles (same math)."""
     losses = []
     for t in range(batch.num_tasks):
         chaser = loop_svgd_step(learner.potential, learner.kernel, learner.theta0,
-                                batch.x_support[t], batch.y_support[t], learner.step_size)
+                                batch.x_support[t], batch.y_support[t], learner.step_sizes)
         xa = torch.cat([batch.x_support[t], batch.x_query[t]])
         ya = torch.cat([batch.y_support[t], batch.y_query[t]])
         leader = loop_svgd_step(learner.potential, learner.kernel, chaser.detach().requires_grad_(),
-                                xa, ya, learner.step_size).detach()
-        # the network sites, as BMAML.meta_loss (its noise offset's term does not reach theta0)
+                                xa, ya, learner.step_sizes).detach()
         losses.append(((chaser - leader).pow(2) * learner.distance_weights).sum())
     return torch.stack(losses).mean()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    repeats = 5 if args.quick else 20
+def make(hidden=(40, 40, 40), particles=10, tasks=10, shots=10, device="cpu", calibration="none"):
     pyro.set_rng_seed(0)
-    model = BayesianMLP()
-    batch = Sinusoid(num_tasks=100, num_support=10).sample(10, torch.Generator().manual_seed(0))
-    learners = {"BMAML": BMAML(model, init="paper"), "EMAML": EMAML(model, init="paper"),
-                "MAML": MAML(model, init="paper")}
+    learner = BMAML(BayesianMLP(hidden=hidden), num_particles=particles, init="paper",
+                    calibration=calibration).to(device)
+    batch = Sinusoid(num_tasks=100, num_support=shots).sample(
+        tasks, torch.Generator().manual_seed(0)).to(device=device)
+    return learner, batch
 
-    def step(learner, loss_fn):
+
+def step_fn(learner, loss_fn, batch):
+    def step():
         learner.zero_grad()
         loss_fn(batch).backward()
+    return step
 
-    bmaml = learners["BMAML"]
-    step(bmaml, bmaml.meta_loss)
-    g_vec = bmaml.theta0.grad.clone()
-    step(bmaml, lambda b: loop_meta_loss(bmaml, b))
-    assert torch.allclose(g_vec, bmaml.theta0.grad, rtol=1e-3, atol=1e-4), "loop disagrees"
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; M=10, T=10, K=10, "
-          f"1-40-40-40-1 (D={bmaml.potential.dim}), n=s=1")
-    times = {name: median_time(lambda l=l: step(l, l.meta_loss), repeats)
-             for name, l in learners.items()}
-    times["BMAML python loop"] = median_time(lambda: step(bmaml, lambda b: loop_meta_loss(bmaml, b)),
-                                             max(3, repeats // 4))
-    for name, t in times.items():
-        print(f"{name:>18}: {t * 1e3:8.1f} ms per meta-step")
-    print(f"BMAML vectorized vs python loop: {times['BMAML python loop'] / times['BMAML']:.1f}x")
-    print("(quoted, not measured here: the official TensorFlow code was reported at about "
-          "0.42 s per meta-step on a similar 2-core machine; no ratio is computed against it)")
+def interleaved(fns: dict, rounds: int, repeats: int, sync=None) -> dict:
+    """Median seconds of each function, timed round by round in turn (so that a slow spell
+    of the machine hits every variant alike)."""
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up (records the graphs)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(median_time(fn, repeats, warmup=0, sync=sync))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def paper_config(args, sync):
+    learner, batch = make(device=args.device)
+    floor.check_floor(learner, batch)
+    default, _ = make(device=args.device, calibration=None)
+    pyro.set_rng_seed(0)
+    emaml = EMAML(BayesianMLP(), init="paper").to(args.device)
+    maml = MAML(BayesianMLP(), init="paper").to(args.device)
+
+    def no_capture(step):
+        def run():
+            learner.potential.capture = False
+            try:
+                step()
+            finally:
+                learner.potential.capture = True
+        return run
+
+    fns = {
+        "floor (hand-batched torch)": step_fn(learner, lambda b: floor.meta_loss(learner, b), batch),
+        "BMAML chaser (fast path)": step_fn(learner, learner.meta_loss, batch),
+        "BMAML chaser (traced path)": no_capture(step_fn(learner, learner.meta_loss, batch)),
+        "BMAML default (+ calibration term)": step_fn(default, default.meta_loss, batch),
+        "EMAML": step_fn(emaml, emaml.meta_loss, batch),
+        "MAML": step_fn(maml, maml.meta_loss, batch),
+    }
+    times = interleaved(fns, args.rounds, args.repeats, sync)
+    times["BMAML python loop"] = median_time(
+        step_fn(learner, lambda b: loop_meta_loss(learner, b), batch), max(3, args.repeats // 2),
+        sync=sync)
+    base = times["floor (hand-batched torch)"]
+    rows = [{"variant": k, "ms": v * 1e3, "vs_floor": v / base} for k, v in times.items()]
+    return {"D": learner.potential.dim, "rows": rows}
+
+
+def one_config(spec: dict, device: str, repeats: int, sync) -> dict:
+    learner, batch = make(tuple(spec["hidden"]), spec["M"], spec["T"], spec["K"], device)
+    times = interleaved({
+        "bmaml": step_fn(learner, learner.meta_loss, batch),
+        "floor": step_fn(learner, lambda b: floor.meta_loss(learner, b), batch),
+    }, rounds=2, repeats=repeats, sync=sync)
+    out = {**spec, "D": learner.potential.dim, "bmaml_ms": times["bmaml"] * 1e3,
+           "floor_ms": times["floor"] * 1e3, "vs_floor": times["bmaml"] / times["floor"]}
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        step_fn(learner, learner.meta_loss, batch)()
+        torch.cuda.synchronize()
+        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def peak_rss_mb(spec: dict) -> float:
+    """Peak resident set (MB) of a fresh process that runs one meta-step of ``spec``."""
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import meta_step, resource, torch;"
+            f"torch.set_num_threads(1); l, b = meta_step.make({tuple(spec['hidden'])!r}, "
+            f"{spec['M']}, {spec['T']}, {spec['K']});"
+            "meta_step.step_fn(l, l.meta_loss, b)();"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) / 1024  # Linux: kilobytes
+
+
+def scaling(args, sync):
+    base = {"T": 10, "M": 10, "K": 10, "hidden": [40, 40, 40]}
+    grid = ([{**base, "T": t} for t in (1, 4, 16, 64)]
+            + [{**base, "M": m} for m in (2, 8, 32, 128)]
+            + [{**base, "K": k} for k in (5, 40, 160)]
+            + [{**base, "hidden": [w] * 3} for w in (20, 80)])
+    if args.quick:
+        grid = grid[:2] + grid[4:6]
+    rows = []
+    smallest = None
+    if args.device == "cpu" and not args.no_memory:
+        smallest = peak_rss_mb({**base, "T": 1, "M": 2, "hidden": [20, 20, 20]})
+    for spec in grid:
+        row = one_config(spec, args.device, max(2, args.repeats // 2), sync)
+        if smallest is not None:
+            row["peak_mb"] = peak_rss_mb(spec) - smallest
+        rows.append(row)
+        print(f"  T={row['T']:>3} M={row['M']:>3} K={row['K']:>3} D={row['D']:>6}: "
+              f"{row['bmaml_ms']:8.1f} ms ({row['vs_floor']:.2f}x floor)"
+              + (f", peak {row['peak_mb']:.0f} MB" if "peak_mb" in row else ""), flush=True)
+    return rows
+
+
+def _timed_fit(rank, world, folder, iterations, threads, result):
+    torch.set_num_threads(threads)
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rdv",
+                                             rank=rank, world_size=world)
+    try:
+        learner, _ = make()
+        source = Sinusoid(num_tasks=100, num_support=10)
+        learner.fit(source, 2, meta_batch_size=10, progress=False)  # warm-up
+        t0 = time.perf_counter()
+        learner.fit(source, iterations, meta_batch_size=10, progress=False)
+        elapsed = (time.perf_counter() - t0) / iterations
+        if rank == 0:
+            Path(result).write_text(str(elapsed))
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def processes(args):
+    import torch.multiprocessing as mp
+
+    iterations = 5 if args.quick else 20
+    out = {}
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "t"
+        for label, world, threads in (("1 process, 1 thread", 1, 1),
+                                      ("1 process, 2 threads", 1, 2),
+                                      ("2 processes (gloo), 1 thread each", 2, 1)):
+            if world == 1:
+                ctx = mp.get_context("spawn")
+                p = ctx.Process(target=_timed_fit, args=(0, 1, folder, iterations, threads, result))
+                p.start()
+                p.join()
+            else:
+                mp.spawn(_timed_fit, args=(world, folder, iterations, threads, result),
+                         nprocs=world, join=True)
+            out[label] = float(result.read_text()) * 1e3
+            for f in Path(folder).glob("rdv*"):
+                f.unlink()
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (a and b)")
+    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory runs")
+    p.add_argument("--skip", nargs="*", default=[], choices=["scaling", "processes"])
+    p.add_argument("--update-results", action="store_true")
+    args = p.parse_args()
+    args.rounds, args.repeats = (2, 3) if args.quick else (5, 5)
+    torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else platform.processor() or platform.machine())
+    header = (f"torch {torch.__version__}, pyro {pyro.__version__}, device {args.device} "
+              f"({device_name}), threads {torch.get_num_threads()}, cores {os.cpu_count()}")
+    print(header)
+    print("(a) one meta-step, paper sinusoid configuration", flush=True)
+    paper = paper_config(args, sync)
+    for row in paper["rows"]:
+        print(f"  {row['variant']:>36}: {row['ms']:8.1f} ms  {row['vs_floor']:5.2f}x floor")
+    record = {"header": header, "paper": paper}
+    if "scaling" not in args.skip:
+        print("(b) scaling of the BMAML meta-step (others at T=10, M=10, K=10, 1-40-40-40-1)")
+        record["scaling"] = scaling(args, sync)
+    if "processes" not in args.skip and args.device == "cpu":
+        print("(c) fit, time per meta-iteration, total meta-batch 10")
+        record["processes"] = processes(args)
+        one = record["processes"]["1 process, 1 thread"]
+        for label, ms in record["processes"].items():
+            print(f"  {label:>36}: {ms:8.1f} ms  ({one / ms:.2f}x the 1-process, 1-thread speed)")
+    folder = Path("results" if args.update_results else "runs/benchmarks")
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"meta_step_{args.device.split(':')[0]}"
+    (folder / f"{name}.json").write_text(json.dumps(record, indent=2))
+    print(f"written: {folder / name}.json")
 
 
 if __name__ == "__main__":

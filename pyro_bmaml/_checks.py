@@ -6,11 +6,35 @@ with a message that names the argument, what it received and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import threading
 from typing import Any, Iterable, Optional
 
 import torch
 from torch.utils._pytree import tree_flatten_with_path, keystr
+
+
+_STATE = threading.local()
+
+
+def value_checks_enabled() -> bool:
+    """Whether the checks that read tensor values (NaN/inf in data, particles and log
+    densities, identical particles) run; each costs a device-to-host sync on a GPU."""
+    return getattr(_STATE, "enabled", True)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """Turn the value checks on or off within the block (this thread). ``fit`` turns them
+    off for its meta-steps, checks the meta-loss and meta-gradient once per step (one sync),
+    and re-runs a non-finite step with the checks on to say where it diverged."""
+    previous = value_checks_enabled()
+    _STATE.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _STATE.enabled = previous
 
 
 def check_int(name: str, value: Any, minimum: int) -> int:
@@ -77,7 +101,7 @@ def check_particles(
             f"{name} must hold at least {min_particles} particles (M), "
             f"got shape {tuple(particles.shape)}"
         )
-    if not bool(torch.isfinite(particles).all()):
+    if value_checks_enabled() and not bool(torch.isfinite(particles).all()):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return particles
 
@@ -95,7 +119,7 @@ def check_finite_data(args: tuple, kwargs: dict, dtype: Optional[torch.dtype] = 
                 raise TypeError(
                     f"model argument {_describe_path(path)} is {leaf.dtype} but the particles "
                     f"are {dtype}: cast the data (e.g. x.to({dtype})) or the particles")
-            if not bool(torch.isfinite(leaf).all()):
+            if value_checks_enabled() and not bool(torch.isfinite(leaf).all()):
                 where = _describe_path(path)
                 raise ValueError(
                     f"model argument {where} contains non-finite values (NaN or inf); "

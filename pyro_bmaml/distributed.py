@@ -21,7 +21,7 @@ rank 0 alone evaluates, checkpoints and reports.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .tasks import TaskBatch
 
 __all__ = ["is_distributed", "rank_and_size", "init_from_environment", "shard",
-           "broadcast_parameters", "average_gradients", "all_reduce_mean", "any_rank"]
+           "broadcast_parameters", "average_gradients", "all_reduce_mean"]
 
 
 def is_distributed() -> bool:
@@ -103,13 +103,3 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
-
-
-def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
-    """Whether ``flag`` is true on any rank (so that all ranks raise together instead of
-    one rank leaving the others waiting in a collective)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t)
-    return bool(t.item() > 0)

@@ -77,7 +77,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_int, check_positive_float
+from ._checks import check_choice, check_int, check_positive_float, value_checks_enabled
 from .kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from .ksd import ksd_trajectory
 from .posterior import ParticlePosterior, mixture_log_likelihood, model_with_prior, particle_prior
@@ -308,7 +308,7 @@ class MetaLearner(nn.Module):
 
         ``calibration_batch``: held-out tasks for the calibration term (see
         :meth:`add_calibration_loss`); default: the batch itself. Its parts are kept in
-        ``self.loss_terms`` (floats) for logging."""
+        ``self.loss_terms`` (detached 0-dim tensors: no host sync) for logging."""
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------
@@ -435,7 +435,7 @@ class MetaLearner(nn.Module):
         with self.adapted_model(None if shared is None else
                                 {k: v.detach() for k, v in shared.items()}):
             term = self.calibration_loss(adapted, batch)
-        self.loss_terms["calibration_nll"] = term.item()
+        self.loss_terms["calibration_nll"] = term.detach()
         return loss + term
 
     def _check_xy(self, x, y):
@@ -714,7 +714,7 @@ class BMAML(MetaLearner):
         if self.objective == "bfa":
             with self.adapted_model(shared):
                 loss = self.bfa_loss(chaser, batch)
-            self.loss_terms = {"bfa": loss.item()}
+            self.loss_terms = {"bfa": loss.detach()}
             return loss
         x_all = torch.cat([batch.x_support, batch.x_query], dim=1)
         y_all = torch.cat([batch.y_support, batch.y_query], dim=1)
@@ -723,11 +723,11 @@ class BMAML(MetaLearner):
                 chaser.detach(), x_all, y_all, self.leader_steps,
                 shared=None if shared is None else {k: v.detach() for k, v in shared.items()})
         loss = ((chaser - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
-        self.loss_terms = {"chaser": loss.item()}
+        self.loss_terms = {"chaser": loss.detach()}
         if self.calibration == "mixture":
             with self.adapted_model(shared):
                 term = self.bfa_loss(chaser, batch)
-            self.loss_terms["bfa"] = term.item()
+            self.loss_terms["bfa"] = term.detach()
             loss = loss + self.calibration_weight * term
         return self.add_calibration_loss(loss, chaser, batch, calibration_batch, shared)
 
@@ -818,7 +818,7 @@ class EMAML(MetaLearner):
         theta = particles if create_graph else particles.detach()
         for step in range(num_steps):
             score, direction = self._inner_objective(theta, x, y, create_graph)
-            if not bool(torch.isfinite(score).all()):
+            if value_checks_enabled() and not bool(torch.isfinite(score).all()):
                 raise FloatingPointError(f"gradient step {step}: the inner objective is non-finite")
             if callback is not None:  # the KSD needs the log density's score: MSE gives None
                 callback(step, theta, score, direction if self.objective == "log_joint" else None)
@@ -837,10 +837,10 @@ class EMAML(MetaLearner):
             if self.objective == "log_joint":
                 log_lik = self.potential.log_likelihood(adapted, batch.x_query, batch.y_query)
                 loss = -log_lik.mean(-1).sum(-1).mean()
-                self.loss_terms = {"query_nll": loss.item()}
+                self.loss_terms = {"query_nll": loss.detach()}
                 return loss
             loss = self.point_loss(adapted, batch.x_query, batch.y_query).sum(-1).mean()
-        self.loss_terms = {f"query_{self.objective}": loss.item()}
+        self.loss_terms = {f"query_{self.objective}": loss.detach()}
         return self.add_calibration_loss(loss, adapted, batch, calibration_batch, shared)
 
     def describe(self, steps=None):

@@ -35,7 +35,8 @@ import pyro.infer
 import pyro.optim
 import torch
 
-from ._checks import check_choice, check_finite_data, check_int, check_particles, check_step_size
+from ._checks import (check_choice, check_finite_data, check_int, check_particles,
+                      check_step_size, value_checks_enabled)
 from .kernels import SteinKernel, as_differentiable_kernel
 from .potential import ModelPotential
 
@@ -47,6 +48,8 @@ MODES = ("multivariate", "univariate")
 def warn_if_identical(particles: torch.Tensor) -> None:
     """Warn when a set of particles holds one point M times: the kernel's repulsion between
     identical particles is zero, so SVGD moves them together and they never separate."""
+    if not value_checks_enabled():
+        return
     with torch.no_grad():
         flat = particles.detach().reshape(-1, *particles.shape[-2:])
         if flat.size(-2) > 1 and bool((flat == flat[:, :1]).all()):
@@ -120,7 +123,8 @@ def transport(
     x = particles if create_graph else particles.detach()
     for step in range(num_steps):
         log_p, grad = potential.log_density_and_grad(x, *args, create_graph=create_graph, **kwargs)
-        if not bool(torch.isfinite(log_p).all()):
+        checks = value_checks_enabled()
+        if checks and not bool(torch.isfinite(log_p).all()):
             raise FloatingPointError(
                 f"SVGD step {step}: the log density is non-finite for "
                 f"{int((~torch.isfinite(log_p)).sum())} particle(s); lower step_size or check "
@@ -130,7 +134,7 @@ def transport(
             callback(step, x, log_p, grad)
         with torch.set_grad_enabled(create_graph):
             x = x + step_size * svgd_direction(x, grad, kernel, mode)
-        if not bool(torch.isfinite(x).all()):
+        if checks and not bool(torch.isfinite(x).all()):
             raise FloatingPointError(
                 f"SVGD step {step}: particles became non-finite; lower step_size"
             )

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._checks import check_int, check_positive_float
+from ._checks import check_int, check_positive_float, value_checks
 from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import regression_metrics
 from .tasks import TaskBatch
@@ -253,23 +253,31 @@ def fit(
             calibration_tasks.sample(calibration_batch_size, generator),
             "the calibration batch size").to(device=device))
         optimizer.zero_grad()
-        failure = None
-        try:
-            loss = learner.meta_loss(batch) if held_out is None else learner.meta_loss(batch, held_out)
-        except FloatingPointError as err:  # the adaptation itself diverged
-            failure = err
-        if distributed.any_rank(failure is not None, device):
-            err = failure or FloatingPointError("the adaptation diverged on another rank")
-            raise diverged(iteration, str(err), step_hint) from err
-        total = distributed.all_reduce_mean(loss.detach()).item()  # the whole batch's loss
+        args = (batch,) if held_out is None else (batch, held_out)
+        # No value checks inside the step (each is a host sync on a GPU): the loss and the
+        # gradient are checked once below, and a non-finite step is re-run with the checks
+        # on to say where it diverged.
+        with value_checks(False):
+            loss = learner.meta_loss(*args)
+            loss.backward()
+        total = distributed.all_reduce_mean(loss.detach())  # the whole batch's loss
+        distributed.average_gradients(params)  # the whole batch's meta-gradient
+        terms = dict(getattr(learner, "loss_terms", {}))
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else total.new_ones(())
+        values = torch.stack([total.reshape(()), finite.to(total.dtype)]
+                             + [v.detach().reshape(()).to(total) for v in terms.values()]).tolist()
+        total, grads_finite = values[0], bool(values[1])
         if not math.isfinite(total):
+            try:  # the same step with the value checks on names the diverging step
+                with torch.no_grad():
+                    learner.meta_loss(*args)
+            except FloatingPointError as err:
+                raise diverged(iteration, str(err), step_hint) from err
             raise diverged(iteration, f"non-finite meta-loss ({total})",
                            f"{step_hint} or {lr_hint}")
-        loss.backward()
-        distributed.average_gradients(params)  # the whole batch's meta-gradient
         # checked before the optimizer moves anything, so no bad state is stepped or saved
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        if not grads_finite:
             raise diverged(iteration, "non-finite meta-gradient", f"{lr_hint} or {step_hint}")
         optimizer.step()
         if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
@@ -279,7 +287,7 @@ def fit(
         history["iteration"].append(iteration + 1)
         history["loss"].append(total)
         history["lr"].append(optimizer.param_groups[0]["lr"])
-        history.setdefault("terms", []).append(dict(getattr(learner, "loss_terms", {})))
+        history.setdefault("terms", []).append(dict(zip(terms, values[2:])))
         done = iteration + 1
         if eval_tasks is not None and eval_every and done % eval_every == 0 and done < num_iterations:
             entry = run_eval(done)
