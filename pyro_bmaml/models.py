@@ -27,7 +27,7 @@ from torch import nn
 
 from ._checks import check_choice, check_int, check_positive_float
 
-__all__ = ["BayesianMLP", "BayesianClassifier"]
+__all__ = ["BayesianMLP", "BayesianClassifier", "GaussianMLPPolicy"]
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 
@@ -333,4 +333,117 @@ class BayesianClassifier(nn.Module):
         for name, (w_shape, b_shape) in shapes:
             named[f"{name}.weight"] = self._xavier(w_shape, m, generator, dtype)
             named[f"{name}.bias"] = 0.01 * torch.randn(m, *b_shape, generator=generator, dtype=dtype)
+        return named
+
+
+class GaussianMLPPolicy:
+    r"""A Gaussian MLP policy with a prior over its weights: the meta-RL task model.
+
+    .. math::
+
+        W \sim \mathcal N(0, s^2), \quad \log\sigma \sim \mathcal N(\log\sigma_0, 1), \quad
+        \pi_W(a \mid o) = \mathcal N\big(a;\, f_W(o),\, \mathrm{diag}(\sigma^2)\big).
+
+    Called as ``model(observations, actions, weights)`` with ``(N, obs_dim)``,
+    ``(N, act_dim)`` and per-step weights ``(N,)``, its log joint is
+
+    .. math::
+
+        \alpha \log p_0(W, \sigma) + \sum_n w_n \log \pi_W(a_n \mid o_n),
+
+    the prior statements scaled by the temperature :math:`\alpha` and each step's log
+    probability by its weight (a ``pyro.factor``; without weights ``action`` is an ordinary
+    observed site). With :math:`w_n = \hat A_n / B` (advantages over B episodes)
+    the second term's gradient is the REINFORCE policy-gradient estimate, so SVGD on this
+    potential with its repulsion scaled by :math:`\alpha` (``transport(...,
+    temperature=alpha)``) is Stein variational policy gradient (Liu et al., 2017) for the
+    target :math:`q \propto \exp(J/\alpha) p_0`, the adaptation step of BMAML's meta-RL.
+    With ``alpha = 0`` and one particle it is plain REINFORCE (tested).
+
+    :param obs_dim, act_dim: observation and action sizes (2 and 2 for point navigation).
+    :param hidden: hidden sizes (MAML-RL: ``(100, 100)``), ReLU.
+    :param prior_scale: s.
+    :param init_std: :math:`\sigma_0`, the prior mean (and ``paper_init``) of the action sd.
+    :param temperature: :math:`\alpha \ge 0`.
+
+    Latent sites: ``layer{i}.weight`` ``(in, out)``, ``layer{i}.bias`` and ``log_std``
+    ``(act_dim,)``. Returns the action mean.
+    """
+
+    def __init__(self, obs_dim: int = 2, act_dim: int = 2, hidden: Sequence[int] = (100, 100),
+                 prior_scale: float = 1.0, init_std: float = 1.0, temperature: float = 1.0):
+        self.obs_dim = check_int("obs_dim", obs_dim, 1)
+        self.act_dim = check_int("act_dim", act_dim, 1)
+        self.hidden = tuple(check_int(f"hidden[{i}]", h, 1) for i, h in enumerate(hidden))
+        self.prior_scale = check_positive_float("prior_scale", prior_scale)
+        self.init_std = check_positive_float("init_std", init_std)
+        if not isinstance(temperature, (int, float)) or temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        sizes = (self.obs_dim,) + self.hidden + (self.act_dim,)
+        self.layer_sizes = list(zip(sizes[:-1], sizes[1:]))
+
+    def __repr__(self) -> str:
+        sizes = "-".join(map(str, (self.obs_dim,) + self.hidden + (self.act_dim,)))
+        return f"GaussianMLPPolicy({sizes}, temperature={self.temperature:g})"
+
+    def forward(self, weights: Dict[str, torch.Tensor], observations: torch.Tensor):
+        """``(mean, std)`` of the action at ``observations`` ``(..., N, obs_dim)``; the
+        weights may carry the same leading dims (a pure function, used by the rollouts)."""
+        h = observations
+        last = len(self.layer_sizes) - 1
+        for i in range(last + 1):
+            h = h @ weights[f"layer{i}.weight"] + weights[f"layer{i}.bias"].unsqueeze(-2)
+            if i < last:
+                h = torch.relu(h)
+        return h, weights["log_std"].exp().unsqueeze(-2)
+
+    def __call__(self, observations: torch.Tensor, actions: Optional[torch.Tensor] = None,
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        o = observations
+        if o.dim() != 2 or o.size(-1) != self.obs_dim:
+            raise ValueError(f"observations must have shape (N, {self.obs_dim}), got {tuple(o.shape)}")
+        params = {}
+        # the prior scaled by alpha (masked out at alpha = 0, which poutine.scale refuses)
+        prior = (pyro.poutine.scale(scale=self.temperature) if self.temperature > 0
+                 else pyro.poutine.mask(mask=False))
+        with prior:
+            for i, (n_in, n_out) in enumerate(self.layer_sizes):
+                params[f"layer{i}.weight"] = pyro.sample(
+                    f"layer{i}.weight",
+                    dist.Normal(o.new_zeros(n_in, n_out), self.prior_scale).to_event(2))
+                params[f"layer{i}.bias"] = pyro.sample(
+                    f"layer{i}.bias", dist.Normal(o.new_zeros(n_out), self.prior_scale).to_event(1))
+            params["log_std"] = pyro.sample("log_std", dist.Normal(
+                o.new_full((self.act_dim,), math.log(self.init_std)), 1.0).to_event(1))
+        mean, std = self.forward(params, o)
+        policy = dist.Normal(mean, std).to_event(1)
+        with pyro.plate("steps", o.size(0)):
+            if weights is None:
+                pyro.sample("action", policy, obs=actions)
+            else:  # signed weights (advantages): a factor, not a (positive) poutine.scale
+                if actions is None or weights.shape != (o.size(0),):
+                    raise ValueError(f"weights need actions and shape ({o.size(0)},), got "
+                                     f"{None if weights is None else tuple(weights.shape)}")
+                pyro.factor("action", weights * policy.log_prob(actions))
+        return mean
+
+    def example_args(self):
+        """Small dummy ``(observations, actions, weights)`` to trace the sites with."""
+        return torch.zeros(2, self.obs_dim), torch.zeros(2, self.act_dim), torch.ones(2)
+
+    def paper_init(self, num_particles: int, generator: Optional[torch.Generator] = None,
+                   dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+        """MAML-RL's initialization (constrained values, leading dim M): Xavier-uniform
+        weights, zero biases (with a N(0, 0.01) jitter so that particles differ), log sd
+        :math:`\\log\\sigma_0`."""
+        m = check_int("num_particles", num_particles, 1)
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        named = {}
+        for i, (n_in, n_out) in enumerate(self.layer_sizes):
+            bound = math.sqrt(6.0 / (n_in + n_out))
+            u = torch.rand(m, n_in, n_out, generator=generator, dtype=dtype)
+            named[f"layer{i}.weight"] = (2 * u - 1) * bound
+            named[f"layer{i}.bias"] = 0.01 * torch.randn(m, n_out, generator=generator, dtype=dtype)
+        named["log_std"] = torch.full((m, self.act_dim), math.log(self.init_std), dtype=dtype)
         return named

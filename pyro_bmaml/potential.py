@@ -33,12 +33,12 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 from torch.distributions.transforms import Transform
-from torch.utils._pytree import tree_flatten_with_path, tree_map, keystr
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
 
 from ._checks import check_int, check_particles
 from .capture import GraphCache
 
-__all__ = ["LatentSite", "ModelPotential"]
+__all__ = ["LatentSite", "ModelPotential", "PerParticle"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,38 @@ class LatentSite:
 
 def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
+
+
+class PerParticle:
+    """A model argument with its own value for each particle: shape ``(M, ...)``, or
+    ``(T, M, ...)`` in a task-batched call. The model sees one particle's slice, as it sees
+    one task's data. Meta-RL needs it: each policy particle is scored on its own rollouts
+    (:mod:`pyro_bmaml.navigation`).
+
+    :param tensor: the values, with the particle dim first (after the task dim).
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() < 1:
+            raise TypeError(f"PerParticle takes a tensor with a particle dim, got "
+                            f"{type(tensor).__name__ if not isinstance(tensor, torch.Tensor) else tuple(tensor.shape)}")
+        self.tensor = tensor
+
+    def __repr__(self) -> str:
+        return f"PerParticle(shape={tuple(self.tensor.shape)})"
+
+
+def _is_per_particle(x: Any) -> bool:
+    return isinstance(x, PerParticle)
+
+
+def split_per_particle(args: tuple, kwargs: dict):
+    """``(args, kwargs, dims)``: the arguments with :class:`PerParticle` values unwrapped,
+    and the matching tree of vmap dims over particles (0 for those, ``None`` otherwise)."""
+    tree = (args, kwargs)
+    dims = tree_map(lambda a: 0 if _is_per_particle(a) else None, tree, is_leaf=_is_per_particle)
+    plain = tree_map(lambda a: a.tensor if _is_per_particle(a) else a, tree, is_leaf=_is_per_particle)
+    return plain[0], plain[1], dims
 
 
 def first_task(args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
@@ -275,8 +307,12 @@ class ModelPotential:
     def setup_from(self, particles: torch.Tensor, args: tuple, kwargs: dict) -> None:
         """Set up lazily from a (possibly task-batched) call."""
         if self.sites is None:
-            if _is_tensor(particles) and particles.dim() == 3:
-                args, kwargs = first_task(args, kwargs)
+            batched = _is_tensor(particles) and particles.dim() == 3
+            # one particle's slice of per-particle arguments (task 0's in a batched call)
+            args, kwargs = tree_map(
+                lambda a: (a.tensor[0, 0] if batched else a.tensor[0]) if _is_per_particle(a)
+                else (a[0] if batched and _is_tensor(a) else a),
+                (args, kwargs), is_leaf=_is_per_particle)
             self.setup(*args, **kwargs)
 
     def _require_sites(self) -> List[LatentSite]:
@@ -485,7 +521,15 @@ class ModelPotential:
             finally:
                 self._active = None
 
-        vfn = torch.func.vmap(one, in_dims=(0, None, None, None), randomness=randomness)
+        args, kwargs, (arg_dims, kwarg_dims) = split_per_particle(args, kwargs)
+        lead = particles.dim() - 2  # the task dim, if any, comes before the particle dim
+        for leaf, dim in zip(tree_leaves((args, kwargs), is_leaf=lambda a: a is None), tree_leaves(
+                (arg_dims, kwarg_dims), is_leaf=lambda d: d is None)):
+            if dim == 0 and (leaf.dim() <= lead or leaf.size(lead) != particles.size(-2)):
+                raise ValueError(
+                    f"a PerParticle argument must have {particles.size(-2)} particles at dim "
+                    f"{lead} (particles {tuple(particles.shape)}), got {tuple(leaf.shape)}")
+        vfn = torch.func.vmap(one, in_dims=(0, arg_dims, kwarg_dims, None), randomness=randomness)
         if particles.dim() == 3:
             check_task_batched(particles.size(0), args, kwargs)
             in_dims = tree_map(lambda a: 0 if _is_tensor(a) else None, (args, kwargs))
@@ -502,7 +546,10 @@ class ModelPotential:
                 if per_task:  # one value per task for every entry: expand the module's own
                     module = {k: v.expand(particles.size(0), *v.shape) for k, v in module.items()}
                 params = {**module, **params}
-            return cache(vfn, particles, args, kwargs, params)
+            layout = tuple(d is not None for d in tree_leaves(
+                (arg_dims, kwarg_dims), is_leaf=lambda d: d is None))  # part of the key
+            return cache(lambda p, a, k, m, _layout: vfn(p, a, k, m),
+                         particles, args, kwargs, params, layout)
 
     def log_density(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Joint log density (unconstrained space) of ``(M, D)`` or ``(T, M, D)`` particles.

@@ -59,9 +59,14 @@ def warn_if_identical(particles: torch.Tensor) -> None:
 
 
 def svgd_direction(
-    particles: torch.Tensor, grad_log_p: torch.Tensor, kernel: SteinKernel, mode: str
+    particles: torch.Tensor, grad_log_p: torch.Tensor, kernel: SteinKernel, mode: str,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
-    r"""The SVGD update direction :math:`\phi` for ``(..., M, D)`` particles.
+    r"""The SVGD update direction :math:`\phi` for ``(..., M, D)`` particles,
+    :math:`\phi(x_i) = \frac1M \sum_j k(x_j, x_i) \nabla \log p(x_j) + \alpha
+    \nabla_{x_j} k(x_j, x_i)` with the repulsion scaled by ``temperature`` :math:`\alpha`
+    (1: SVGD; SVPG's temperature otherwise, see
+    :class:`~pyro_bmaml.models.GaussianMLPPolicy`).
 
     :param particles: ``(..., M, D)`` flat unconstrained particles.
     :param grad_log_p: ``(..., M, D)``, :math:`\nabla \log p` at each particle.
@@ -72,9 +77,9 @@ def svgd_direction(
     num_particles = particles.size(-2)
     if mode == "multivariate":
         kernel_matrix, repulsion = kernel.kernel_and_repulsion(particles)
-        return (kernel_matrix @ grad_log_p + repulsion) / num_particles
+        return (kernel_matrix @ grad_log_p + temperature * repulsion) / num_particles
     attraction, repulsion = kernel.coordinatewise_direction_terms(particles, grad_log_p)
-    return (attraction + repulsion) / num_particles
+    return (attraction + temperature * repulsion) / num_particles
 
 
 def transport(
@@ -87,6 +92,7 @@ def transport(
     mode: str = "multivariate",
     create_graph: Optional[bool] = None,
     callback: Optional[Callable[..., None]] = None,
+    temperature: float = 1.0,
     **kwargs,
 ) -> torch.Tensor:
     r"""Run ``num_steps`` SVGD steps from ``particles``; differentiable in ``particles``.
@@ -105,6 +111,8 @@ def transport(
     :param callback: optional ``callback(step, particles, log_p, grad_log_p)`` called before
         each step, and once after the last one with ``step == num_steps`` (its ``log_p`` and
         ``grad_log_p`` are then ``None``: they would cost one more model evaluation).
+    :param temperature: scale of the kernel's repulsion (1: SVGD; SVPG's temperature, see
+        :func:`svgd_direction`).
     :param kwargs: the model's keyword arguments.
     :returns: particles after ``num_steps`` steps, same shape as ``particles``.
     :raises FloatingPointError: naming the step at which particles or log densities became
@@ -112,10 +120,12 @@ def transport(
     """
     num_steps = check_int("num_steps", num_steps, 0)
     check_choice("mode", mode, MODES)
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
     check_finite_data(args, kwargs, particles.dtype if isinstance(particles, torch.Tensor)
                       and particles.is_floating_point() else None)
     potential.setup_from(particles, args, kwargs)
-    check_particles(particles, potential.dim, min_particles=2)
+    check_particles(particles, potential.dim)  # one particle: only with a fixed bandwidth
     warn_if_identical(particles)
     step_size = check_step_size(step_size, potential.dim)
     if create_graph is None:
@@ -133,7 +143,7 @@ def transport(
         if callback is not None:
             callback(step, x, log_p, grad)
         with torch.set_grad_enabled(create_graph):
-            x = x + step_size * svgd_direction(x, grad, kernel, mode)
+            x = x + step_size * svgd_direction(x, grad, kernel, mode, temperature)
         if checks and not bool(torch.isfinite(x).all()):
             raise FloatingPointError(
                 f"SVGD step {step}: particles became non-finite; lower step_size"

@@ -1,0 +1,170 @@
+r"""2-D point navigation, the meta-RL benchmark of MAML (Finn et al., 2017) and BMAML.
+
+A point starts at the origin and moves by its action each step; a task is a goal drawn
+uniformly from :math:`[-r, r]^2` (``goal_range`` r = 0.5); the reward of a step is minus the
+distance from the new position to the goal; actions are clipped to :math:`[-0.1, 0.1]^2`;
+episodes last ``horizon`` = 100 steps.
+
+- :class:`PointNavigationEnv`: one task as a :class:`gymnasium.Env` (seeded, for checking
+  and for users' own agents; ``pip install .[rl]`` brings gymnasium).
+- :func:`rollout`: every task, particle (policy) and episode at once: one python iteration
+  per time step over tensors of shape ``(T, M, B, ...)``, equal to stepping the env
+  (tested).
+- :func:`discounted_returns` and :func:`linear_baseline_advantages`: the returns-to-go and
+  the advantages over MAML-RL's linear feature baseline (Duan et al., 2016), fit per task
+  and particle by ridge regression.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import gymnasium
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from ._checks import check_int, check_positive_float
+
+__all__ = ["PointNavigationEnv", "rollout", "discounted_returns",
+           "linear_baseline_advantages", "sample_goals"]
+
+MAX_ACTION = 0.1
+
+
+def sample_goals(num_tasks: int, generator: torch.Generator, goal_range: float = 0.5,
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``(T, 2)`` goals uniform in ``[-goal_range, goal_range]^2``."""
+    num_tasks = check_int("num_tasks", num_tasks, 1)
+    u = torch.rand(num_tasks, 2, generator=generator, dtype=dtype)
+    return (2 * u - 1) * check_positive_float("goal_range", goal_range)
+
+
+def _step(position: torch.Tensor, action: torch.Tensor, goal: torch.Tensor):
+    """The dynamics and reward, shared by the env and the batched rollout."""
+    position = position + action.clamp(-MAX_ACTION, MAX_ACTION)
+    reward = -(position - goal).norm(dim=-1)
+    return position, reward
+
+
+class PointNavigationEnv(gymnasium.Env):
+    """One navigation task as a :class:`gymnasium.Env` (seeded).
+
+    :param goal: the task's goal ``(2,)``; ``None`` draws one at each :meth:`reset` from
+        the env's seeded generator (``reset(options={"goal": g})`` sets one).
+    :param horizon: steps per episode (then ``truncated``).
+    :param goal_range: r, goals are drawn from ``[-r, r]^2``.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, goal=None, horizon: int = 100, goal_range: float = 0.5):
+        self.horizon = check_int("horizon", horizon, 1)
+        self.goal_range = check_positive_float("goal_range", goal_range)
+        self.fixed_goal = None if goal is None else np.asarray(goal, dtype=np.float64)
+        if self.fixed_goal is not None and self.fixed_goal.shape != (2,):
+            raise ValueError(f"goal must have shape (2,), got {self.fixed_goal.shape}")
+        self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float64)
+        self.action_space = spaces.Box(-MAX_ACTION, MAX_ACTION, (2,), np.float64)
+        self.goal = self.fixed_goal
+        self.position = np.zeros(2)
+        self.steps = 0
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[dict] = None):
+        super().reset(seed=seed)
+        if options and "goal" in options:
+            self.goal = np.asarray(options["goal"], dtype=np.float64)
+        elif self.fixed_goal is None:
+            self.goal = self.np_random.uniform(-self.goal_range, self.goal_range, 2)
+        self.position = np.zeros(2)
+        self.steps = 0
+        return self.position.copy(), {"goal": self.goal.copy()}
+
+    def step(self, action):
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (2,):
+            raise ValueError(f"action must have shape (2,), got {action.shape}")
+        if self.goal is None:
+            raise RuntimeError("call reset() before step()")
+        position, reward = _step(torch.from_numpy(self.position), torch.from_numpy(action),
+                                 torch.from_numpy(self.goal))
+        self.position = position.numpy()
+        self.steps += 1
+        return self.position.copy(), float(reward), False, self.steps >= self.horizon, {}
+
+
+def rollout(policy: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+            goals: torch.Tensor, num_particles: int, num_episodes: int,
+            generator: torch.Generator, horizon: int = 100) -> Dict[str, torch.Tensor]:
+    r"""Run ``num_episodes`` episodes of every particle's policy on every task at once.
+
+    :param policy: ``policy(observations) -> (mean, std)`` for observations of shape
+        ``(T, M, B, 2)`` (each particle's own policy along dim 1), both ``(T, M, B, 2)``
+        (``std`` may broadcast); the action is ``mean + std * noise``.
+    :param goals: ``(T, 2)``.
+    :returns: ``observations``, ``actions`` (the sampled, unclipped actions whose log
+        probabilities the policy gradient needs; the env clips them), ``rewards``, with
+        shapes ``(T, M, B, H, 2)``, ``(T, M, B, H, 2)`` and ``(T, M, B, H)``, and the noise
+        used, ``noise`` ``(H, T, M, B, 2)`` (drawn in that order from ``generator``).
+    """
+    if goals.dim() != 2 or goals.size(-1) != 2:
+        raise ValueError(f"goals must have shape (T, 2), got {tuple(goals.shape)}")
+    m = check_int("num_particles", num_particles, 1)
+    b = check_int("num_episodes", num_episodes, 1)
+    h = check_int("horizon", horizon, 1)
+    t = goals.size(0)
+    noise = torch.randn(h, t, m, b, 2, generator=generator, dtype=goals.dtype).to(goals.device)
+    position = goals.new_zeros(t, m, b, 2)
+    goal = goals[:, None, None, :]
+    observations, actions, rewards = [], [], []
+    with torch.no_grad():
+        for step in range(h):
+            mean, std = policy(position)
+            action = mean + std * noise[step]
+            observations.append(position)
+            actions.append(action)
+            position, reward = _step(position, action, goal)
+            rewards.append(reward)
+    return {"observations": torch.stack(observations, -2), "actions": torch.stack(actions, -2),
+            "rewards": torch.stack(rewards, -1), "noise": noise}
+
+
+def discounted_returns(rewards: torch.Tensor, discount: float = 0.99) -> torch.Tensor:
+    r"""Returns-to-go :math:`G_t = \sum_{k \ge t} \gamma^{k-t} r_k` along the last dim."""
+    out = torch.empty_like(rewards)
+    running = torch.zeros_like(rewards[..., 0])
+    for step in range(rewards.size(-1) - 1, -1, -1):
+        running = rewards[..., step] + discount * running
+        out[..., step] = running
+    return out
+
+
+def linear_baseline_advantages(observations: torch.Tensor, returns: torch.Tensor,
+                               ridge: float = 1e-5, normalize: bool = True) -> torch.Tensor:
+    r"""Advantages :math:`G_t - b(s_t, t)` over MAML-RL's linear feature baseline.
+
+    Features :math:`[s, s^2, t/100, (t/100)^2, (t/100)^3, 1]`, with the weights fit by
+    ridge-regularized least squares to the returns of each task and particle (over its
+    episodes and steps). With ``normalize`` the advantages are standardized per task and
+    particle (MAML-RL's default).
+
+    :param observations: ``(..., B, H, 2)``; :param returns: ``(..., B, H)``.
+    :returns: ``(..., B, H)``.
+    """
+    h = observations.size(-2)
+    time = torch.arange(h, dtype=observations.dtype, device=observations.device) / 100.0
+    time = time.expand(observations.shape[:-1])
+    features = torch.cat([observations, observations.pow(2), time.unsqueeze(-1),
+                          time.pow(2).unsqueeze(-1), time.pow(3).unsqueeze(-1),
+                          torch.ones_like(time).unsqueeze(-1)], -1)  # (..., B, H, F)
+    flat = features.flatten(-3, -2)  # (..., B*H, F)
+    target = returns.flatten(-2).unsqueeze(-1)
+    gram = flat.transpose(-1, -2) @ flat
+    eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
+    weights = torch.linalg.solve(gram + ridge * eye, flat.transpose(-1, -2) @ target)
+    advantages = returns - (features @ weights.unsqueeze(-3)).squeeze(-1)
+    if normalize:
+        dims = (-2, -1)
+        advantages = (advantages - advantages.mean(dims, keepdim=True)) / (
+            advantages.std(dims, keepdim=True) + 1e-8)
+    return advantages

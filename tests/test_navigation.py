@@ -1,0 +1,127 @@
+"""2-D point navigation (the meta-RL family's environment): dynamics and reward by hand,
+batched rollouts equal to stepping the gymnasium env, returns and the linear baseline, and
+the SVPG score of the Gaussian policy model (REINFORCE at one particle and temperature 0)."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("gymnasium")
+
+import pyro_bmaml as pb  # noqa: E402
+from pyro_bmaml.models import GaussianMLPPolicy  # noqa: E402
+from pyro_bmaml.navigation import (PointNavigationEnv, discounted_returns,  # noqa: E402
+                                   linear_baseline_advantages, rollout, sample_goals)
+from pyro_bmaml.potential import ModelPotential, PerParticle  # noqa: E402
+
+
+def test_env_dynamics_and_reward_by_hand():
+    env = PointNavigationEnv(goal=[0.3, -0.2], horizon=2)
+    obs, info = env.reset(seed=0)
+    assert obs.tolist() == [0.0, 0.0] and info["goal"].tolist() == [0.3, -0.2]
+    obs, reward, terminated, truncated, _ = env.step([0.05, 0.5])  # clipped to (0.05, 0.1)
+    assert obs == pytest.approx([0.05, 0.1])
+    assert reward == pytest.approx(-math.hypot(0.25, 0.3))
+    assert not terminated and not truncated
+    obs, reward, _, truncated, _ = env.step([0.1, -0.3])  # to (0.15, 0.0)
+    assert obs == pytest.approx([0.15, 0.0]) and reward == pytest.approx(-math.hypot(0.15, 0.2))
+    assert truncated  # horizon 2
+    with pytest.raises(ValueError, match=r"action must have shape \(2,\)"):
+        env.step([0.1])
+    drawn = PointNavigationEnv()
+    goal_a = drawn.reset(seed=3)[1]["goal"]
+    goal_b = drawn.reset(seed=3)[1]["goal"]
+    assert goal_a.tolist() == goal_b.tolist() and max(abs(goal_a)) <= 0.5
+    assert drawn.action_space.high.tolist() == [0.1, 0.1]
+
+
+def test_batched_rollout_equals_stepping_the_env():
+    """Every task, particle and episode at once == each one stepped through the env with the
+    same noise (a linear policy per particle: mean = A_m s + b_m, sd 0.05)."""
+    g = torch.Generator().manual_seed(0)
+    goals = sample_goals(3, g, dtype=torch.float64)
+    a = torch.randn(2, 2, 2, dtype=torch.float64, generator=g)  # (M, 2, 2)
+    b = 0.05 * torch.randn(2, 2, dtype=torch.float64, generator=g)
+
+    def policy(s):  # (T, M, B, 2)
+        return torch.einsum("mij,tmbj->tmbi", a, s) + b[None, :, None], torch.tensor(0.05, dtype=torch.float64)
+
+    out = rollout(policy, goals, num_particles=2, num_episodes=2, generator=g, horizon=7)
+    assert out["observations"].shape == (3, 2, 2, 7, 2) and out["rewards"].shape == (3, 2, 2, 7)
+    for t in range(3):
+        env = PointNavigationEnv(goal=goals[t].numpy(), horizon=7)
+        for m in range(2):
+            for e in range(2):
+                obs, _ = env.reset()
+                for step in range(7):
+                    s = torch.from_numpy(obs)
+                    action = a[m] @ s + b[m] + 0.05 * out["noise"][step, t, m, e]
+                    assert torch.allclose(out["observations"][t, m, e, step], s, rtol=0, atol=1e-14)
+                    assert torch.allclose(out["actions"][t, m, e, step], action, rtol=0, atol=1e-14)
+                    obs, reward, _, truncated, _ = env.step(action.numpy())
+                    assert out["rewards"][t, m, e, step].item() == pytest.approx(reward, abs=1e-12)
+                assert truncated
+
+
+def test_returns_and_linear_baseline():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    assert discounted_returns(rewards, 0.5).tolist() == [[1 + 0.5 * 2 + 0.25 * 3, 2 + 1.5, 3.0]]
+    # returns that are exactly a linear function of the baseline's features: no advantage
+    g = torch.Generator().manual_seed(1)
+    obs = torch.rand(2, 4, 10, 2, generator=g, dtype=torch.float64)  # (M, B, H, 2)
+    time = torch.arange(10, dtype=torch.float64) / 100
+    returns = 2 * obs[..., 0] - obs[..., 1].pow(2) + 3 * time - time.pow(3) + 0.5
+    adv = linear_baseline_advantages(obs, returns, ridge=1e-10, normalize=False)
+    assert adv.abs().max() < 1e-6
+    noisy = returns + torch.randn(returns.shape, generator=g, dtype=torch.float64)
+    norm = linear_baseline_advantages(obs, noisy)
+    assert torch.allclose(norm.mean((-2, -1)), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(norm.std((-2, -1)), torch.ones(2, dtype=torch.float64), atol=1e-6)
+
+
+def _policy_data(policy, potential, m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta = potential.pack(policy.paper_init(m, generator=g, dtype=torch.float64))
+    obs = torch.rand(m, 12, 2, generator=g, dtype=torch.float64) - 0.5
+    act = 0.1 * torch.randn(m, 12, 2, generator=g, dtype=torch.float64)
+    w = torch.randn(m, 12, generator=g, dtype=torch.float64) / 3  # advantages / episodes
+    return theta, obs, act, w
+
+
+def test_svpg_is_reinforce_at_one_particle_and_temperature_zero():
+    """M = 1, alpha = 0: the SVPG step is step * the REINFORCE gradient
+    sum_n w_n grad log pi(a_n | o_n), computed here by hand from the Gaussian density."""
+    policy = GaussianMLPPolicy(hidden=(8,), temperature=0.0)
+    potential = ModelPotential(policy)
+    potential.setup(*(t.double() for t in policy.example_args()))
+    theta, obs, act, w = _policy_data(policy, potential, 1)
+    moved = pb.transport(potential, pb.RBFSteinKernel(bandwidth=1.0), theta, PerParticle(obs),
+                         PerParticle(act), PerParticle(w), num_steps=1, step_size=0.1,
+                         temperature=0.0)
+    t = theta.clone().requires_grad_(True)
+    named = potential.unpack(t)
+    mean, std = policy.forward({k: v[0] for k, v in named.items()}, obs[0])
+    log_pi = (-0.5 * ((act[0] - mean) / std).pow(2) - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
+    (reinforce,) = torch.autograd.grad((w[0] * log_pi).sum(), t)
+    torch.testing.assert_close(moved, theta + 0.1 * reinforce, rtol=1e-10, atol=1e-12)
+
+
+def test_svpg_score_is_policy_gradient_plus_tempered_prior():
+    """At temperature alpha the potential's score is the REINFORCE gradient plus alpha times
+    the prior's score, per particle on its own rollouts."""
+    cold = GaussianMLPPolicy(hidden=(8,), temperature=0.0)
+    warm = GaussianMLPPolicy(hidden=(8,), temperature=0.3)
+    prior_only = GaussianMLPPolicy(hidden=(8,), temperature=1.0)
+    example = tuple(t.double() for t in cold.example_args())
+    pots = [ModelPotential(p).setup(*example) for p in (cold, warm, prior_only)]
+    theta, obs, act, w = _policy_data(cold, pots[0], 3, seed=2)
+    args = (PerParticle(obs), PerParticle(act), PerParticle(w))
+    g_cold = pots[0].log_density_and_grad(theta, *args)[1]
+    g_warm = pots[1].log_density_and_grad(theta, *args)[1]
+    g_prior = pots[2].log_density_and_grad(theta, *args)[1] - g_cold
+    torch.testing.assert_close(g_warm, g_cold + 0.3 * g_prior, rtol=1e-10, atol=1e-10)
+    # each particle is scored on its own data: particle 1 alone gives the same row
+    alone = pots[1].log_density_and_grad(theta[1:2], PerParticle(obs[1:2]),
+                                         PerParticle(act[1:2]), PerParticle(w[1:2]))[1]
+    torch.testing.assert_close(alone[0], g_warm[1], rtol=1e-10, atol=1e-12)
