@@ -215,6 +215,67 @@ class ClassificationFamily:
         return table, lines
 
 
+class NavigationFamily:
+    """Meta-RL on 2-D point navigation (``point-nav``): goals as tasks, rollouts of the
+    particles' policies as data, :class:`~pyro_bmaml.models.GaussianMLPPolicy` as model."""
+
+    name = "navigation"
+    eval_tasks = 40
+
+    def method_defaults(self, method: str, config: dict) -> dict:
+        """MAML-RL's inner step 0.1 on the surrogate averaged over steps (MAML and EMAML's
+        ``"nll"`` objective is that average); BMAML's SVPG step is on the sum over the
+        ``episodes * horizon`` steps, so the same move takes 0.1 / (episodes * horizon)."""
+        steps = config.get("episodes", 10) * 100
+        return {
+            "bmaml": {"step_size": 0.1 / steps, "objective": "chaser", "noise_step_size": None},
+            "emaml": {"step_size": 0.1, "objective": "nll"},
+            "maml": {"step_size": 0.1, "objective": "nll"},
+        }[method]
+
+    def hidden(self, config):
+        return (32, 32)
+
+    def model(self, config):
+        from .models import GaussianMLPPolicy
+
+        return GaussianMLPPolicy(hidden=tuple(config["hidden"]), init_std=0.1,
+                                 temperature=config.get("temperature", 1.0))
+
+    def sources(self, config, learner=None):
+        from .navigation import NavigationTasks
+
+        policy = learner.model if learner is not None else self.model(config)
+        source = NavigationTasks(policy, episodes=config["episodes"],
+                                 leader_episodes=2 * config["episodes"],
+                                 query_episodes=config["episodes"])
+        return source, source, None
+
+    metrics = None  # the batch scores the learner itself (returns before / after)
+
+    def headline(self, metrics: dict) -> str:
+        return f"return after adaptation {metrics['return'][0]:.2f}"
+
+    def summary(self, metrics: dict, num_tasks: int) -> str:
+        after, before = metrics["return"], metrics["return_before"]
+        return (f"average return per episode after adaptation {after[0]:.2f} +- {after[1]:.2f} "
+                f"(before: {before[0]:.2f} +- {before[1]:.2f}; {num_tasks} held-out goals, "
+                "mean +- s.e.)")
+
+    def report(self, learner, tasks, out: Path, history=None, num_steps=None) -> dict:
+        """The metrics (JSON, markdown) and the training curves."""
+        from . import plots
+
+        metrics = tasks.evaluate(learner, num_steps=num_steps)
+        lines = [f"| {k} | {v[0]:.4g} | {v[1]:.2g} |" for k, v in metrics.items()]
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "metrics.md").write_text("\n".join(["| metric | mean | s.e. |", "|---|---|---|"]
+                                                   + lines) + "\n")
+        if history is not None and history.get("loss"):
+            plots.plot_training(history, out / "training.png")
+        return metrics
+
+
 _DIGITS = re.compile(r"^digits-(\d+)way-(\d+)shot$")
 
 
@@ -224,12 +285,15 @@ def task_family(task: str):
         return TASK_FAMILIES["sinusoid"]
     if _DIGITS.match(task) or task.startswith("folder:"):
         return TASK_FAMILIES["classification"]
+    if task == "point-nav":
+        return TASK_FAMILIES["navigation"]
     raise ValueError(f"unknown --task {task!r}: use sinusoid, digits-NwayKshot (e.g. "
-                     "digits-5way-1shot) or folder:PATH")
+                     "digits-5way-1shot), folder:PATH or point-nav")
 
 
 #: the task families the CLI knows: a task source, a model, and their report
-TASK_FAMILIES = {"sinusoid": SinusoidFamily(), "classification": ClassificationFamily()}
+TASK_FAMILIES = {"sinusoid": SinusoidFamily(), "classification": ClassificationFamily(),
+                 "navigation": NavigationFamily()}
 
 
 def resolve_config(config: dict) -> dict:
@@ -304,6 +368,8 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
     family = family or TASK_FAMILIES["sinusoid"]
     out.mkdir(parents=True, exist_ok=True)
     tasks = tasks.to(device=next(learner.parameters()).device)
+    if hasattr(family, "report"):  # a family with its own report (meta-RL)
+        return family.report(learner, tasks, out, history, num_steps)
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps,
                               track_ksd=True)
     metrics = family.metrics(posterior, tasks.x_query, tasks.y_query)
@@ -328,8 +394,9 @@ def parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--task", default="sinusoid",
                    help="sinusoid, digits-NwayKshot (e.g. digits-5way-1shot: scikit-learn's "
-                        "8x8 digits, 4 rotations per digit as classes) or folder:PATH (one "
-                        "folder of images per class; --ways, --shots)")
+                        "8x8 digits, 4 rotations per digit as classes), folder:PATH (one "
+                        "folder of images per class; --ways, --shots) or point-nav (meta-RL, "
+                        "2-D navigation; --episodes)")
     t.add_argument("--method", choices=METHODS, default="bmaml")
     t.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="bmaml: chaser or bfa; emaml/maml: mse (regression, as the papers), "
@@ -362,6 +429,11 @@ def parser() -> argparse.ArgumentParser:
                    help="folder:PATH: images are resized to H,W")
     t.add_argument("--channels", type=int, choices=(1, 3), default=1,
                    help="folder:PATH: 1 (grayscale) or 3 (RGB)")
+    t.add_argument("--episodes", type=_positive(int), default=10,
+                   help="point-nav: episodes per particle and task for adaptation (the leader "
+                        "takes twice as many)")
+    t.add_argument("--temperature", type=float, default=1.0,
+                   help="point-nav: SVPG's temperature (the prior's weight and the repulsion's)")
     t.add_argument("--num-tasks", type=_positive(int), default=100,
                    help="sinusoid: |T| meta-training tasks")
     t.add_argument("--variant", choices=("bmaml", "maml"), default="bmaml",
@@ -455,6 +527,8 @@ def train(args) -> int:
     if family.name == "sinusoid":
         config.update(shots=args.shots or 10, num_tasks=args.num_tasks, variant=args.variant,
                       calibration_holdout=args.calibration_holdout)
+    elif family.name == "navigation":
+        config.update(episodes=args.episodes, temperature=args.temperature)
     else:
         match = _DIGITS.match(args.task)
         ways, shots = (int(match.group(1)), int(match.group(2))) if match else (args.ways, 1)
@@ -533,8 +607,7 @@ def evaluate_cmd(args) -> int:
                            state.get("history"), num_steps=args.steps, family=family)
     print(f"{config['method']} after {state['iteration']} meta-iterations")
     print(family.summary(metrics, eval_count))
-    print(f"report: {out}/ (metrics.md, metrics.json, ksd.png, calibration.png and the "
-          "family's plots)")
+    print(f"report: {out}/ (metrics.md, metrics.json and the family's plots)")
     return 0
 
 

@@ -292,10 +292,12 @@ class MetaLearner(nn.Module):
 
     # -- to implement -----------------------------------------------------------------
     def adapt_particles(
-        self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor, num_steps: int,
+        self, particles: torch.Tensor, data: tuple, num_steps: int,
         callback=None, step_size: Optional[float] = None,
     ) -> torch.Tensor:
-        """Adapt ``(T, M, D)`` particles on task data ``(T, N, in)``, ``(T, N)``.
+        """Adapt ``(T, M, D)`` particles on task data: the model's arguments ``data``, each
+        with a leading task dim (e.g. ``(x, y)`` of shapes ``(T, N, in)``, ``(T, N)``, from
+        the batch's :meth:`~pyro_bmaml.tasks.TaskBatch.adaptation_data`).
 
         ``callback(step, particles, log_p, grad_log_p)`` is called before each step and after
         the last with ``None`` scores (as :func:`~pyro_bmaml.svgd.transport` does).
@@ -312,7 +314,7 @@ class MetaLearner(nn.Module):
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------
-    def adapt_state(self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+    def adapt_state(self, particles: torch.Tensor, data: tuple,
                     num_steps: int, callback=None, step_size: Optional[float] = None,
                     shared: Optional[Dict[str, torch.Tensor]] = None):
         """Adapt ``(T, M, D)`` particles and, with ``shared_step_size``, the model's shared
@@ -322,7 +324,7 @@ class MetaLearner(nn.Module):
             (T, *shape)}`` or ``None`` when the shared parameters are not adapted; evaluate
             the adapted model with ``self.potential.with_parameters(shared)``."""
         if self.shared_step_size is None:
-            return self.adapt_particles(particles, x, y, num_steps, callback=callback,
+            return self.adapt_particles(particles, data, num_steps, callback=callback,
                                         step_size=step_size), None
         if shared is None:
             shared = {name: p.unsqueeze(0).expand(particles.size(0), *p.shape)
@@ -334,7 +336,7 @@ class MetaLearner(nn.Module):
                 phi = {k: v if v.requires_grad and create_graph else v.detach().requires_grad_(True)
                        for k, v in shared.items()}
                 view = base.with_parameters(phi)
-                loss = -view.log_likelihood(particles, x, y).mean((-1, -2)).sum()
+                loss = -view.log_likelihood(particles, *data).mean((-1, -2)).sum()
                 grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)
 
             def each(k, p, lp, g, step=step):  # one step at a time: renumber, one final call
@@ -343,7 +345,7 @@ class MetaLearner(nn.Module):
 
             try:  # the particles' step, with this step's shared parameters
                 self.potential = view
-                particles = self.adapt_particles(particles, x, y, 1, step_size=step_size,
+                particles = self.adapt_particles(particles, data, 1, step_size=step_size,
                                                  callback=None if callback is None else each)
             finally:
                 self.potential = base
@@ -351,7 +353,21 @@ class MetaLearner(nn.Module):
             if not create_graph:
                 shared = {k: v.detach() for k, v in shared.items()}
         if num_steps == 0 and callback is not None:
-            self.adapt_particles(particles, x, y, 0, callback=callback)
+            self.adapt_particles(particles, data, 0, callback=callback)
+        return particles, shared
+
+    def adapt_on(self, batch, phase: str, particles: torch.Tensor, num_steps: int,
+                 shared: Optional[Dict[str, torch.Tensor]] = None):
+        """:meth:`adapt_state` on a batch's ``phase`` data (``"support"`` for the chaser and
+        the adapted particles, ``"leader"`` for the leader). A batch whose data depend on the
+        particles (``resample_each_step``, e.g. rollouts of the policies in meta-RL) is asked
+        for fresh data from the current particles before every step."""
+        if not getattr(batch, "resample_each_step", False):
+            return self.adapt_state(particles, batch.adaptation_data(phase, particles),
+                                    num_steps, shared=shared)
+        for _ in range(num_steps):
+            data = batch.adaptation_data(phase, particles.detach())
+            particles, shared = self.adapt_state(particles, data, 1, shared=shared)
         return particles, shared
 
     @contextlib.contextmanager
@@ -401,9 +417,10 @@ class MetaLearner(nn.Module):
         shift = shift.masked_scatter(self.noise_mask.expand_as(shift), offset)
         return particles + shift
 
-    def mixture_nll(self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Negative log of the particle mixture's predictive density, per point: ``(T, N)``."""
-        return -mixture_log_likelihood(self.potential.log_likelihood(particles, x, y))
+    def mixture_nll(self, particles: torch.Tensor, *data) -> torch.Tensor:
+        """Negative log of the particle mixture's predictive density, per point: ``(T, N)``
+        (``data``: the model's arguments, e.g. ``x, y``)."""
+        return -mixture_log_likelihood(self.potential.log_likelihood(particles, *data))
 
     def calibration_loss(self, adapted: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
         """The query mixture NLL per point that meta-learns the noise. Its gradient reaches
@@ -414,7 +431,7 @@ class MetaLearner(nn.Module):
         else:
             shift = self.noise_mask * (self.theta0 - self.theta0.detach())  # zero, carries grad
             particles = adapted.detach() + shift
-        return self.mixture_nll(particles, batch.x_query, batch.y_query).mean()
+        return self.mixture_nll(particles, *batch.adaptation_data("query", particles)).mean()
 
     def add_calibration_loss(self, loss: torch.Tensor, adapted: torch.Tensor,
                              batch: TaskBatch,
@@ -429,9 +446,9 @@ class MetaLearner(nn.Module):
         if calibration_batch is not None:
             batch = calibration_batch.validate()
             with torch.no_grad():
-                adapted, shared = self.adapt_state(
-                    self._expand(batch.num_tasks).detach(), batch.x_support, batch.y_support,
-                    self.inner_steps)
+                adapted, shared = self.adapt_on(batch, "support",
+                                                self._expand(batch.num_tasks).detach(),
+                                                self.inner_steps)
         with self.adapted_model(None if shared is None else
                                 {k: v.detach() for k, v in shared.items()}):
             term = self.calibration_loss(adapted, batch)
@@ -498,8 +515,8 @@ class MetaLearner(nn.Module):
 
         callback = record if track_ksd else None
         with torch.no_grad():
-            adapted, shared = self.adapt_state(self._expand(xb.size(0)).detach(), xb, yb, steps,
-                                               callback=callback, step_size=step_size)
+            adapted, shared = self.adapt_state(self._expand(xb.size(0)).detach(), (xb, yb),
+                                               steps, callback=callback, step_size=step_size)
             particles = self.calibrate(adapted)
         potential = self.potential.with_parameters(shared) if shared is not None else self.potential
         particles = particles[0] if single else particles
@@ -629,6 +646,9 @@ class BMAML(MetaLearner):
         model with noise sites, else ``"none"``.
     :param calibration_weight: the noise sites' weight in the chaser distance
         (``"distance"``) or the BFA term's weight (``"mixture"``).
+    :param temperature: scale of the kernel's repulsion in the adaptation steps (1: SVGD;
+        SVPG's temperature for meta-RL). Default: the model's ``temperature`` attribute
+        (:class:`~pyro_bmaml.models.GaussianMLPPolicy` scales its prior by it), else 1.
     See :class:`MetaLearner` for the other arguments (paper: M = 10, n = s = 1, eps = 1e-3).
     """
 
@@ -657,6 +677,7 @@ class BMAML(MetaLearner):
         chaser_trains_noise: bool = True,
         noise_adaptation_scale: Optional[bool] = None,
         shared_step_size: Optional[float] = None,
+        temperature: Optional[float] = None,
     ):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         num_particles = check_int("num_particles", num_particles, 2)
@@ -678,6 +699,11 @@ class BMAML(MetaLearner):
         self.leader_steps = check_int("leader_steps", leader_steps, 1)
         self.kernel = RBFSteinKernel(bandwidth="median") if kernel is None else as_differentiable_kernel(kernel)
         self.mode = check_choice("mode", mode, ("multivariate", "univariate"))
+        if temperature is None:
+            temperature = getattr(model, "temperature", 1.0)
+        if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
+            raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+        self.temperature = float(temperature)
 
     def default_calibration(self) -> str:
         return "none" if self.objective == "bfa" else super().default_calibration()
@@ -698,29 +724,26 @@ class BMAML(MetaLearner):
             )
         return distance_sites
 
-    def adapt_particles(self, particles, x, y, num_steps, callback=None, step_size=None):
+    def adapt_particles(self, particles, data, num_steps, callback=None, step_size=None):
         return transport(
-            self.potential, self.kernel, particles, x, y,
+            self.potential, self.kernel, particles, *data,
             num_steps=num_steps, step_size=self._step(step_size), mode=self.mode,
-            callback=callback,
+            callback=callback, temperature=self.temperature,
         )
 
     def meta_loss(self, batch: TaskBatch, calibration_batch: Optional[TaskBatch] = None):
         batch = batch.validate()
-        chaser, shared = self.adapt_state(
-            self._initial_for_adaptation(batch.num_tasks), batch.x_support, batch.y_support,
-            self.inner_steps,
-        )
+        chaser, shared = self.adapt_on(batch, "support",
+                                       self._initial_for_adaptation(batch.num_tasks),
+                                       self.inner_steps)
         if self.objective == "bfa":
             with self.adapted_model(shared):
                 loss = self.bfa_loss(chaser, batch)
             self.loss_terms = {"bfa": loss.detach()}
             return loss
-        x_all = torch.cat([batch.x_support, batch.x_query], dim=1)
-        y_all = torch.cat([batch.y_support, batch.y_query], dim=1)
         with torch.no_grad():  # the leader is a target: no graph, stop-gradient
-            leader, _ = self.adapt_state(
-                chaser.detach(), x_all, y_all, self.leader_steps,
+            leader, _ = self.adapt_on(
+                batch, "leader", chaser.detach(), self.leader_steps,
                 shared=None if shared is None else {k: v.detach() for k, v in shared.items()})
         loss = ((chaser - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
         self.loss_terms = {"chaser": loss.detach()}
@@ -733,10 +756,12 @@ class BMAML(MetaLearner):
 
     def bfa_loss(self, chaser: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
         """BFA's meta-loss: the query mixture NLL summed over points, averaged over tasks."""
-        return self.mixture_nll(chaser, batch.x_query, batch.y_query).sum(-1).mean()
+        return self.mixture_nll(chaser, *batch.adaptation_data("query", chaser)).sum(-1).mean()
 
     def describe(self, steps=None):
         info = super().describe(steps)
+        if self.temperature != 1.0:
+            info["temperature"] = self.temperature
         info.update(kernel=self.kernel.describe(), mode=self.mode, objective=self.objective,
                     bandwidth_rule=str(self.kernel.bandwidth_rule),
                     leader_steps=self.leader_steps, distance_sites=",".join(self.distance_sites))
@@ -795,29 +820,30 @@ class EMAML(MetaLearner):
         mean = self.potential.model_output(particles, x, y)  # (T, M, N, ...)
         return (mean - y.unsqueeze(1)).pow(2).flatten(2).mean(-1)
 
-    def point_loss(self, particles: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The objective's loss per particle, ``(T, M)``: the MSE (``"mse"``) or the mean
-        negative log likelihood (``"nll"``) over the points."""
+    def point_loss(self, particles: torch.Tensor, *data) -> torch.Tensor:
+        """The objective's loss per particle, ``(T, M)``, on the model's arguments ``data``
+        (``x, y``): the MSE (``"mse"``) or the mean negative log likelihood (``"nll"``) over
+        the points (for a policy with per-step weights, the policy-gradient surrogate)."""
         if self.objective == "nll":
-            return -self.potential.log_likelihood(particles, x, y).mean(-1)
-        return self.squared_error(particles, x, y)
+            return -self.potential.log_likelihood(particles, *data).mean(-1)
+        return self.squared_error(particles, *data)
 
-    def _inner_objective(self, theta, x, y, create_graph):
+    def _inner_objective(self, theta, data, create_graph):
         """``(score, direction)``: the value logged and the ascent direction of one step."""
         if self.objective == "log_joint":
-            return self.potential.log_density_and_grad(theta, x, y, create_graph=create_graph)
+            return self.potential.log_density_and_grad(theta, *data, create_graph=create_graph)
         with torch.enable_grad():
             t = theta if create_graph else theta.detach().requires_grad_(True)
-            loss = self.point_loss(t, x, y)
+            loss = self.point_loss(t, *data)
             (grad,) = torch.autograd.grad(loss.sum(), t, create_graph=create_graph)
         return -loss.detach(), -grad
 
-    def adapt_particles(self, particles, x, y, num_steps, callback=None, step_size=None):
+    def adapt_particles(self, particles, data, num_steps, callback=None, step_size=None):
         eps = self._step(step_size)
         create_graph = torch.is_grad_enabled() and particles.requires_grad
         theta = particles if create_graph else particles.detach()
         for step in range(num_steps):
-            score, direction = self._inner_objective(theta, x, y, create_graph)
+            score, direction = self._inner_objective(theta, data, create_graph)
             if value_checks_enabled() and not bool(torch.isfinite(score).all()):
                 raise FloatingPointError(f"gradient step {step}: the inner objective is non-finite")
             if callback is not None:  # the KSD needs the log density's score: MSE gives None
@@ -829,17 +855,17 @@ class EMAML(MetaLearner):
 
     def meta_loss(self, batch: TaskBatch, calibration_batch: Optional[TaskBatch] = None):
         batch = batch.validate()
-        adapted, shared = self.adapt_state(
-            self._initial_for_adaptation(batch.num_tasks), batch.x_support, batch.y_support,
-            self.inner_steps,
-        )
+        adapted, shared = self.adapt_on(batch, "support",
+                                        self._initial_for_adaptation(batch.num_tasks),
+                                        self.inner_steps)
+        query = batch.adaptation_data("query", adapted)
         with self.adapted_model(shared):
             if self.objective == "log_joint":
-                log_lik = self.potential.log_likelihood(adapted, batch.x_query, batch.y_query)
+                log_lik = self.potential.log_likelihood(adapted, *query)
                 loss = -log_lik.mean(-1).sum(-1).mean()
                 self.loss_terms = {"query_nll": loss.detach()}
                 return loss
-            loss = self.point_loss(adapted, batch.x_query, batch.y_query).sum(-1).mean()
+            loss = self.point_loss(adapted, *query).sum(-1).mean()
         self.loss_terms = {f"query_{self.objective}": loss.detach()}
         return self.add_calibration_loss(loss, adapted, batch, calibration_batch, shared)
 

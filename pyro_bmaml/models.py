@@ -383,6 +383,9 @@ class GaussianMLPPolicy:
         sizes = (self.obs_dim,) + self.hidden + (self.act_dim,)
         self.layer_sizes = list(zip(sizes[:-1], sizes[1:]))
 
+    #: no noise sites to calibrate (the action sd is part of the policy)
+    noise_sites: list = []
+
     def __repr__(self) -> str:
         sizes = "-".join(map(str, (self.obs_dim,) + self.hidden + (self.act_dim,)))
         return f"GaussianMLPPolicy({sizes}, temperature={self.temperature:g})"
@@ -434,14 +437,17 @@ class GaussianMLPPolicy:
 
     def paper_init(self, num_particles: int, generator: Optional[torch.Generator] = None,
                    dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
-        """MAML-RL's initialization (constrained values, leading dim M): Xavier-uniform
-        weights, zero biases (with a N(0, 0.01) jitter so that particles differ), log sd
+        """Initial particles (constrained values, leading dim M): Xavier-uniform weights,
+        the output layer's scaled by 0.01 (a near-zero initial mean action, the usual policy
+        initialization: the point starts as a random walk of sd ``init_std`` instead of
+        drifting away), biases N(0, 0.01) (so that particles differ), log sd
         :math:`\\log\\sigma_0`."""
         m = check_int("num_particles", num_particles, 1)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         named = {}
+        last = len(self.layer_sizes) - 1
         for i, (n_in, n_out) in enumerate(self.layer_sizes):
-            bound = math.sqrt(6.0 / (n_in + n_out))
+            bound = math.sqrt(6.0 / (n_in + n_out)) * (0.01 if i == last else 1.0)
             u = torch.rand(m, n_in, n_out, generator=generator, dtype=dtype)
             named[f"layer{i}.weight"] = (2 * u - 1) * bound
             named[f"layer{i}.bias"] = 0.01 * torch.randn(m, n_out, generator=generator, dtype=dtype)

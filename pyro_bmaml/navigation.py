@@ -17,6 +17,7 @@ episodes last ``horizon`` = 100 steps.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional, Tuple
 
 import gymnasium
@@ -26,8 +27,8 @@ from gymnasium import spaces
 
 from ._checks import check_int, check_positive_float
 
-__all__ = ["PointNavigationEnv", "rollout", "discounted_returns",
-           "linear_baseline_advantages", "sample_goals"]
+__all__ = ["PointNavigationEnv", "NavigationTasks", "NavigationBatch", "rollout",
+           "discounted_returns", "linear_baseline_advantages", "sample_goals"]
 
 MAX_ACTION = 0.1
 
@@ -168,3 +169,125 @@ def linear_baseline_advantages(observations: torch.Tensor, returns: torch.Tensor
         advantages = (advantages - advantages.mean(dims, keepdim=True)) / (
             advantages.std(dims, keepdim=True) + 1e-8)
     return advantages
+
+
+class NavigationTasks:
+    """The meta-RL task source: each task a goal; a batch rolls out the particles' policies.
+
+    Adaptation data are rollouts of the particles' own policies, so they depend on the
+    particles: a batch (:class:`NavigationBatch`) has ``resample_each_step = True`` and
+    gives, for each phase, fresh rollouts of the particles it is handed, as
+    :class:`~pyro_bmaml.potential.PerParticle` ``(observations, actions, advantages)`` for
+    a :class:`~pyro_bmaml.models.GaussianMLPPolicy`. The meta-learners are unchanged:
+    BMAML's adaptation on these is SVPG (the chaser on ``episodes`` per particle, the leader
+    on ``leader_episodes``), MAML's and EMAML's the policy-gradient step, and their query
+    loss the surrogate on rollouts of the adapted policies.
+
+    :param policy: the policy model (its layout unpacks the particles).
+    :param episodes: episodes per particle and task for adaptation (B).
+    :param leader_episodes: episodes of the leader's steps (more than ``episodes``).
+    :param query_episodes: episodes that score the adapted policies (meta-loss, evaluation).
+    :param horizon: steps per episode.
+    :param discount: gamma of the returns-to-go.
+    :param goal_range: goals uniform in ``[-goal_range, goal_range]^2``.
+    """
+
+    def __init__(self, policy, episodes: int = 10, leader_episodes: int = 20,
+                 query_episodes: int = 10, horizon: int = 100, discount: float = 0.99,
+                 goal_range: float = 0.5):
+        from .potential import ModelPotential
+
+        self.policy = policy
+        self.episodes = check_int("episodes", episodes, 1)
+        self.leader_episodes = check_int("leader_episodes", leader_episodes, 1)
+        self.query_episodes = check_int("query_episodes", query_episodes, 1)
+        self.horizon = check_int("horizon", horizon, 1)
+        if not 0.0 < discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {discount}")
+        self.discount = float(discount)
+        self.goal_range = check_positive_float("goal_range", goal_range)
+        self.potential = ModelPotential(policy).setup(*policy.example_args())
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> "NavigationBatch":
+        """A meta-training batch: ``batch_size`` goals; its rollouts draw from ``generator``
+        (so a checkpointed generator resumes the same trajectory)."""
+        return NavigationBatch(sample_goals(batch_size, generator, self.goal_range), self,
+                               generator)
+
+    def evaluation_tasks(self, num_tasks: int = 40, seed: int = 12345) -> "NavigationBatch":
+        """Fixed held-out goals, rolled out with their own seeded generator."""
+        g = torch.Generator().manual_seed(seed)
+        return NavigationBatch(sample_goals(num_tasks, g, self.goal_range), self, g, seed=seed)
+
+    def policy_fn(self, particles: torch.Tensor):
+        """``observations (T, M, B, 2) -> (mean, std)`` of the particles ``(T, M, D)``."""
+        weights = self.potential.unpack(particles.detach())
+        return lambda observations: self.policy.forward(weights, observations)
+
+
+class NavigationBatch:
+    """A batch of navigation tasks (goals ``(T, 2)``): the meta-learners' batch protocol
+    (:meth:`~pyro_bmaml.tasks.TaskBatch.adaptation_data`) with data from rollouts."""
+
+    resample_each_step = True
+
+    def __init__(self, goals: torch.Tensor, source: NavigationTasks, generator: torch.Generator,
+                 seed: Optional[int] = None):
+        self.goals, self.source, self.generator, self.seed = goals, source, generator, seed
+
+    @property
+    def num_tasks(self) -> int:
+        return self.goals.size(0)
+
+    def validate(self) -> "NavigationBatch":
+        return self
+
+    def to(self, *args, **kwargs) -> "NavigationBatch":
+        return NavigationBatch(self.goals.to(*args, **kwargs), self.source, self.generator, self.seed)
+
+    def __getitem__(self, index) -> "NavigationBatch":
+        return NavigationBatch(self.goals[index], self.source, self.generator, self.seed)
+
+    def rollouts(self, particles: torch.Tensor, episodes: int) -> Dict[str, torch.Tensor]:
+        """Rollouts of the particles ``(T, M, D)`` on the batch's goals."""
+        src = self.source
+        return rollout(src.policy_fn(particles), self.goals.to(particles), particles.size(1),
+                       episodes, self.generator, src.horizon)
+
+    def adaptation_data(self, phase: str, particles: torch.Tensor) -> tuple:
+        """``(observations, actions, advantages)`` per particle from fresh rollouts of
+        ``particles`` (``episodes``, ``leader_episodes`` or ``query_episodes`` of them by
+        phase), flattened over episodes and steps: each ``PerParticle`` ``(T, M, B*H, ...)``."""
+        from .potential import PerParticle
+
+        src = self.source
+        episodes = {"support": src.episodes, "leader": src.leader_episodes,
+                    "query": src.query_episodes}.get(phase)
+        if episodes is None:
+            raise ValueError(f"phase must be 'support', 'leader' or 'query', got {phase!r}")
+        out = self.rollouts(particles, episodes)
+        returns = discounted_returns(out["rewards"], src.discount)
+        advantages = linear_baseline_advantages(out["observations"], returns)
+        return (PerParticle(out["observations"].flatten(2, 3)),
+                PerParticle(out["actions"].flatten(2, 3)), PerParticle(advantages.flatten(2)))
+
+    def evaluate(self, learner, num_steps: Optional[int] = None, metrics=None) -> dict:
+        """Average return per episode of the particles' policies before and after adapting
+        to each task (``num_steps`` adaptation steps, default the learner's), on
+        ``query_episodes`` fresh rollouts per particle; ``(mean, s.e.)`` over tasks."""
+        if self.seed is not None:  # evaluation is repeatable: same goals, same noise
+            self.generator.manual_seed(self.seed)
+        steps = learner.inner_steps if num_steps is None else check_int("num_steps", num_steps, 0)
+        episodes = self.source.query_episodes
+        with torch.no_grad():
+            theta = learner.theta0.detach().unsqueeze(0).expand(self.num_tasks, -1, -1)
+            before = self.rollouts(theta, episodes)["rewards"].sum(-1).mean((1, 2))
+            adapted, _ = learner.adapt_on(self, "support", theta, steps)
+            after = self.rollouts(adapted, episodes)["rewards"].sum(-1).mean((1, 2))
+
+        def mean_se(v):
+            v = v.double()
+            return float(v.mean()), float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
+
+        return {"return": mean_se(after), "return_before": mean_se(before),
+                "improvement": mean_se(after - before)}

@@ -225,7 +225,8 @@ def plot_curve_panels(panels: Dict[str, Dict[str, tuple]], path: PathLike, xlabe
                       columns: int = 4, hlines: Optional[Dict[str, float]] = None) -> Path:
     """A grid of curve plots: ``{panel title: {label: (x, mean, se)}}`` (e.g. learning
     curves of several methods per metric and setting). A title holding "coverage" gets a
-    linear axis from 0 to 1; others a log axis. ``hlines``: ``{panel title: y}`` reference
+    linear axis from 0 to 1; others a log axis when every value is positive (returns,
+    which are negative, a linear one). ``hlines``: ``{panel title: y}`` reference
     lines (e.g. a nominal coverage, a predict-zero score)."""
     rows = -(-len(panels) // columns)
     cols = min(columns, len(panels))
@@ -233,7 +234,8 @@ def plot_curve_panels(panels: Dict[str, Dict[str, tuple]], path: PathLike, xlabe
     for i, (title, curves) in enumerate(panels.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
         coverage = "coverage" in title
-        _draw_curves(ax, curves, log_y=not coverage)
+        positive = all(m > 0 for _, means, _ in curves.values() for m in means)
+        _draw_curves(ax, curves, log_y=not coverage and positive)
         if coverage:
             ax.set_ylim(0, 1)
         if hlines and title in hlines:

@@ -64,6 +64,26 @@ class TaskBatch(NamedTuple):
 
         return TaskBatch(*(move(t) for t in self))
 
+    #: the adaptation data do not depend on the particles (see :meth:`adaptation_data`)
+    resample_each_step = False
+
+    def adaptation_data(self, phase: str, particles: Optional[torch.Tensor] = None) -> tuple:
+        """The model's arguments for a phase of meta-learning, each with a leading task dim:
+        ``"support"`` (adaptation: ``(x_support, y_support)``), ``"leader"`` (BMAML's leader:
+        support and query together) and ``"query"`` (held-out scoring).
+
+        This is the one thing the meta-learners ask of a batch of tasks. A task family
+        whose data depend on the particles (meta-RL: rollouts of each policy particle) gives
+        its own batch class with this method and ``resample_each_step = True``."""
+        if phase == "support":
+            return self.x_support, self.y_support
+        if phase == "query":
+            return self.x_query, self.y_query
+        if phase == "leader":
+            return (torch.cat([self.x_support, self.x_query], 1),
+                    torch.cat([self.y_support, self.y_query], 1))
+        raise ValueError(f"phase must be 'support', 'leader' or 'query', got {phase!r}")
+
     def __getitem__(self, index):
         if isinstance(index, int):  # NamedTuple field access stays positional
             return tuple.__getitem__(self, index)

@@ -38,6 +38,8 @@ def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
         go to it).
     """
     tasks = tasks.validate().to(device=_device(learner))
+    if hasattr(tasks, "evaluate"):  # a family that scores learners itself (meta-RL returns)
+        return tasks.evaluate(learner, num_steps=num_steps, metrics=metrics)
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps)
     if metrics is not None:
         return metrics(posterior, tasks.x_query, tasks.y_query, **kwargs)
@@ -291,7 +293,7 @@ def fit(
         done = iteration + 1
         if eval_tasks is not None and eval_every and done % eval_every == 0 and done < num_iterations:
             entry = run_eval(done)
-            headline = next((k for k in ("mse", "accuracy") if k in entry), None)
+            headline = next((k for k in ("mse", "accuracy", "return") if k in entry), None)
             shown = {headline: f"{entry[headline][0]:.4g}"} if headline else {}
             bar.set_postfix(loss=f"{total:.4g}", **shown)
         elif done % 10 == 0:

@@ -194,7 +194,7 @@ def test_shared_step_adapts_the_features_per_task():
     at the initial particles, and the particles take theirs with the initial features."""
     model, learner, batch = _shared_setup(inner_steps=1)
     theta = learner._expand(2).detach()
-    adapted, shared = learner.adapt_state(theta, batch.x_support, batch.y_support, 1)
+    adapted, shared = learner.adapt_state(theta, (batch.x_support, batch.y_support), 1)
     for t in range(2):
         phi = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
         loss = -learner.potential.with_parameters(phi).log_likelihood(
@@ -202,8 +202,8 @@ def test_shared_step_adapts_the_features_per_task():
         grads = torch.autograd.grad(loss, list(phi.values()))
         for (k, p), g in zip(phi.items(), grads):
             torch.testing.assert_close(shared[k][t], p - 0.2 * g)
-    torch.testing.assert_close(adapted, learner.adapt_particles(theta, batch.x_support,
-                                                                batch.y_support, 1))
+    torch.testing.assert_close(adapted, learner.adapt_particles(
+        theta, (batch.x_support, batch.y_support), 1))
     assert not torch.allclose(shared["features.0"][0], shared["features.0"][1])
     # the posterior predicts with its task's adapted features (batched == one task alone)
     post = learner.adapt(batch.x_support, batch.y_support)

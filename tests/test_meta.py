@@ -205,7 +205,7 @@ def test_noise_offset_is_learned_by_the_query_nll_alone():
     learner.meta_loss(batch).backward()
     plain.meta_loss(batch).backward()
     assert torch.equal(learner.theta0.grad, plain.theta0.grad)
-    chaser = plain.adapt_particles(plain._expand(2).detach(), batch.x_support, batch.y_support, 1)
+    chaser = plain.adapt_particles(plain._expand(2).detach(), (batch.x_support, batch.y_support), 1)
     offset = torch.tensor([-0.7], requires_grad=True)
     shifted = chaser + learner.noise_mask * offset.sum()  # the noise column moves by -0.7
     (expected,) = torch.autograd.grad(_query_nll_by_hand(learner, shifted, batch), offset)

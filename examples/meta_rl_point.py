@@ -1,0 +1,149 @@
+"""Meta-RL on 2-D point navigation: BMAML (SVPG chaser) vs EMAML vs MAML, same rollouts budget.
+
+Each task is a goal in [-0.5, 0.5]^2; the point starts at the origin, moves by its clipped
+action (|a| <= 0.1 per coordinate) and is rewarded minus its distance to the goal, for 100
+steps. Every method adapts a Gaussian MLP policy (2-32-32-2, `GaussianMLPPolicy`) with one
+step on `--episodes` rollouts per particle and task (BMAML: one SVPG step, its leader a
+second step on twice as many; EMAML / MAML: MAML-RL's policy-gradient step, 0.1 on the
+surrogate averaged over steps, linear feature baseline, normalized advantages), M = 5
+particles for BMAML and EMAML, meta-batch 10 goals, Adam 1e-3. The learning curve is the
+average return per episode after adaptation on 20 held-out goals (mean +- s.e. over
+seeds). Run:
+
+    python examples/meta_rl_point.py --iterations 200 --seeds 0 1 2 [--update-results]
+
+(`--update-results` writes results/meta_rl.{md,json,png}; by default runs/meta_rl.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pyro
+import torch
+
+from _runs import fmt, mean_se, read_runs, run_jobs, save_json, seed_note
+from pyro_bmaml.cli import build_learner, resolve_config, task_sources
+from pyro_bmaml.training import evaluate
+
+
+def run_one(job):
+    torch.set_num_threads(1)
+    method, seed, args = job
+    config = resolve_config({"task": "point-nav", "method": method,
+                             "particles": args["particles"], "inner_steps": 1,
+                             "leader_steps": 1, "seed": seed, "episodes": args["episodes"],
+                             "temperature": args["temperature"]})
+    pyro.set_rng_seed(seed)
+    learner = build_learner(config)
+    source, tasks, _ = task_sources(config, learner)
+    held_out = source.evaluation_tasks(args["eval_tasks"], seed=777)
+    row = {"method": method, "seed": seed, "M": learner.num_particles,
+           "step_size": learner.step_size}
+    start = evaluate(learner, held_out)
+    t0 = time.time()
+    try:
+        history = learner.fit(tasks, args["iterations"], meta_batch_size=10, seed=seed,
+                              progress=False, eval_tasks=held_out, eval_every=args["eval_every"])
+    except FloatingPointError as err:
+        return row | {"error": str(err), "seconds": time.time() - t0}
+    final = evaluate(learner, source.evaluation_tasks(args["test_tasks"], seed=12345))
+    row.update({"return": final["return"][0], "return_before": final["return_before"][0],
+                "improvement": final["improvement"][0]})
+    row["curve"] = [{"iteration": 0, "return": start["return"][0],
+                     "return_before": start["return_before"][0]}] + [
+        {"iteration": e["iteration"], "return": e["return"][0],
+         "return_before": e["return_before"][0]} for e in history["eval"]]
+    row["seconds"] = time.time() - t0
+    return row
+
+
+def write_outputs(out: Path, budget: dict, rows: list):
+    from pyro_bmaml import plots
+
+    methods = sorted({r["method"] for r in rows})
+    table = []
+    for method in methods:
+        ok = [r for r in rows if r["method"] == method and "error" not in r]
+        entry = {"method": method, "M": ok[0]["M"] if ok else None,
+                 "step_size": ok[0]["step_size"] if ok else None,
+                 "seeds": len([r for r in rows if r["method"] == method]),
+                 "diverged": len([r for r in rows if r["method"] == method and "error" in r])}
+        for key in ("return", "return_before", "improvement"):
+            entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
+        table.append(entry)
+    save_json(out, budget, table, rows)
+    lines = [f"Budget: {json.dumps(budget)}", "",
+             f"2-D point navigation, {budget['test_tasks']} held-out goals ({seed_note(rows)}): "
+             "average return per episode (100 steps, reward = minus the distance to the goal) "
+             "of the particles' policies after one adaptation step on "
+             f"{budget['episodes']} episodes per particle, and before it (the meta-learned "
+             "initial policies themselves). The un-meta-trained policies score about -80 "
+             "before adaptation (a random walk of sd 0.1).", "",
+             "| method | M | step | return after adaptation | before adaptation | "
+             "improvement | diverged |", "|---" * 7 + "|"]
+    for e in table:
+        lines.append(f"| {e['method']} | {e['M']} | {e['step_size']:.3g} | {fmt(e['return'], 2)} | "
+                     f"{fmt(e['return_before'], 2)} | {fmt(e['improvement'], 2)} | "
+                     f"{e['diverged']}/{e['seeds']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    panels = {}
+    for key, title in (("return", "return after adaptation (held-out goals)"),
+                       ("return_before", "return before adaptation")):
+        panel = {}
+        for method in methods:
+            runs = [r for r in rows if r["method"] == method and r.get("curve")]
+            if not runs:
+                continue
+            its = [c["iteration"] for c in runs[0]["curve"]]
+            stats = [mean_se([r["curve"][i][key] for r in runs]) for i in range(len(its))]
+            panel[method.upper()] = (its, [s[0] for s in stats], [s[1] or 0.0 for s in stats])
+        panels[title] = panel
+    plots.plot_curve_panels(panels, out.parent / f"{out.name}.png", "meta-iteration")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--iterations", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=None, help="default: iterations / 10")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--particles", type=int, default=5)
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--eval-tasks", type=int, default=20, help="goals of the learning curve")
+    p.add_argument("--test-tasks", type=int, default=40, help="goals of the final table")
+    p.add_argument("--methods", nargs="+", default=["bmaml", "emaml", "maml"],
+                   choices=["bmaml", "emaml", "maml"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--from-runs", type=Path, nargs="+", default=None)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output prefix (default runs/meta_rl; results/meta_rl with "
+                        "--update-results)")
+    p.add_argument("--update-results", action="store_true")
+    args = p.parse_args()
+    out = args.out or Path("results/meta_rl" if args.update_results else "runs/meta_rl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"iterations": args.iterations,
+                "eval_every": args.eval_every or max(1, args.iterations // 10),
+                "particles": args.particles, "episodes": args.episodes,
+                "temperature": args.temperature, "eval_tasks": args.eval_tasks,
+                "test_tasks": args.test_tasks}
+    budget = settings | {"meta_batch": 10, "lr": 1e-3, "horizon": 100, "seeds": args.seeds,
+                         "policy": "2-32-32-2"}
+    if args.from_runs:
+        write_outputs(out, budget, read_runs(args.from_runs))
+        return
+    cost = {"bmaml": 3, "emaml": 2, "maml": 1}
+    jobs = sorted([(m, s, settings) for m in args.methods for s in args.seeds],
+                  key=lambda j: (j[1], -cost[j[0]]))
+    rows = run_jobs(run_one, jobs, args.workers, out.parent / f"{out.name}.runs.jsonl")
+    write_outputs(out, budget, rows)
+
+
+if __name__ == "__main__":
+    main()
