@@ -158,7 +158,7 @@ def plot_confidence_panels(panels: Dict[str, Dict[str, Dict[str, object]]],
 
 def plot_training(history: Dict[str, list], path: PathLike) -> Path:
     """Meta-training curves: each meta-loss term per iteration (``history["terms"]``, else the
-    total) and the held-out MSE, NLL and 90% coverage.
+    total) and the held-out scores (MSE, NLL and 90% coverage; error rate and ECE; returns).
 
     The chaser loss is the squared distance from the chaser to the leader, a moving target:
     it can rise while held-out error falls (e.g. as the particles spread out and the leader's
@@ -181,12 +181,14 @@ def plot_training(history: Dict[str, list], path: PathLike) -> Path:
     evals = history.get("eval") or []
     if evals:
         its = [e["iteration"] for e in evals]
-        keys = [k for k in ("mse", "nll", "error_rate", "ece") if all(k in e for e in evals)]
+        keys = [k for k in ("mse", "nll", "error_rate", "ece", "return", "return_before")
+                if all(k in e for e in evals)]
         for key, color in zip(keys, ("C0", "C1", "C3", "C4")):
             mu = np.array([e[key][0] for e in evals])
             se = np.array([e[key][1] for e in evals])
             ax2.errorbar(its, mu, yerr=se, marker="o", color=color, label=f"held-out {key}")
-        ax2.set_yscale("log")
+        if all(e[k][0] > 0 for e in evals for k in keys):  # returns are negative: linear
+            ax2.set_yscale("log")
         if all("coverage" in e for e in evals):
             ax3 = ax2.twinx()
             ax3.plot(its, [e["coverage"]["0.9"][0] for e in evals], "s--", color="C2",

@@ -125,3 +125,70 @@ def test_svpg_score_is_policy_gradient_plus_tempered_prior():
     alone = pots[1].log_density_and_grad(theta[1:2], PerParticle(obs[1:2]),
                                          PerParticle(act[1:2]), PerParticle(w[1:2]))[1]
     torch.testing.assert_close(alone[0], g_warm[1], rtol=1e-10, atol=1e-12)
+
+
+def test_batch_protocol_phases():
+    """The meta-learners' one question to a batch: its data for a phase."""
+    batch = pb.Sinusoid(num_tasks=10, num_support=3).sample(2, torch.Generator().manual_seed(0))
+    x, y = batch.adaptation_data("leader")
+    assert x.shape == (2, 6, 1) and torch.equal(y[:, 3:], batch.y_query)
+    assert batch.adaptation_data("support")[0] is batch.x_support
+    assert not batch.resample_each_step
+    with pytest.raises(ValueError, match="phase must be"):
+        batch.adaptation_data("test")
+
+
+def _navigation_learner(method="bmaml", seed=0):
+    import pyro
+
+    from pyro_bmaml.cli import build_learner, resolve_config, task_sources
+
+    config = resolve_config({"task": "point-nav", "method": method, "particles": 5,
+                             "inner_steps": 1, "leader_steps": 1, "seed": seed, "episodes": 10,
+                             "temperature": 1.0})
+    pyro.set_rng_seed(seed)
+    learner = build_learner(config)
+    source, tasks, _ = task_sources(config, learner)
+    return learner, source, tasks
+
+
+def test_rollout_batches_give_per_particle_policy_data():
+    learner, source, _ = _navigation_learner()
+    batch = source.sample(3, torch.Generator().manual_seed(0))
+    theta = learner.theta0.detach().expand(3, -1, -1)
+    obs, act, adv = batch.adaptation_data("support", theta)
+    assert batch.resample_each_step and obs.tensor.shape == (3, 5, 10 * 100, 2)
+    assert act.tensor.shape == (3, 5, 1000, 2) and adv.tensor.shape == (3, 5, 1000)
+    assert batch.adaptation_data("leader", theta)[0].tensor.shape == (3, 5, 2000, 2)
+    # normalized advantages per task and particle
+    assert torch.allclose(adv.tensor.mean(-1), torch.zeros(3, 5), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_short_meta_training_improves_the_adapted_return():
+    """BMAML (SVPG chaser), 20 meta-iterations: the policies adapted to 10 held-out goals
+    return more than the un-meta-trained ones adapted alike (measured: about -106 before,
+    -70 after; the s.e. over goals is about 5, so the margin is > 4 s.e.)."""
+    from pyro_bmaml.training import evaluate
+
+    learner, source, tasks = _navigation_learner()
+    held_out = source.evaluation_tasks(10, seed=5)
+    before = evaluate(learner, held_out)
+    learner.fit(tasks, 20, meta_batch_size=10, progress=False)
+    after = evaluate(learner, held_out)
+    margin = 4 * max(before["return"][1], after["return"][1])
+    assert after["return"][0] > before["return"][0] + margin
+    assert set(after) == {"return", "return_before", "improvement"}
+
+
+def test_cli_point_nav_train_and_evaluate(tmp_path, capsys):
+    from pyro_bmaml.cli import main
+
+    out = tmp_path / "nav"
+    assert main(["train", "--task", "point-nav", "--method", "maml", "--iterations", "3",
+                 "--eval-tasks", "4", "--no-progress", "--out", str(out)]) == 0
+    assert "average return per episode after adaptation" in capsys.readouterr().out
+    assert (out / "evaluation" / "metrics.json").is_file()
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--out", str(tmp_path / "ev"),
+                 "--eval-tasks", "4"]) == 0
+    assert "return" in (tmp_path / "ev" / "metrics.md").read_text()
