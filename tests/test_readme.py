@@ -19,3 +19,7 @@ def test_readme_python_example_runs():
     assert 0.0 <= namespace["scores"]["accuracy"][0] <= 1.0
     assert namespace["line_post"].particles.shape == (8, 2)
     assert callable(namespace["nuts_model"])
+    # shared features adapted per task, and the meta-RL block
+    assert namespace["adapted_body"].shared_step_size == 0.4
+    assert 0.0 <= namespace["body_scores"]["accuracy"][0] <= 1.0
+    assert namespace["returns"]["return"][0] < 0  # minus distances
