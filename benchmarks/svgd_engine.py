@@ -13,6 +13,8 @@ Ratios are measured in one process, medians over repeats.  Run:
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -44,6 +46,10 @@ def step_benchmark(model, x, y, num_particles, repeats, mode):
         pyro.clear_param_store()
         svgd = cls(model, kernel, Adam({"lr": 1e-3}), num_particles, 0, mode=mode)
         timings[name] = median_time(lambda: svgd.step(x, y), repeats, warmup=2)
+        if cls is pb.SVGD:  # the same class without the recorded-graph fast path
+            svgd.potential.capture = False
+            timings["pyro_bmaml.SVGD (traced path)"] = median_time(lambda: svgd.step(x, y),
+                                                                   repeats, warmup=2)
     # not the same math in multivariate mode: "auto" is the paper's scalar rule there
     pyro.clear_param_store()
     svgd = pb.SVGD(model, pb.RBFSteinKernel(), Adam({"lr": 1e-3}), num_particles, 0, mode=mode)
@@ -104,7 +110,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write results/svgd_engine.json (default runs/benchmarks/)")
     args = parser.parse_args()
+    record = {"step": [], "transport": []}
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else 20
@@ -113,7 +122,7 @@ def main():
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, threads {torch.get_num_threads()}")
     print("(a) one SVGD step (Adam), median seconds")
     print(f"{'mode':>12} {'N':>4} {'M':>4} {'pyro.infer.SVGD':>16} {'pyro_bmaml.SVGD':>16} "
-          f"{'speed-up':>9} {'(ours, default auto rule)':>26}")
+          f"{'speed-up':>9} {'(ours, default auto rule)':>26} {'(traced path)':>14}")
     for mode in ("univariate", "multivariate"):
         for n in (10, 100):
             x = torch.linspace(-5, 5, n)
@@ -121,8 +130,10 @@ def main():
             for m in (10, 100):
                 t = step_benchmark(model, x, y, m, repeats, mode)
                 ratio = t["pyro.infer.SVGD"] / t["pyro_bmaml.SVGD"]
+                record["step"].append({"mode": mode, "N": n, "M": m, **t, "speedup": ratio})
                 print(f"{mode:>12} {n:>4} {m:>4} {t['pyro.infer.SVGD']:>16.5f} "
-                      f"{t['pyro_bmaml.SVGD']:>16.5f} {ratio:>8.1f}x {t['scalar rule']:>26.5f}")
+                      f"{t['pyro_bmaml.SVGD']:>16.5f} {ratio:>8.1f}x {t['scalar rule']:>26.5f} "
+                      f"{t['pyro_bmaml.SVGD (traced path)']:>14.5f}")
     print("(b) transport, 5 steps + backward, T = 10 tasks, median seconds")
     print(f"{'N':>4} {'M':>4} {'python loop':>12} {'vectorized':>11} {'speed-up':>9}")
     potential = pb.ModelPotential(model)
@@ -132,7 +143,13 @@ def main():
         for m in (10, 100):
             t = transport_benchmark(model, potential, xs, ys, m, max(3, repeats // 4))
             ratio = t["python loop"] / t["vectorized"]
+            record["transport"].append({"N": n, "M": m, **t, "speedup": ratio})
             print(f"{n:>4} {m:>4} {t['python loop']:>12.4f} {t['vectorized']:>11.4f} {ratio:>8.1f}x")
+    folder = Path("results" if args.update_results else "runs/benchmarks")
+    folder.mkdir(parents=True, exist_ok=True)
+    record["header"] = f"torch {torch.__version__}, pyro {pyro.__version__}, threads {torch.get_num_threads()}"
+    (folder / "svgd_engine.json").write_text(json.dumps(record, indent=2))
+    print(f"written: {folder / 'svgd_engine.json'}")
 
 
 if __name__ == "__main__":

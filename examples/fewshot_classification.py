@@ -187,7 +187,9 @@ def main():
                 "shared_step_size": args.shared_step_size, "hidden": args.hidden,
                 "test_episodes": args.test_episodes,
                 "val_episodes": args.val_episodes}
-    budget = settings | {"meta_batch": 10, "lr": 1e-3, "seeds": args.seeds, "task": "digits"}
+    # how the body is treated is per run (the table's "body" column), not in the budget
+    budget = {k: v for k, v in settings.items() if k not in ("shared", "shared_step_size")}
+    budget |= {"meta_batch": 10, "lr": 1e-3, "seeds": args.seeds, "task": "digits"}
     if args.from_runs:
         write_outputs(out, budget, read_runs(args.from_runs))
         return

@@ -57,6 +57,13 @@ the noise coordinates of ``theta0``, first order), ``"distance"`` (the noise sit
 chaser distance with weight ``calibration_weight``), ``"mixture"`` (chaser +
 ``calibration_weight`` x BFA, full gradient), and ``"none"`` (the official code).
 
+**Task data.** The learners get a task batch's data through its
+:meth:`~pyro_bmaml.tasks.TaskBatch.adaptation_data` (support for the chaser and the
+adaptation, support + query for the leader, query for the held-out losses), re-asked before
+every step when the data depend on the particles (meta-RL rollouts); with
+:class:`~pyro_bmaml.models.GaussianMLPPolicy` and ``temperature`` the chaser's SVGD steps
+are Stein variational policy gradient, the meta-RL setting of the paper.
+
 **Baselines as the papers ran them.** :class:`MAML` (Finn et al., 2017) and :class:`EMAML`
 take their inner steps on the mean squared error of the model's predictive mean (equivalently
 the log likelihood at a fixed noise level), ``theta <- theta - alpha * grad mean_n (f(x_n) -

@@ -8,6 +8,14 @@ the query set. A source may also define ``metrics(posterior, x_query, y_query)``
 family's held-out scores, used by :func:`~pyro_bmaml.training.fit`; regression's by
 default).
 Any object with these two methods plugs into :meth:`~pyro_bmaml.meta.MetaLearner.fit`.
+
+What the meta-learners ask of a batch is one method, :meth:`TaskBatch.adaptation_data`:
+the model's arguments for a phase (``"support"``, ``"leader"``, ``"query"``) given the
+particles. Supervised batches return their fixed tensors; a family whose data depend on the
+particles (meta-RL, :class:`~pyro_bmaml.navigation.NavigationBatch`: rollouts of each
+policy particle) returns fresh ones and sets ``resample_each_step``, and may score learners
+itself with an ``evaluate(learner, num_steps, metrics)`` method. So a new family is a task
+source, a model and a CLI entry; the meta layer does not change.
 :class:`TaskPool` turns a fixed set of tasks (a :class:`TaskBatch` built from your own
 tensors) into such a source, and splits off held-out tasks (e.g. for the calibration
 offset, ``fit(calibration_tasks=...)``).
