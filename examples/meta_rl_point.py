@@ -4,8 +4,10 @@ Each task is a goal in [-0.5, 0.5]^2; the point starts at the origin, moves by i
 action (|a| <= 0.1 per coordinate) and is rewarded minus its distance to the goal, for 100
 steps. Every method adapts a Gaussian MLP policy (2-32-32-2, `GaussianMLPPolicy`) with one
 step on `--episodes` rollouts per particle and task (BMAML: one SVPG step, its leader a
-second step on twice as many; EMAML / MAML: MAML-RL's policy-gradient step, 0.1 on the
-surrogate averaged over steps, linear feature baseline, normalized advantages), M = 5
+second step on as many fresh rollouts; EMAML / MAML: MAML-RL's policy-gradient step, 0.1 on
+the surrogate averaged over steps, and their query loss on as many fresh rollouts of the
+adapted policies: the same rollouts budget; linear feature baseline, normalized
+advantages), M = 5
 particles for BMAML and EMAML, meta-batch 10 goals, Adam 1e-3. The learning curve is the
 average return per episode after adaptation on 20 held-out goals (mean +- s.e. over
 seeds). Run:

@@ -246,8 +246,10 @@ class NavigationFamily:
         from .navigation import NavigationTasks
 
         policy = learner.model if learner is not None else self.model(config)
+        # the leader's step takes as many fresh episodes as MAML's and EMAML's query loss:
+        # every method sees the same rollouts per meta-iteration (2 x episodes)
         source = NavigationTasks(policy, episodes=config["episodes"],
-                                 leader_episodes=2 * config["episodes"],
+                                 leader_episodes=config["episodes"],
                                  query_episodes=config["episodes"])
         return source, source, None
 
@@ -430,8 +432,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--channels", type=int, choices=(1, 3), default=1,
                    help="folder:PATH: 1 (grayscale) or 3 (RGB)")
     t.add_argument("--episodes", type=_positive(int), default=10,
-                   help="point-nav: episodes per particle and task for adaptation (the leader "
-                        "takes twice as many)")
+                   help="point-nav: episodes per particle and task for adaptation (and as "
+                        "many for the leader's step, or the baselines' query loss)")
     t.add_argument("--temperature", type=float, default=1.0,
                    help="point-nav: SVPG's temperature (the prior's weight and the repulsion's)")
     t.add_argument("--num-tasks", type=_positive(int), default=100,

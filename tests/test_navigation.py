@@ -159,7 +159,7 @@ def test_rollout_batches_give_per_particle_policy_data():
     obs, act, adv = batch.adaptation_data("support", theta)
     assert batch.resample_each_step and obs.tensor.shape == (3, 5, 10 * 100, 2)
     assert act.tensor.shape == (3, 5, 1000, 2) and adv.tensor.shape == (3, 5, 1000)
-    assert batch.adaptation_data("leader", theta)[0].tensor.shape == (3, 5, 2000, 2)
+    assert batch.adaptation_data("leader", theta)[0].tensor.shape == (3, 5, 1000, 2)
     # normalized advantages per task and particle
     assert torch.allclose(adv.tensor.mean(-1), torch.zeros(3, 5), atol=1e-5)
 
