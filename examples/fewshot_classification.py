@@ -119,6 +119,27 @@ def write_outputs(out: Path, budget: dict, rows: list):
             f"{e['accuracy_ci95'][0]:.3f} | {fmt(e['nll'])} | {fmt(e['brier'])} | "
             f"{fmt(e['ece'])} | {fmt(e['mce'])} | {fmt(e['entropy_correct'])} | "
             f"{fmt(e['entropy_wrong'])} | {e['diverged']}/{e['seeds']} |")
+    lines += ["", "BMAML minus each baseline, paired by seed (the same class split, episodes and "
+              "network per seed): mean +- s.e. over the seeds both ran, and the seeds on which "
+              "BMAML is better (higher accuracy, lower NLL and ECE).", "",
+              "| K | body | vs | seeds | accuracy | NLL | ECE |", "|---" * 7 + "|"]
+    for k, body in sorted({(r["K"], body_label(r)) for r in rows}):
+        for other in ("emaml", "maml"):
+            cells, count = [], 0
+            for key, sign in (("accuracy", 1), ("nll", -1), ("ece", -1)):
+                diffs = []
+                for seed in sorted({r["seed"] for r in rows}):
+                    pick = {r["method"]: r for r in rows if "error" not in r and r["K"] == k
+                            and body_label(r) == body and r["seed"] == seed}
+                    if "bmaml" in pick and other in pick:
+                        diffs.append(pick["bmaml"][key] - pick[other][key])
+                if not diffs:
+                    break
+                better = sum(1 for d in diffs if sign * d > 0)
+                cells.append(f"{fmt(mean_se(diffs))} ({better}/{len(diffs)})")
+                count = len(diffs)
+            if cells:
+                lines.append(f"| {k} | {body} | {other} | {count} | " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
