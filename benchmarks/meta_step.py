@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -140,13 +139,14 @@ def one_config(spec: dict, device: str, repeats: int, sync) -> dict:
 
 def peak_rss_mb(spec: dict) -> float:
     """Peak resident set (MB) of a fresh process that runs one meta-step of ``spec``."""
-    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import meta_step, resource, torch;"
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import meta_step, torch;"
             f"torch.set_num_threads(1); l, b = meta_step.make({tuple(spec['hidden'])!r}, "
             f"{spec['M']}, {spec['T']}, {spec['K']});"
             "meta_step.step_fn(l, l.meta_loss, b)();"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            # VmHWM: this address space's peak (ru_maxrss would carry the parent's over exec)
+            "print([x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1])")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(done.stdout.split()[-1]) / 1024  # Linux: kilobytes
+    return int(done.stdout.split()[-1]) / 1024  # kB
 
 
 def scaling(args, sync):

@@ -122,6 +122,8 @@ def test_load_learner_from_a_cli_checkpoint(tmp_path):
     ("fewshot_classification.py", ["--iterations", "2", "--seeds", "0", "--shots", "1",
                                    "--methods", "maml", "--test-episodes", "5",
                                    "--val-episodes", "3"]),
+    ("meta_rl_point.py", ["--iterations", "2", "--seeds", "0", "--methods", "maml",
+                          "--eval-tasks", "3", "--test-tasks", "3", "--episodes", "2"]),
 ])
 def test_examples_write_to_a_scratch_folder_by_default(tmp_path, script, args):
     """A trial run of a reproduction script never touches the committed results/."""
@@ -131,6 +133,8 @@ def test_examples_write_to_a_scratch_folder_by_default(tmp_path, script, args):
 
     if script.startswith("fewshot"):
         pytest.importorskip("sklearn")
+    if script.startswith("meta_rl"):
+        pytest.importorskip("gymnasium")
     path = Path(__file__).resolve().parents[1] / "examples" / script
     done = subprocess.run([sys.executable, str(path), *args, "--workers", "1"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
