@@ -3,6 +3,7 @@ process pool that logs each finished run at once (one JSON line per run)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -54,3 +55,27 @@ def seed_note(rows) -> str:
     """How the table's +- reads: over seeds, or none for one seed."""
     return ("mean +- s.e. over seeds" if len({r["seed"] for r in rows}) > 1
             else "one seed: no s.e.")
+
+
+def add_comparison_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every method-comparison script shares: ``--methods``, ``--workers``,
+    ``--from-runs`` (rebuild the outputs from logged runs), ``--out`` and
+    ``--update-results`` (see :func:`output_prefix`)."""
+    parser.add_argument("--methods", nargs="+", default=["bmaml", "emaml", "maml"],
+                        choices=["bmaml", "emaml", "maml"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--from-runs", type=Path, nargs="+", default=None,
+                        help="build the tables and figures from logged runs (*.runs.jsonl)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output prefix (default: runs/{name}, or results/{name} with "
+                             "--update-results)")
+    parser.add_argument("--update-results", action="store_true",
+                        help="write into results/ (the committed results)")
+
+
+def output_prefix(args, name: str) -> Path:
+    """``--out``, else ``results/NAME`` with ``--update-results``, else ``runs/NAME`` (a
+    scratch folder); its folder is created."""
+    out = args.out or Path(f"results/{name}" if args.update_results else f"runs/{name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out

@@ -30,7 +30,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from _runs import fmt, mean_se, read_runs, run_jobs, save_json, seed_note
+from _runs import (add_comparison_arguments, fmt, mean_se, output_prefix, read_runs,
+                   run_jobs, save_json, seed_note)
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
 from pyro_bmaml.metrics import classification_metrics
 from pyro_bmaml.training import evaluate
@@ -191,17 +192,9 @@ def main():
     p.add_argument("--hidden", type=int, nargs="+", default=None)
     p.add_argument("--test-episodes", type=int, default=600)
     p.add_argument("--val-episodes", type=int, default=200)
-    p.add_argument("--methods", nargs="+", default=["bmaml", "emaml", "maml"],
-                   choices=["bmaml", "emaml", "maml"])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--from-runs", type=Path, nargs="+", default=None)
-    p.add_argument("--out", type=Path, default=None,
-                   help="output prefix (default runs/fewshot; results/fewshot with "
-                        "--update-results)")
-    p.add_argument("--update-results", action="store_true")
+    add_comparison_arguments(p, "fewshot")
     args = p.parse_args()
-    out = args.out or Path("results/fewshot" if args.update_results else "runs/fewshot")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_prefix(args, "fewshot")
     settings = {"iterations": args.iterations, "schedule_iterations": args.schedule_iterations,
                 "eval_every": args.eval_every or max(1, args.iterations // 8),
                 "particles": args.particles, "network": args.network, "shared": args.shared,

@@ -27,7 +27,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from _runs import fmt, mean_se, read_runs, run_jobs, save_json, seed_note
+from _runs import (add_comparison_arguments, fmt, mean_se, output_prefix, read_runs,
+                   run_jobs, save_json, seed_note)
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
 from pyro_bmaml.training import evaluate
 
@@ -124,17 +125,9 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--eval-tasks", type=int, default=20, help="goals of the learning curve")
     p.add_argument("--test-tasks", type=int, default=40, help="goals of the final table")
-    p.add_argument("--methods", nargs="+", default=["bmaml", "emaml", "maml"],
-                   choices=["bmaml", "emaml", "maml"])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--from-runs", type=Path, nargs="+", default=None)
-    p.add_argument("--out", type=Path, default=None,
-                   help="output prefix (default runs/meta_rl; results/meta_rl with "
-                        "--update-results)")
-    p.add_argument("--update-results", action="store_true")
+    add_comparison_arguments(p, "meta_rl")
     args = p.parse_args()
-    out = args.out or Path("results/meta_rl" if args.update_results else "runs/meta_rl")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_prefix(args, "meta_rl")
     settings = {"iterations": args.iterations,
                 "eval_every": args.eval_every or max(1, args.iterations // 10),
                 "particles": args.particles, "episodes": args.episodes,

@@ -31,7 +31,8 @@ from pathlib import Path
 import pyro
 import torch
 
-from _runs import fmt, mean_se, read_runs, run_jobs, save_json, seed_note
+from _runs import (add_comparison_arguments, fmt, mean_se, output_prefix, read_runs,
+                   run_jobs, save_json, seed_note)
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
 from pyro_bmaml.metrics import RELIABILITY_LEVELS
 from pyro_bmaml.training import evaluate
@@ -199,19 +200,9 @@ def main():
     p.add_argument("--calibration", default=None, choices=["noise_offset", "initial_noise", "none"],
                    help="BMAML/EMAML/MAML calibration term (default: each method's default)")
     p.add_argument("--eval-tasks", type=int, default=100)
-    p.add_argument("--methods", nargs="+", default=["bmaml", "emaml", "maml"],
-                   choices=["bmaml", "emaml", "maml"])
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--from-runs", type=Path, nargs="+", default=None,
-                   help="build the tables and figures from logged runs (*.runs.jsonl)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output prefix (default: runs/sinusoid, or results/sinusoid with "
-                        "--update-results)")
-    p.add_argument("--update-results", action="store_true",
-                   help="write into results/ (the committed results)")
+    add_comparison_arguments(p, "sinusoid")
     args = p.parse_args()
-    out = args.out or Path("results/sinusoid" if args.update_results else "runs/sinusoid")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_prefix(args, "sinusoid")
     settings = {"iterations": args.iterations, "schedule_iterations": args.schedule_iterations,
                 "eval_every": args.eval_every or max(1, args.iterations // 10),
                 "eval_tasks": args.eval_tasks, "calibration_holdout": args.calibration_holdout,

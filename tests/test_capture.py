@@ -6,7 +6,6 @@ import warnings
 
 import pyro
 import pyro.distributions as dist
-import pytest
 import torch
 
 import pyro_bmaml as pb

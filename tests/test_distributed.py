@@ -2,7 +2,6 @@
 the single-process trajectory with the same total meta-batch; device placement; the CUDA
 path end to end (skipped without a GPU)."""
 
-import os
 
 import pyro
 import pytest
