@@ -1,7 +1,7 @@
 """A hand-batched pure-torch BMAML chaser meta-step for the Bayesian MLP: the speed floor.
 
 The same math as :meth:`pyro_bmaml.BMAML.meta_loss` with ``calibration="none"`` on
-:class:`~pyro_bmaml.models.BayesianMLP` (log-space precisions with their Jacobians, Gamma
+:class:`~pyro_bmaml.tasks.models.BayesianMLP` (log-space precisions with their Jacobians, Gamma
 priors, Normal weights, Gaussian likelihood; the package's kernel, the same stop-gradients,
 the same chaser distance), written directly on ``(T, M, ...)`` tensors: no Pyro, no vmap.
 It is what a careful user would write by hand for this one model; the benchmarks divide
@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from pyro_bmaml.svgd import svgd_direction
+from pyro_bmaml.engine.svgd import svgd_direction
 
 
 def _gamma_log_prob(log_x, shape, rate):

@@ -6,9 +6,9 @@ import pyro
 import torch
 from _timing import median_time
 
-from pyro_bmaml.meta import BMAML
-from pyro_bmaml.models import BayesianMLP
-from pyro_bmaml.tasks import Sinusoid
+from pyro_bmaml.meta.learners import BMAML
+from pyro_bmaml.tasks.models import BayesianMLP
+from pyro_bmaml.tasks.base import Sinusoid
 
 
 

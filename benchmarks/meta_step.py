@@ -38,9 +38,9 @@ from _timing import median_time
 from svgd_engine import loop_svgd_step
 
 import floor
-from pyro_bmaml.meta import BMAML, EMAML, MAML
-from pyro_bmaml.models import BayesianMLP
-from pyro_bmaml.tasks import Sinusoid
+from pyro_bmaml.meta.learners import BMAML, EMAML, MAML
+from pyro_bmaml.tasks.models import BayesianMLP
+from pyro_bmaml.tasks.base import Sinusoid
 
 HERE = Path(__file__).resolve().parent
 

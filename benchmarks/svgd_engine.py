@@ -23,7 +23,7 @@ from _timing import median_time
 from pyro.optim import Adam
 
 import pyro_bmaml as pb
-from pyro_bmaml.models import BayesianMLP
+from pyro_bmaml.tasks.models import BayesianMLP
 
 
 

@@ -27,9 +27,9 @@ import pyro
 import torch
 
 from pyro_bmaml.cli import build_learner
-from pyro_bmaml.metrics import mean_and_se
-from pyro_bmaml.plots import plot_curves
-from pyro_bmaml.tasks import Sinusoid
+from pyro_bmaml.evaluation.metrics import mean_and_se
+from pyro_bmaml.evaluation.plots import plot_curves
+from pyro_bmaml.tasks.base import Sinusoid
 
 
 def sinusoid_family(num_tasks, seed):

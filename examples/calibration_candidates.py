@@ -25,7 +25,7 @@ import pyro
 import torch
 
 from pyro_bmaml import BMAML, EMAML, MAML, BayesianMLP, Sinusoid
-from pyro_bmaml.training import evaluate
+from pyro_bmaml.meta.training import evaluate
 
 #: name -> (class, keyword arguments, what it is)
 CANDIDATES = {

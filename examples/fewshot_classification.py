@@ -33,8 +33,8 @@ import torch
 from _runs import (add_comparison_arguments, fmt, mean_se, output_prefix, read_runs,
                    run_jobs, save_json, seed_note)
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
-from pyro_bmaml.metrics import classification_metrics
-from pyro_bmaml.training import evaluate
+from pyro_bmaml.evaluation.metrics import classification_metrics
+from pyro_bmaml.meta.training import evaluate
 
 METRICS = ("accuracy", "nll", "brier", "ece", "mce", "entropy_correct", "entropy_wrong")
 
@@ -84,7 +84,7 @@ def body_label(row) -> str:
 
 
 def write_outputs(out: Path, budget: dict, rows: list):
-    from pyro_bmaml import plots
+    from pyro_bmaml.evaluation import plots
 
     groups = {}
     for r in rows:

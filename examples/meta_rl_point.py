@@ -30,7 +30,7 @@ import torch
 from _runs import (add_comparison_arguments, fmt, mean_se, output_prefix, read_runs,
                    run_jobs, save_json, seed_note)
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
-from pyro_bmaml.training import evaluate
+from pyro_bmaml.meta.training import evaluate
 
 
 def run_one(job):
@@ -65,7 +65,7 @@ def run_one(job):
 
 
 def write_outputs(out: Path, budget: dict, rows: list):
-    from pyro_bmaml import plots
+    from pyro_bmaml.evaluation import plots
 
     methods = sorted({r["method"] for r in rows})
     table = []

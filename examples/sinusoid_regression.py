@@ -34,8 +34,8 @@ import torch
 from _runs import (add_comparison_arguments, fmt, mean_se, output_prefix, read_runs,
                    run_jobs, save_json, seed_note)
 from pyro_bmaml.cli import build_learner, resolve_config, task_sources
-from pyro_bmaml.metrics import RELIABILITY_LEVELS
-from pyro_bmaml.training import evaluate
+from pyro_bmaml.evaluation.metrics import RELIABILITY_LEVELS
+from pyro_bmaml.meta.training import evaluate
 
 METRICS = ("mse", "mse_particles", "nll", "coverage_50", "coverage_90")
 
@@ -118,7 +118,7 @@ def summarize(rows):
 
 
 def write_outputs(out: Path, budget: dict, rows: list):
-    from pyro_bmaml import plots
+    from pyro_bmaml.evaluation import plots
 
     table = summarize(rows)
     save_json(out, budget, table, rows)

@@ -1,31 +1,31 @@
 """pyro_bmaml: Bayesian model-agnostic meta-learning (BMAML) on Pyro.
 
-The data path, one module per concept::
+The data path, one subpackage per stage and one module per concept in it::
 
-    Pyro model -> potential (flat particles, one row each) -> kernels (Stein kernels)
-               -> svgd (SVGD step, differentiable transport) -> meta (chaser / BFA loss)
-               -> training (Adam, checkpoints)
+    tasks.models (Pyro task models)
+      -> engine: potential (flat particles, one row each; capture: its recorded graph)
+                 -> kernels -> svgd (SVGD step, differentiable transport) -> posterior
+      -> meta: learners (chaser / BFA loss, EMAML, MAML) -> training (Adam, checkpoints,
+               distributed)
+      -> evaluation: metrics, diagnostics (ArviZ), plots
 
-around it: posterior (particle predictive), ksd and metrics (diagnostics), diagnostics
-(ArviZ), models and tasks (the paper's Bayesian MLP and sinusoid tasks; a Bayesian
-classifier; a Gaussian policy), fewshot (N-way K-shot episodes), navigation (meta-RL rollouts;
-needs gymnasium, imported on first use), capture (the potential's recorded graphs) and
-distributed (torch.distributed meta-training). Plotting (``pyro_bmaml.plots``) and the CLI
-are imported only on demand.
+and ``tasks`` (the batch protocol, sinusoid, few-shot episodes, meta-RL navigation) feeding
+the meta-learners. ``pyro_bmaml.evaluation.plots`` and the CLI are imported only on demand,
+as is ``pyro_bmaml.tasks.navigation`` (gymnasium).
 """
 
-from .diagnostics import summary, to_inference_data
-from .kernels import IMQSteinKernel, RBFSteinKernel, SteinKernel
-from .ksd import ksd, ksd_trajectory, stein_kernel_matrix
-from .meta import BMAML, EMAML, MAML, MetaLearner
-from .fewshot import FewShotClassification
-from .metrics import classification_metrics, regression_metrics
-from .models import BayesianClassifier, BayesianMLP, GaussianMLPPolicy
-from .posterior import ParticlePosterior
-from .potential import LatentSite, ModelPotential, PerParticle
-from .svgd import SVGD, svgd_direction, transport
-from .tasks import Sinusoid, TaskBatch, TaskPool
-from .training import evaluate, fit
+from .evaluation.diagnostics import summary, to_inference_data
+from .engine.kernels import IMQSteinKernel, RBFSteinKernel, SteinKernel
+from .engine.ksd import ksd, ksd_trajectory, stein_kernel_matrix
+from .meta.learners import BMAML, EMAML, MAML, MetaLearner
+from .tasks.fewshot import FewShotClassification
+from .evaluation.metrics import classification_metrics, regression_metrics
+from .tasks.models import BayesianClassifier, BayesianMLP, GaussianMLPPolicy
+from .engine.posterior import ParticlePosterior
+from .engine.potential import LatentSite, ModelPotential, PerParticle
+from .engine.svgd import SVGD, svgd_direction, transport
+from .tasks.base import Sinusoid, TaskBatch, TaskPool
+from .meta.training import evaluate, fit
 
 __version__ = "0.1.0"
 
@@ -42,7 +42,7 @@ __all__ = [
 def __getattr__(name):
     # the meta-RL task source needs gymnasium (pip install .[rl]): imported on first use
     if name == "NavigationTasks":
-        from .navigation import NavigationTasks
+        from .tasks.navigation import NavigationTasks
 
         return NavigationTasks
     raise AttributeError(f"module 'pyro_bmaml' has no attribute {name!r}")

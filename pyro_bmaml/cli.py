@@ -22,13 +22,13 @@ from typing import List, Optional
 import pyro
 import torch
 
-from . import distributed
-from .checkpoint import load_checkpoint
-from .meta import BMAML, EMAML, MAML
-from .metrics import classification_metrics, mean_and_se, regression_metrics
-from .models import BayesianClassifier, BayesianMLP
-from .training import config_differences, evaluate
-from .tasks import Sinusoid, TaskBatch
+from .meta import distributed
+from .meta.checkpoint import load_checkpoint
+from .meta.learners import BMAML, EMAML, MAML
+from .evaluation.metrics import classification_metrics, mean_and_se, regression_metrics
+from .tasks.models import BayesianClassifier, BayesianMLP
+from .meta.training import config_differences, evaluate
+from .tasks.base import Sinusoid, TaskBatch
 
 METHODS = ("bmaml", "emaml", "maml")
 
@@ -120,8 +120,7 @@ class SinusoidFamily:
 
     def write(self, learner, posterior, tasks, metrics, out: Path):
         """``(table, markdown rows)`` of the report, writing the family's plots into ``out``."""
-        from . import plots
-
+        from .evaluation import plots
         table = {k: metrics[k] for k in ("mse", "mse_particles", "rmse", "nll", "crps")}
         table["coverage"] = {str(k): v for k, v in metrics["coverage"].items()}
         table["width"] = {str(k): v for k, v in metrics["width"].items()}
@@ -140,7 +139,7 @@ class SinusoidFamily:
 
 class ClassificationFamily:
     """N-way K-shot classification: the bundled digits (``digits-NwayKshot``) or an image
-    folder (``folder:PATH``), with :class:`~pyro_bmaml.models.BayesianClassifier`."""
+    folder (``folder:PATH``), with :class:`~pyro_bmaml.tasks.models.BayesianClassifier`."""
 
     name = "classification"
     eval_tasks = 600
@@ -161,7 +160,7 @@ class ClassificationFamily:
         return (64, 64) if config.get("network", "mlp") == "mlp" else (32,)
 
     def source(self, config):
-        from .fewshot import FewShotClassification
+        from .tasks.fewshot import FewShotClassification
 
         common = dict(ways=config["ways"], shots=config["shots"], query=config["query"],
                       seed=config["seed"])
@@ -201,8 +200,7 @@ class ClassificationFamily:
         ])
 
     def write(self, learner, posterior, tasks, metrics, out: Path):
-        from . import plots
-
+        from .evaluation import plots
         table = {k: metrics[k] for k in ("accuracy", "error_rate", "nll", "brier", "ece", "mce",
                                          "entropy_correct", "entropy_wrong")}
         table["accuracy_ci95"] = metrics["accuracy_ci95"]
@@ -217,7 +215,7 @@ class ClassificationFamily:
 
 class NavigationFamily:
     """Meta-RL on 2-D point navigation (``point-nav``): goals as tasks, rollouts of the
-    particles' policies as data, :class:`~pyro_bmaml.models.GaussianMLPPolicy` as model."""
+    particles' policies as data, :class:`~pyro_bmaml.tasks.models.GaussianMLPPolicy` as model."""
 
     name = "navigation"
     eval_tasks = 40
@@ -237,13 +235,13 @@ class NavigationFamily:
         return (32, 32)
 
     def model(self, config):
-        from .models import GaussianMLPPolicy
+        from .tasks.models import GaussianMLPPolicy
 
         return GaussianMLPPolicy(hidden=tuple(config["hidden"]), init_std=0.1,
                                  temperature=config.get("temperature", 1.0))
 
     def sources(self, config, learner=None):
-        from .navigation import NavigationTasks
+        from .tasks.navigation import NavigationTasks
 
         policy = learner.model if learner is not None else self.model(config)
         # the leader's step takes as many fresh episodes as MAML's and EMAML's query loss:
@@ -266,8 +264,7 @@ class NavigationFamily:
 
     def report(self, learner, tasks, out: Path, history=None, num_steps=None) -> dict:
         """The metrics (JSON, markdown) and the training curves."""
-        from . import plots
-
+        from .evaluation import plots
         metrics = tasks.evaluate(learner, num_steps=num_steps)
         lines = [f"| {k} | {v[0]:.4g} | {v[1]:.2g} |" for k, v in metrics.items()]
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -365,7 +362,7 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
                  num_steps: Optional[int] = None, family=None) -> dict:
     """Adapt to held-out tasks and write metrics (JSON + markdown) and plots into ``out``:
     the family's scores and plots, the KSD per step, the training curves."""
-    from . import plots  # plotting stays out of the library's import path
+    from .evaluation import plots  # plotting stays out of the library's import path
 
     family = family or TASK_FAMILIES["sinusoid"]
     out.mkdir(parents=True, exist_ok=True)

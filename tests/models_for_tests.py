@@ -50,7 +50,7 @@ class LinearTasks:
     a small task family with a known noise level, for meta-learning tests."""
 
     def __init__(self, num_support=5, num_query=50, noise=0.3, num_tasks=None, seed=0):
-        from pyro_bmaml.tasks import TaskBatch
+        from pyro_bmaml.tasks.base import TaskBatch
 
         self.TaskBatch = TaskBatch
         self.num_support, self.num_query, self.noise = num_support, num_query, noise

@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import torch
 
 import pyro_bmaml as pb
-from pyro_bmaml.models import BayesianClassifier, BayesianMLP
+from pyro_bmaml.tasks.models import BayesianClassifier, BayesianMLP
 from test_potential import BayesianLinear
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from pyro_bmaml import BMAML, EMAML, MAML, RBFSteinKernel, TaskBatch
-from pyro_bmaml.fewshot import FewShotClassification, load_image_folder
-from pyro_bmaml.metrics import calibration_errors, classification_metrics
-from pyro_bmaml.models import BayesianClassifier, BayesianMLP
-from pyro_bmaml.training import evaluate
+from pyro_bmaml.tasks.fewshot import FewShotClassification, load_image_folder
+from pyro_bmaml.evaluation.metrics import calibration_errors, classification_metrics
+from pyro_bmaml.tasks.models import BayesianClassifier, BayesianMLP
+from pyro_bmaml.meta.training import evaluate
 
 pytest.importorskip("sklearn")
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import pyro_bmaml as pb
-from pyro_bmaml.diagnostics import summary, to_inference_data
-from pyro_bmaml.ksd import ksd, stein_kernel_matrix
-from pyro_bmaml.meta import BMAML
-from pyro_bmaml.metrics import (RELIABILITY_LEVELS, interval_scores, mixture_cdf,
+from pyro_bmaml.evaluation.diagnostics import summary, to_inference_data
+from pyro_bmaml.engine.ksd import ksd, stein_kernel_matrix
+from pyro_bmaml.meta.learners import BMAML
+from pyro_bmaml.evaluation.metrics import (RELIABILITY_LEVELS, interval_scores, mixture_cdf,
                                 mixture_crps, mixture_quantile, pit_coverage,
                                 regression_metrics)
-from pyro_bmaml.models import BayesianMLP
-from pyro_bmaml.posterior import ParticlePosterior
-from pyro_bmaml.tasks import Sinusoid
+from pyro_bmaml.tasks.models import BayesianMLP
+from pyro_bmaml.engine.posterior import ParticlePosterior
+from pyro_bmaml.tasks.base import Sinusoid
 
 matplotlib.use("Agg")
 
@@ -303,7 +303,7 @@ def test_model_without_a_return_value_gets_a_clear_error():
 
 
 def test_plots_write_non_empty_files(adapted, tmp_path):
-    from pyro_bmaml import plots
+    from pyro_bmaml.evaluation import plots
 
     _, tasks, post = adapted
     m = regression_metrics(post, tasks.x_query, tasks.y_query)

@@ -10,8 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import pyro_bmaml as pb
-from pyro_bmaml import distributed
-from pyro_bmaml.models import BayesianMLP
+from pyro_bmaml.meta import distributed
+from pyro_bmaml.tasks.models import BayesianMLP
 
 
 def _learner():
@@ -103,7 +103,7 @@ def test_tasks_are_moved_to_the_learner(monkeypatch):
 def test_cuda_end_to_end(tmp_path):
     """fit a few iterations, adapt, evaluate and export InferenceData with the learner on
     the GPU (tasks drawn on the CPU and moved), then reload the checkpoint on the CPU."""
-    from pyro_bmaml.training import evaluate
+    from pyro_bmaml.meta.training import evaluate
 
     learner = _learner().to("cuda")
     source = pb.Sinusoid(num_tasks=20, num_support=5)

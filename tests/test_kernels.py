@@ -146,7 +146,7 @@ def test_coordinatewise_terms_match_pyro_convention(kernel):
 def test_univariate_direction_in_chunks_equals_the_full_tensor(bandwidth):
     """Chunks of coordinates give the same direction (and gradient) as one (M, M, D) tensor;
     a single coordinate beyond the limit is refused with the size it needs."""
-    from pyro_bmaml.kernels import RBFSteinKernel
+    from pyro_bmaml.engine.kernels import RBFSteinKernel
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 13, generator=g, dtype=torch.float64, requires_grad=True)

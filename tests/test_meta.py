@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import pyro_bmaml as pb
-from pyro_bmaml.meta import BMAML, EMAML, MAML
-from pyro_bmaml.models import BayesianMLP
-from pyro_bmaml.tasks import Sinusoid
-from pyro_bmaml.training import evaluate, fit
+from pyro_bmaml.meta.learners import BMAML, EMAML, MAML
+from pyro_bmaml.tasks.models import BayesianMLP
+from pyro_bmaml.tasks.base import Sinusoid
+from pyro_bmaml.meta.training import evaluate, fit
 
 
 def tiny_model():
@@ -480,7 +480,7 @@ def test_noise_sites_found_or_warned():
 
 
 def test_resume_refuses_another_configuration_and_load_api(tmp_path):
-    from pyro_bmaml.models import BayesianMLP
+    from pyro_bmaml.tasks.models import BayesianMLP
 
     def make(m=3):
         pyro.set_rng_seed(0)

@@ -10,10 +10,10 @@ import torch
 pytest.importorskip("gymnasium")
 
 import pyro_bmaml as pb  # noqa: E402
-from pyro_bmaml.models import GaussianMLPPolicy  # noqa: E402
-from pyro_bmaml.navigation import (PointNavigationEnv, discounted_returns,  # noqa: E402
+from pyro_bmaml.tasks.models import GaussianMLPPolicy  # noqa: E402
+from pyro_bmaml.tasks.navigation import (PointNavigationEnv, discounted_returns,  # noqa: E402
                                    linear_baseline_advantages, rollout, sample_goals)
-from pyro_bmaml.potential import ModelPotential, PerParticle  # noqa: E402
+from pyro_bmaml.engine.potential import ModelPotential, PerParticle  # noqa: E402
 
 
 def test_env_dynamics_and_reward_by_hand():
@@ -169,7 +169,7 @@ def test_short_meta_training_improves_the_adapted_return():
     """BMAML (SVPG chaser), 20 meta-iterations: the policies adapted to 10 held-out goals
     return more than the un-meta-trained ones adapted alike (measured: -120 +- 8 before,
     -75 +- 5 after, over goals: the margin, 45, is > 5 s.e.; the test asks for 4)."""
-    from pyro_bmaml.training import evaluate
+    from pyro_bmaml.meta.training import evaluate
 
     learner, source, tasks = _navigation_learner()
     held_out = source.evaluation_tasks(10, seed=5)

@@ -1,6 +1,6 @@
 r"""ArviZ encoding of particle posteriors. Every ArviZ call of the package lives here.
 
-:func:`to_inference_data` turns a :class:`~pyro_bmaml.posterior.ParticlePosterior` (one task
+:func:`to_inference_data` turns a :class:`~pyro_bmaml.engine.posterior.ParticlePosterior` (one task
 or a batch) into an :class:`arviz.InferenceData`:
 
 =============================== ===========================================================
@@ -31,8 +31,8 @@ steps, step size (whatever the posterior's ``info`` holds).
 not Markov chains: R-hat needs several chains (with one it is NaN), ESS would depend only on
 the order the particles are stored in, and PSIS-LOO's Pareto k-hat is unreliable at S = 10
 draws. :func:`summary` therefore asks ArviZ for ``kind="stats"`` only. Use the kernelized
-Stein discrepancy (:mod:`pyro_bmaml.ksd`) and held-out predictive scores
-(:mod:`pyro_bmaml.metrics`) instead.
+Stein discrepancy (:mod:`pyro_bmaml.engine.ksd`) and held-out predictive scores
+(:mod:`pyro_bmaml.evaluation.metrics`) instead.
 
 **ArviZ 1.x.** ArviZ >= 1.0 replaces ``InferenceData`` with ``xarray.DataTree``. The groups
 above are built as ``xarray.Dataset`` s (:func:`inference_data_groups`) and only
@@ -47,7 +47,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .posterior import ParticlePosterior
+from ..engine.posterior import ParticlePosterior
 
 __all__ = ["inference_data_groups", "to_inference_data", "summary"]
 

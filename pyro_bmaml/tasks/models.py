@@ -25,7 +25,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_int, check_positive_float
+from .._checks import check_choice, check_int, check_positive_float
 
 __all__ = ["BayesianMLP", "BayesianClassifier", "GaussianMLPPolicy"]
 

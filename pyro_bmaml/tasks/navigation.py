@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from ._checks import check_int, check_positive_float
+from .._checks import check_int, check_positive_float
 
 __all__ = ["PointNavigationEnv", "NavigationTasks", "NavigationBatch", "rollout",
            "discounted_returns", "linear_baseline_advantages", "sample_goals"]
@@ -177,8 +177,8 @@ class NavigationTasks:
     Adaptation data are rollouts of the particles' own policies, so they depend on the
     particles: a batch (:class:`NavigationBatch`) has ``resample_each_step = True`` and
     gives, for each phase, fresh rollouts of the particles it is handed, as
-    :class:`~pyro_bmaml.potential.PerParticle` ``(observations, actions, advantages)`` for
-    a :class:`~pyro_bmaml.models.GaussianMLPPolicy`. The meta-learners are unchanged:
+    :class:`~pyro_bmaml.engine.potential.PerParticle` ``(observations, actions, advantages)`` for
+    a :class:`~pyro_bmaml.tasks.models.GaussianMLPPolicy`. The meta-learners are unchanged:
     BMAML's adaptation on these is SVPG (the chaser on ``episodes`` per particle, the leader
     on ``leader_episodes``), MAML's and EMAML's the policy-gradient step, and their query
     loss the surrogate on rollouts of the adapted policies.
@@ -195,7 +195,7 @@ class NavigationTasks:
     def __init__(self, policy, episodes: int = 10, leader_episodes: int = 20,
                  query_episodes: int = 10, horizon: int = 100, discount: float = 0.99,
                  goal_range: float = 0.5):
-        from .potential import ModelPotential
+        from ..engine.potential import ModelPotential
 
         self.policy = policy
         self.episodes = check_int("episodes", episodes, 1)
@@ -227,7 +227,7 @@ class NavigationTasks:
 
 class NavigationBatch:
     """A batch of navigation tasks (goals ``(T, 2)``): the meta-learners' batch protocol
-    (:meth:`~pyro_bmaml.tasks.TaskBatch.adaptation_data`) with data from rollouts."""
+    (:meth:`~pyro_bmaml.tasks.base.TaskBatch.adaptation_data`) with data from rollouts."""
 
     resample_each_step = True
 
@@ -258,7 +258,7 @@ class NavigationBatch:
         """``(observations, actions, advantages)`` per particle from fresh rollouts of
         ``particles`` (``episodes``, ``leader_episodes`` or ``query_episodes`` of them by
         phase), flattened over episodes and steps: each ``PerParticle`` ``(T, M, B*H, ...)``."""
-        from .potential import PerParticle
+        from ..engine.potential import PerParticle
 
         src = self.source
         episodes = {"support": src.episodes, "leader": src.leader_episodes,

@@ -43,7 +43,7 @@ import pyro.infer
 import pyro.infer.svgd
 import torch
 
-from ._checks import check_positive_float
+from .._checks import check_positive_float
 
 __all__ = ["SteinKernel", "RBFSteinKernel", "IMQSteinKernel", "as_differentiable_kernel"]
 

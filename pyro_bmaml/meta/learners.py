@@ -39,7 +39,7 @@ the query mixture negative log likelihood per point, a proper scoring rule on he
 (as temperature scaling is for classifiers, Guo et al. 2017, here meta-learned across
 tasks). As temperature scaling fits its temperature on a validation set, the offset is best
 learned on tasks the initial particles are *not* trained on (``fit(calibration_tasks=...)``,
-e.g. :meth:`~pyro_bmaml.tasks.TaskPool.split`): on a small pool (|T| = 100) the particles
+e.g. :meth:`~pyro_bmaml.tasks.base.TaskPool.split`): on a small pool (|T| = 100) the particles
 meta-overfit the pool's tasks, their residuals there understate those on new tasks, and an
 offset learned on the training batches makes the intervals too narrow on new tasks. One
 global offset also gives every task the same noise shift, so the mixture's tails are too
@@ -50,7 +50,7 @@ set its noise level more strongly (``noise_adaptation_scale``). The offset learn
 noise level the few-step posterior needs for its predictive to be calibrated on unseen points; adaptation itself (and so the MSE) is exactly that of the
 uncalibrated learner, since the offset enters after it and its loss reaches nothing else.
 The noise sites are found from the model
-(:meth:`~pyro_bmaml.potential.ModelPotential.noise_sites`): sites the likelihood depends on
+(:meth:`~pyro_bmaml.engine.potential.ModelPotential.noise_sites`): sites the likelihood depends on
 and the predictive mean does not. The other candidates, compared side by side in
 ``results/calibration.md``, stay available: ``"initial_noise"`` (the same query-NLL loss on
 the noise coordinates of ``theta0``, first order), ``"distance"`` (the noise sites in the
@@ -58,10 +58,10 @@ chaser distance with weight ``calibration_weight``), ``"mixture"`` (chaser +
 ``calibration_weight`` x BFA, full gradient), and ``"none"`` (the official code).
 
 **Task data.** The learners get a task batch's data through its
-:meth:`~pyro_bmaml.tasks.TaskBatch.adaptation_data` (support for the chaser and the
+:meth:`~pyro_bmaml.tasks.base.TaskBatch.adaptation_data` (support for the chaser and the
 adaptation, support + query for the leader, query for the held-out losses), re-asked before
 every step when the data depend on the particles (meta-RL rollouts); with
-:class:`~pyro_bmaml.models.GaussianMLPPolicy` and ``temperature`` the chaser's SVGD steps
+:class:`~pyro_bmaml.tasks.models.GaussianMLPPolicy` and ``temperature`` the chaser's SVGD steps
 are Stein variational policy gradient, the meta-RL setting of the paper.
 
 **Baselines as the papers ran them.** :class:`MAML` (Finn et al., 2017) and :class:`EMAML`
@@ -84,13 +84,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ._checks import check_choice, check_int, check_positive_float, value_checks_enabled
-from .kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
-from .ksd import ksd_trajectory
-from .posterior import ParticlePosterior, mixture_log_likelihood, model_with_prior, particle_prior
-from .potential import ModelPotential
-from .svgd import transport
-from .tasks import TaskBatch
+from .._checks import check_choice, check_int, check_positive_float, value_checks_enabled
+from ..engine.kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
+from ..engine.ksd import ksd_trajectory
+from ..engine.posterior import ParticlePosterior, mixture_log_likelihood, model_with_prior, particle_prior
+from ..engine.potential import ModelPotential
+from ..engine.svgd import transport
+from ..tasks.base import TaskBatch
 
 __all__ = ["MetaLearner", "BMAML", "EMAML", "MAML"]
 
@@ -101,7 +101,7 @@ SiteSpec = Union[str, Sequence[str], None]
 class MetaLearner(nn.Module):
     r"""Common part of the meta-learners: the initial particles and the public methods.
 
-    :param model: a Pyro task model called as ``model(x, y)`` (see :mod:`pyro_bmaml.models`).
+    :param model: a Pyro task model called as ``model(x, y)`` (see :mod:`pyro_bmaml.tasks.models`).
     :param num_particles: M.
     :param inner_steps: adaptation steps on the support set (n).
     :param step_size: adaptation step size.
@@ -135,7 +135,7 @@ class MetaLearner(nn.Module):
         lets the noise differ by task (``results/sinusoid.md``). No effect on learners whose
         adaptation leaves the noise coordinates alone (EMAML and MAML on the MSE).
     :param shared_step_size: with a model that has shared parameters (e.g.
-        :class:`~pyro_bmaml.models.BayesianClassifier` with ``shared="features"``), adapt them
+        :class:`~pyro_bmaml.tasks.models.BayesianClassifier` with ``shared="features"``), adapt them
         to each task in the inner loop too: at every adaptation step, alongside the
         particles' step, :math:`\phi \leftarrow \phi - \alpha_\phi \nabla_\phi
         \big(-\frac{1}{MN}\sum_{m,n} \log p(y_n \mid x_n, \theta_m, \phi)\big)` (one
@@ -241,7 +241,7 @@ class MetaLearner(nn.Module):
     @property
     def shared_parameters(self) -> List[nn.Parameter]:
         """The model's own :class:`torch.nn.Parameter` s (e.g. the shared feature extractor
-        of :class:`~pyro_bmaml.models.BayesianClassifier` with ``shared="features"``):
+        of :class:`~pyro_bmaml.tasks.models.BayesianClassifier` with ``shared="features"``):
         shared by every particle and task, not adapted by SVGD, meta-learned with
         ``theta0``."""
         return list(self.model.parameters()) if isinstance(self.model, nn.Module) else []
@@ -304,10 +304,10 @@ class MetaLearner(nn.Module):
     ) -> torch.Tensor:
         """Adapt ``(T, M, D)`` particles on task data: the model's arguments ``data``, each
         with a leading task dim (e.g. ``(x, y)`` of shapes ``(T, N, in)``, ``(T, N)``, from
-        the batch's :meth:`~pyro_bmaml.tasks.TaskBatch.adaptation_data`).
+        the batch's :meth:`~pyro_bmaml.tasks.base.TaskBatch.adaptation_data`).
 
         ``callback(step, particles, log_p, grad_log_p)`` is called before each step and after
-        the last with ``None`` scores (as :func:`~pyro_bmaml.svgd.transport` does).
+        the last with ``None`` scores (as :func:`~pyro_bmaml.engine.svgd.transport` does).
         ``step_size`` overrides the learner's (the noise step is scaled alike)."""
         raise NotImplementedError
 
@@ -583,18 +583,18 @@ class MetaLearner(nn.Module):
     def prior_distribution(self, bandwidth="scott"):
         """The meta-learned prior as a :mod:`pyro.distributions` object over the flat
         unconstrained vector: a Gaussian kernel-density mixture of the M particles
-        (:func:`~pyro_bmaml.posterior.particle_prior`, which documents the bandwidth)."""
+        (:func:`~pyro_bmaml.engine.posterior.particle_prior`, which documents the bandwidth)."""
         return particle_prior(self.theta0, bandwidth)
 
     def model_with_learned_prior(self, bandwidth="scott", site: str = "theta"):
         """The task model with the meta-learned prior in place of its own priors, for any
         Pyro inference on a new task, e.g. ``NUTS(learner.model_with_learned_prior())``;
         posterior samples of ``site`` map to named sites with ``learner.potential.unpack``
-        (see :func:`~pyro_bmaml.posterior.model_with_prior`)."""
+        (see :func:`~pyro_bmaml.engine.posterior.model_with_prior`)."""
         return model_with_prior(self.potential, self.prior_distribution(bandwidth), site)
 
     def load_checkpoint(self, path) -> dict:
-        """Load the learned state a :func:`~pyro_bmaml.training.fit` checkpoint holds into
+        """Load the learned state a :func:`~pyro_bmaml.meta.training.fit` checkpoint holds into
         this learner, built with the same configuration (else ``ValueError`` naming the
         differences). Returns the checkpoint (history, iteration, ...)."""
         from .checkpoint import load_checkpoint
@@ -613,11 +613,11 @@ class MetaLearner(nn.Module):
     def fit(self, tasks, num_iterations: int, **kwargs):
         """Meta-train on a task source (Adam on ``theta0``, the noise calibration and the
         model's shared parameters); returns the history. The full argument list is
-        :func:`pyro_bmaml.training.fit`'s; the common ones:
+        :func:`pyro_bmaml.meta.training.fit`'s; the common ones:
 
         - ``tasks``: a task source, ``sample(batch_size, generator) -> TaskBatch``
-          (:class:`~pyro_bmaml.tasks.Sinusoid`, :class:`~pyro_bmaml.tasks.TaskPool` of your
-          own tensors, :class:`~pyro_bmaml.fewshot.FewShotClassification`);
+          (:class:`~pyro_bmaml.tasks.base.Sinusoid`, :class:`~pyro_bmaml.tasks.base.TaskPool` of your
+          own tensors, :class:`~pyro_bmaml.tasks.fewshot.FewShotClassification`);
         - ``meta_batch_size`` (10), ``lr`` (1e-3), ``schedule_iterations`` (the nominal
           budget the x0.98 decay is spread over; default ``num_iterations``);
         - ``eval_tasks``, ``eval_every``: held-out tasks scored along the way (``metrics``:
@@ -644,7 +644,7 @@ class BMAML(MetaLearner):
     :param mode: SVGD kernel mode, ``"multivariate"`` (the paper's) or ``"univariate"``.
     :param distance_sites: the latent sites whose coordinates enter the chaser distance.
         ``"auto"`` (default): the model's ``chaser_sites`` attribute when it has one, else all
-        sites but the noise sites. :class:`~pyro_bmaml.models.BayesianMLP` names its network
+        sites but the noise sites. :class:`~pyro_bmaml.tasks.models.BayesianMLP` names its network
         weights there, leaving out the precisions, as the official code does.
     :param calibration: how the noise sites are meta-learned, see the module docs: with the
         chaser objective ``"noise_offset"`` (default), ``"initial_noise"``, ``"none"``
@@ -655,7 +655,7 @@ class BMAML(MetaLearner):
         (``"distance"``) or the BFA term's weight (``"mixture"``).
     :param temperature: scale of the kernel's repulsion in the adaptation steps (1: SVGD;
         SVPG's temperature for meta-RL). Default: the model's ``temperature`` attribute
-        (:class:`~pyro_bmaml.models.GaussianMLPPolicy` scales its prior by it), else 1.
+        (:class:`~pyro_bmaml.tasks.models.GaussianMLPPolicy` scales its prior by it), else 1.
     See :class:`MetaLearner` for the other arguments (paper: M = 10, n = s = 1, eps = 1e-3).
     """
 

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from ._checks import check_int, check_positive_float, value_checks
+from .._checks import check_int, check_positive_float, value_checks
 from .checkpoint import load_checkpoint, save_checkpoint
-from .metrics import regression_metrics
-from .tasks import TaskBatch
+from ..evaluation.metrics import regression_metrics
+from ..tasks.base import TaskBatch
 
 __all__ = ["fit", "evaluate", "check_config", "config_differences"]
 
@@ -31,8 +31,8 @@ def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
     """Adapt to each task's support set, score on its query set.
 
     :param metrics: the task family's scores, ``metrics(posterior, x_query, y_query,
-        **kwargs)`` (e.g. :func:`~pyro_bmaml.metrics.classification_metrics`, or a task
-        source's ``metrics``). Default: :func:`~pyro_bmaml.metrics.regression_metrics`
+        **kwargs)`` (e.g. :func:`~pyro_bmaml.evaluation.metrics.classification_metrics`, or a task
+        source's ``metrics``). Default: :func:`~pyro_bmaml.evaluation.metrics.regression_metrics`
         (NLL, MSE of the particle mean and per particle, RMSE, and with ``closed_form``
         (Normal likelihoods) coverage, reliability and PIT; ``kwargs`` such as ``crps=True``
         go to it).
@@ -130,14 +130,14 @@ def fit(
     :param extra: extra entries stored in the checkpoint (e.g. the CLI's configuration).
     :param calibration_tasks: a task source of held-out tasks for the learner's calibration
         term (the noise offset), e.g. the second pool of
-        :meth:`~pyro_bmaml.tasks.TaskPool.split`; each iteration draws ``meta_batch_size``
+        :meth:`~pyro_bmaml.tasks.base.TaskPool.split`; each iteration draws ``meta_batch_size``
         of them (at most the pool's size). Default: the term uses the training batch.
     :param metrics: the held-out scores (see :func:`evaluate`); default: the task source's
         ``metrics`` if it has one, else regression's.
     :param stop_after: stop (after checkpointing) once this iteration count is reached, as if
         interrupted; used to test resumption.
     Tasks are moved to the learner's device (``learner.to("cuda")`` trains on the GPU).
-    In a :mod:`torch.distributed` process group (see :mod:`pyro_bmaml.distributed`) each
+    In a :mod:`torch.distributed` process group (see :mod:`pyro_bmaml.meta.distributed`) each
     rank adapts its share of every meta-batch (``meta_batch_size`` must be a multiple of the
     number of processes), the meta-gradients are averaged over the ranks, and rank 0 alone
     evaluates, shows progress and writes the checkpoint; the parameters follow the

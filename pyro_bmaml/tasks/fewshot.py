@@ -8,8 +8,8 @@ and Q query images of each class without replacement (Vinyals et al., 2016; Finn
 test episode asks about classes never seen in meta-training.
 
 :class:`FewShotClassification` takes images grouped by class (any tensors of one shape)
-and is the task source :meth:`~pyro_bmaml.meta.MetaLearner.fit` needs; its ``metrics`` are
-:func:`~pyro_bmaml.metrics.classification_metrics`. Two ways to fill it:
+and is the task source :meth:`~pyro_bmaml.meta.learners.MetaLearner.fit` needs; its ``metrics`` are
+:func:`~pyro_bmaml.evaluation.metrics.classification_metrics`. Two ways to fill it:
 
 - :meth:`FewShotClassification.digits`: scikit-learn's bundled 8x8 handwritten digits
   (no download; ``pip install pyro-bmaml[digits]``) with the Omniglot trick of Santoro et al.
@@ -33,9 +33,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ._checks import check_choice, check_int
-from .metrics import classification_metrics
-from .tasks import TaskBatch
+from .._checks import check_choice, check_int
+from ..evaluation.metrics import classification_metrics
+from .base import TaskBatch
 
 __all__ = ["FewShotClassification", "load_image_folder", "IMAGE_SUFFIXES"]
 

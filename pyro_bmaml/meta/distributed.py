@@ -13,7 +13,7 @@ support the double backward the meta-gradient needs. The gradients are reduced h
 ``backward`` instead, as one flat buffer (one collective per meta-step).
 
 Every rank draws the same meta-batch from the same seeded generator and keeps its shard, so
-no data moves between processes. :func:`~pyro_bmaml.training.fit` uses this module when a
+no data moves between processes. :func:`~pyro_bmaml.meta.training.fit` uses this module when a
 process group is initialized (``torchrun --nproc_per_node=N -m pyro_bmaml train ...``);
 rank 0 alone evaluates, checkpoints and reports.
 """
@@ -26,7 +26,7 @@ from typing import Iterable, Tuple
 import torch
 import torch.distributed as dist
 
-from .tasks import TaskBatch
+from ..tasks.base import TaskBatch
 
 __all__ = ["is_distributed", "rank_and_size", "init_from_environment", "shard",
            "broadcast_parameters", "average_gradients", "all_reduce_mean"]

@@ -35,7 +35,7 @@ from torch.distributions import biject_to
 from torch.distributions.transforms import Transform
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
 
-from ._checks import check_int, check_particles
+from .._checks import check_int, check_particles
 from .capture import GraphCache
 
 __all__ = ["LatentSite", "ModelPotential", "PerParticle"]
@@ -76,7 +76,7 @@ class PerParticle:
     """A model argument with its own value for each particle: shape ``(M, ...)``, or
     ``(T, M, ...)`` in a task-batched call. The model sees one particle's slice, as it sees
     one task's data. Meta-RL needs it: each policy particle is scored on its own rollouts
-    (:mod:`pyro_bmaml.navigation`).
+    (:mod:`pyro_bmaml.tasks.navigation`).
 
     :param tensor: the values, with the particle dim first (after the task dim).
     """
@@ -160,7 +160,7 @@ class ModelPotential:
             raise TypeError(f"model must be callable (a Pyro model), got {type(model).__name__}")
         self.model = model
         #: record the vectorized log density / likelihood once per input signature and
-        #: replay it (:mod:`pyro_bmaml.capture`); off for models that read ``pyro.param``
+        #: replay it (:mod:`pyro_bmaml.engine.capture`); off for models that read ``pyro.param``
         self.capture = bool(capture)
         self._graphs = {"log_density": GraphCache("log density"),
                         "log_likelihood": GraphCache("log likelihood")}
@@ -389,7 +389,7 @@ class ModelPotential:
         model's return value (its predictive mean, by the task-model convention) does not.
 
         Found by differentiating both at two particles drawn from the prior, with one task's
-        arguments. For :class:`~pyro_bmaml.models.BayesianMLP` this is ``noise_precision``
+        arguments. For :class:`~pyro_bmaml.tasks.models.BayesianMLP` this is ``noise_precision``
         (``weight_precision`` enters neither directly). Returns ``None`` for a model that
         returns no tensor, since the mean cannot be told apart from the noise there.
         """

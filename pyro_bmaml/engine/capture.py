@@ -18,7 +18,7 @@ closes over are held by the graph as the objects themselves, so in-place updates
 optimizer's step) are seen and gradients reach them; but Python state outside the arguments
 (a global counter, a tensor *reassigned* to a new object, a ``pyro.param`` value) would be
 frozen into the graph: models that read ``pyro.param`` are never recorded
-(:class:`~pyro_bmaml.potential.ModelPotential` checks), and ``capture=False`` turns the
+(:class:`~pyro_bmaml.engine.potential.ModelPotential` checks), and ``capture=False`` turns the
 recording off for a model that needs it.
 """
 

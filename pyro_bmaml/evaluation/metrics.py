@@ -35,7 +35,7 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 import torch
 
-from .posterior import ParticlePosterior
+from ..engine.posterior import ParticlePosterior
 
 __all__ = [
     "mean_and_se", "mixture_cdf", "mixture_quantile", "mixture_crps", "interval_scores",

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import check_choice, check_int
+from .._checks import check_choice, check_int
 from .kernels import IMQSteinKernel, SteinKernel
 from .potential import ModelPotential
 
@@ -101,7 +101,7 @@ def ksd_trajectory(
     """Squared KSD of each recorded set of particles against the task posterior.
 
     :param particles_per_step: list of ``(..., M, D)`` particles (e.g. recorded along SVGD
-        steps through :func:`~pyro_bmaml.svgd.transport`'s callback).
+        steps through :func:`~pyro_bmaml.engine.svgd.transport`'s callback).
     :param scores_per_step: optional matching list of scores (the callback's ``grad_log_p``);
         an entry that is ``None`` (or no list) is computed from the potential.
     :returns: ``(steps, ...)``.

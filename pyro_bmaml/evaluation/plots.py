@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .metrics import mixture_quantile
-from .posterior import ParticlePosterior
+from ..engine.posterior import ParticlePosterior
 
 __all__ = ["plot_predictive", "plot_ksd", "plot_calibration", "plot_reliability_panels",
            "plot_confidence_reliability", "plot_confidence_panels", "plot_training",
@@ -97,7 +97,7 @@ def plot_ksd(ksd: torch.Tensor, path: PathLike) -> Path:
 def plot_calibration(coverage: Dict[float, tuple], path: PathLike, label: str = "model") -> Path:
     """Reliability diagram of one method: coverage of central predictive intervals vs their
     nominal level (mean +- s.e. over tasks), with the diagonal of perfect calibration.
-    ``coverage``: ``{level: (mean, se)}`` as :func:`pyro_bmaml.metrics.regression_metrics`
+    ``coverage``: ``{level: (mean, se)}`` as :func:`pyro_bmaml.evaluation.metrics.regression_metrics`
     gives it (its ``"reliability"`` entry covers 0.05..0.95)."""
     return plot_reliability_panels({"": {label: coverage}}, path)
 
@@ -133,7 +133,7 @@ def _finish_unit_panel(ax, title: str, xlabel: str, ylabel: str) -> None:
 def plot_confidence_reliability(methods: Dict[str, Dict[str, object]], path: PathLike) -> Path:
     """Classification reliability diagram: accuracy against confidence per bin, one line per
     method; ``methods``: ``{label: bins}`` with ``bins`` the ``"reliability"`` entry of
-    :func:`pyro_bmaml.metrics.classification_metrics`."""
+    :func:`pyro_bmaml.evaluation.metrics.classification_metrics`."""
     return plot_confidence_panels({"": methods}, path)
 
 

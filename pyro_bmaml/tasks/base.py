@@ -5,14 +5,14 @@ meta-training batch) and ``evaluation_tasks(num_tasks, seed) -> TaskBatch``. A
 :class:`TaskBatch` holds support and query sets with a leading task dim ``T``:
 ``x_support (T, K, *input_shape)``, ``y_support (T, K, *target_shape)``, and the same for
 the query set. A source may also define ``metrics(posterior, x_query, y_query)`` (its
-family's held-out scores, used by :func:`~pyro_bmaml.training.fit`; regression's by
+family's held-out scores, used by :func:`~pyro_bmaml.meta.training.fit`; regression's by
 default).
-Any object with these two methods plugs into :meth:`~pyro_bmaml.meta.MetaLearner.fit`.
+Any object with these two methods plugs into :meth:`~pyro_bmaml.meta.learners.MetaLearner.fit`.
 
 What the meta-learners ask of a batch is one method, :meth:`TaskBatch.adaptation_data`:
 the model's arguments for a phase (``"support"``, ``"leader"``, ``"query"``) given the
 particles. Supervised batches return their fixed tensors; a family whose data depend on the
-particles (meta-RL, :class:`~pyro_bmaml.navigation.NavigationBatch`: rollouts of each
+particles (meta-RL, :class:`~pyro_bmaml.tasks.navigation.NavigationBatch`: rollouts of each
 policy particle) returns fresh ones and sets ``resample_each_step``, and may score learners
 itself with an ``evaluate(learner, num_steps, metrics)`` method. So a new family is a task
 source, a model and a CLI entry; the meta layer does not change.
@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._checks import check_choice, check_int
+from .._checks import check_choice, check_int
 
 __all__ = ["TaskBatch", "TaskPool", "Sinusoid"]
 

@@ -23,7 +23,7 @@ from pyro import poutine
 from torch.distributions import constraints
 from pyro.infer import Predictive
 
-from ._checks import check_finite_data, check_int
+from .._checks import check_finite_data, check_int
 from .potential import ModelPotential
 
 __all__ = ["ParticlePosterior", "mixture_log_likelihood", "particle_prior", "model_with_prior"]
@@ -142,8 +142,8 @@ class ParticlePosterior:
         return mixture_log_likelihood(self.potential.log_likelihood(self.particles, x, y))
 
     def to_inference_data(self, x_query=None, y_query=None):
-        """ArviZ ``InferenceData``; see :func:`pyro_bmaml.diagnostics.to_inference_data`."""
-        from .diagnostics import to_inference_data  # ArviZ stays out of the import path
+        """ArviZ ``InferenceData``; see :func:`pyro_bmaml.evaluation.diagnostics.to_inference_data`."""
+        from ..evaluation.diagnostics import to_inference_data  # ArviZ stays out of the import path
 
         return to_inference_data(self, x_query, y_query)
 

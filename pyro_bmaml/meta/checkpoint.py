@@ -59,7 +59,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-#: the entries :func:`pyro_bmaml.training.fit` writes
+#: the entries :func:`pyro_bmaml.meta.training.fit` writes
 REQUIRED_KEYS = ("learner", "iteration", "history")
 
 

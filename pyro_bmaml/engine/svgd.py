@@ -35,7 +35,7 @@ import pyro.infer
 import pyro.optim
 import torch
 
-from ._checks import (check_choice, check_finite_data, check_int, check_particles,
+from .._checks import (check_choice, check_finite_data, check_int, check_particles,
                       check_step_size, value_checks_enabled)
 from .kernels import SteinKernel, as_differentiable_kernel
 from .potential import ModelPotential
@@ -66,11 +66,11 @@ def svgd_direction(
     :math:`\phi(x_i) = \frac1M \sum_j k(x_j, x_i) \nabla \log p(x_j) + \alpha
     \nabla_{x_j} k(x_j, x_i)` with the repulsion scaled by ``temperature`` :math:`\alpha`
     (1: SVGD; SVPG's temperature otherwise, see
-    :class:`~pyro_bmaml.models.GaussianMLPPolicy`).
+    :class:`~pyro_bmaml.tasks.models.GaussianMLPPolicy`).
 
     :param particles: ``(..., M, D)`` flat unconstrained particles.
     :param grad_log_p: ``(..., M, D)``, :math:`\nabla \log p` at each particle.
-    :param kernel: a :class:`~pyro_bmaml.kernels.SteinKernel`.
+    :param kernel: a :class:`~pyro_bmaml.engine.kernels.SteinKernel`.
     :param mode: ``"multivariate"`` or ``"univariate"``.
     :returns: ``(..., M, D)``.
     """
@@ -97,7 +97,7 @@ def transport(
 ) -> torch.Tensor:
     r"""Run ``num_steps`` SVGD steps from ``particles``; differentiable in ``particles``.
 
-    :param potential: the model's :class:`~pyro_bmaml.potential.ModelPotential`.
+    :param potential: the model's :class:`~pyro_bmaml.engine.potential.ModelPotential`.
     :param kernel: a differentiable kernel.
     :param particles: ``(M, D)``, or ``(T, M, D)`` for T tasks whose model arguments all
         carry a leading task dim ``T``.
@@ -282,7 +282,7 @@ class SVGD(pyro.infer.SVGD):
     ) -> torch.Tensor:
         """Differentiable SVGD transport with this object's model, kernel and mode.
 
-        See :func:`pyro_bmaml.svgd.transport`; ``particles`` is ``(M, D)`` or ``(T, M, D)``.
+        See :func:`pyro_bmaml.engine.svgd.transport`; ``particles`` is ``(M, D)`` or ``(T, M, D)``.
         """
         return transport(
             self.potential,
