@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BMAML", "BayesianClassifier", "BayesianMLP", "EMAML", "FewShotClassification",
-    "GaussianMLPPolicy", "NavigationTasks", "PerParticle",
+    "GaussianMLPPolicy", "PerParticle",
     "TaskPool", "classification_metrics", "IMQSteinKernel", "LatentSite", "MAML", "MetaLearner",
     "ModelPotential", "ParticlePosterior", "RBFSteinKernel", "SVGD", "Sinusoid", "SteinKernel",
     "TaskBatch", "evaluate", "fit", "ksd", "ksd_trajectory", "regression_metrics",
@@ -41,6 +41,7 @@ __all__ = [
 
 def __getattr__(name):
     # the meta-RL task source needs gymnasium (pip install .[rl]): imported on first use
+    # (and not in __all__, so that `from pyro_bmaml import *` works without it)
     if name == "NavigationTasks":
         from .tasks.navigation import NavigationTasks
 
