@@ -56,6 +56,16 @@ def check_positive_float(name: str, value: Any) -> float:
     return value
 
 
+def check_nonnegative_float(name: str, value: Any) -> float:
+    """Return ``value`` as ``float`` if it is a finite real number ``>= 0``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (value >= 0.0 and value < float("inf")):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return value
+
+
 def check_step_size(value: Any, dim: int, name: str = "step_size"):
     """A step size: a finite float ``> 0`` or a ``(dim,)`` tensor of them (per coordinate)."""
     if isinstance(value, torch.Tensor):

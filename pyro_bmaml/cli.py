@@ -262,17 +262,12 @@ class NavigationFamily:
                 f"(before: {before[0]:.2f} +- {before[1]:.2f}; {num_tasks} held-out goals, "
                 "mean +- s.e.)")
 
-    def report(self, learner, tasks, out: Path, history=None, num_steps=None) -> dict:
-        """The metrics (JSON, markdown) and the training curves."""
-        from .evaluation import plots
+    def score(self, learner, tasks, num_steps=None):
+        """``(metrics, table, markdown rows)`` of the report: the batch rolls the policies
+        out before and after adaptation (no posterior over data, so no KSD)."""
         metrics = tasks.evaluate(learner, num_steps=num_steps)
         lines = [f"| {k} | {v[0]:.4g} | {v[1]:.2g} |" for k, v in metrics.items()]
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (out / "metrics.md").write_text("\n".join(["| metric | mean | s.e. |", "|---|---|---|"]
-                                                   + lines) + "\n")
-        if history is not None and history.get("loss"):
-            plots.plot_training(history, out / "training.png")
-        return metrics
+        return metrics, dict(metrics), lines
 
 
 _DIGITS = re.compile(r"^digits-(\d+)way-(\d+)shot$")
@@ -361,26 +356,30 @@ def load_learner(path, device="cpu") -> "tuple":
 def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] = None,
                  num_steps: Optional[int] = None, family=None) -> dict:
     """Adapt to held-out tasks and write metrics (JSON + markdown) and plots into ``out``:
-    the family's scores and plots, the KSD per step, the training curves."""
+    the family's scores and plots, the KSD per step (families with a posterior over data),
+    the training curves."""
     from .evaluation import plots  # plotting stays out of the library's import path
 
     family = family or TASK_FAMILIES["sinusoid"]
     out.mkdir(parents=True, exist_ok=True)
     tasks = tasks.to(device=next(learner.parameters()).device)
-    if hasattr(family, "report"):  # a family with its own report (meta-RL)
-        return family.report(learner, tasks, out, history, num_steps)
-    posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps,
-                              track_ksd=True)
-    metrics = family.metrics(posterior, tasks.x_query, tasks.y_query)
-    ksd = posterior.info["ksd"]
-    table, lines = family.write(learner, posterior, tasks, metrics, out)
-    table["ksd_squared_final"] = list(mean_and_se(ksd[-1]))
-    lines.append(f"| ksd_squared_final | {table['ksd_squared_final'][0]:.4g} | "
-                 f"{table['ksd_squared_final'][1]:.2g} |")
+    ksd = None
+    if hasattr(family, "score"):  # a family that scores learners itself (meta-RL returns)
+        metrics, table, lines = family.score(learner, tasks, num_steps)
+    else:
+        posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps,
+                                  track_ksd=True)
+        metrics = family.metrics(posterior, tasks.x_query, tasks.y_query)
+        ksd = posterior.info["ksd"]
+        table, lines = family.write(learner, posterior, tasks, metrics, out)
+        table["ksd_squared_final"] = list(mean_and_se(ksd[-1]))
+        lines.append(f"| ksd_squared_final | {table['ksd_squared_final'][0]:.4g} | "
+                     f"{table['ksd_squared_final'][1]:.2g} |")
     (out / "metrics.json").write_text(json.dumps(table, indent=2))
     (out / "metrics.md").write_text("\n".join(["| metric | mean | s.e. |", "|---|---|---|"]
                                                + lines) + "\n")
-    plots.plot_ksd(ksd, out / "ksd.png")
+    if ksd is not None:
+        plots.plot_ksd(ksd, out / "ksd.png")
     if history is not None and history.get("loss"):
         plots.plot_training(history, out / "training.png")
     return metrics

@@ -154,3 +154,20 @@ def test_unknown_model_arguments_name_the_signature():
     x, y = regression_data()
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'noise'.*signature is \(X, y, a0=2.0"):
         pb.ModelPotential(normal_gamma_regression).setup(x, y, noise=0.1)
+
+
+def test_temperature_is_checked_alike_everywhere():
+    """SVPG's temperature: one check (a finite real >= 0) in the kernel step, the learner and
+    the policy model."""
+    from pyro_bmaml.tasks.models import GaussianMLPPolicy
+
+    X, y = regression_data()
+    svgd = _svgd()
+    init = svgd.init_particles(X, y)
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got -1"):
+        svgd.transport(init, X, y, num_steps=1, step_size=0.1, temperature=-1.0)
+    with pytest.raises(TypeError, match="temperature must be a real number, got str"):
+        GaussianMLPPolicy(temperature="hot")
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got nan"):
+        pb.BMAML(GaussianMLPPolicy(hidden=(4,)), num_particles=2, init="paper",
+                 temperature=float("nan"))

@@ -117,6 +117,3 @@ class GraphCache:
             return None
         self.captures += 1
         return graph
-
-    def clear(self) -> None:
-        self._graphs.clear()

@@ -104,11 +104,6 @@ def split_per_particle(args: tuple, kwargs: dict):
     return plain[0], plain[1], dims
 
 
-def first_task(args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
-    """Slice task 0 out of task-batched model arguments (every tensor has a leading T dim)."""
-    return tree_map(lambda a: a[0] if _is_tensor(a) else a, (args, kwargs))
-
-
 def check_task_batched(num_tasks: int, args: tuple, kwargs: dict) -> None:
     """Every tensor argument of a task-batched call must have leading dim ``num_tasks``."""
     leaves, _ = tree_flatten_with_path((args, kwargs))
@@ -523,8 +518,8 @@ class ModelPotential:
 
         args, kwargs, (arg_dims, kwarg_dims) = split_per_particle(args, kwargs)
         lead = particles.dim() - 2  # the task dim, if any, comes before the particle dim
-        for leaf, dim in zip(tree_leaves((args, kwargs), is_leaf=lambda a: a is None), tree_leaves(
-                (arg_dims, kwarg_dims), is_leaf=lambda d: d is None)):
+        dim_leaves = tree_leaves((arg_dims, kwarg_dims), is_leaf=lambda d: d is None)
+        for leaf, dim in zip(tree_leaves((args, kwargs), is_leaf=lambda a: a is None), dim_leaves):
             if dim == 0 and (leaf.dim() <= lead or leaf.size(lead) != particles.size(-2)):
                 raise ValueError(
                     f"a PerParticle argument must have {particles.size(-2)} particles at dim "
@@ -546,8 +541,7 @@ class ModelPotential:
                 if per_task:  # one value per task for every entry: expand the module's own
                     module = {k: v.expand(particles.size(0), *v.shape) for k, v in module.items()}
                 params = {**module, **params}
-            layout = tuple(d is not None for d in tree_leaves(
-                (arg_dims, kwarg_dims), is_leaf=lambda d: d is None))  # part of the key
+            layout = tuple(d is not None for d in dim_leaves)  # part of the key
             return cache(lambda p, a, k, m, _layout: vfn(p, a, k, m),
                          particles, args, kwargs, params, layout)
 

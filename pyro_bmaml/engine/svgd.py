@@ -35,8 +35,8 @@ import pyro.infer
 import pyro.optim
 import torch
 
-from .._checks import (check_choice, check_finite_data, check_int, check_particles,
-                      check_step_size, value_checks_enabled)
+from .._checks import (check_choice, check_finite_data, check_int, check_nonnegative_float,
+                      check_particles, check_step_size, value_checks_enabled)
 from .kernels import SteinKernel, as_differentiable_kernel
 from .potential import ModelPotential
 
@@ -120,8 +120,7 @@ def transport(
     """
     num_steps = check_int("num_steps", num_steps, 0)
     check_choice("mode", mode, MODES)
-    if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
-        raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+    temperature = check_nonnegative_float("temperature", temperature)
     check_finite_data(args, kwargs, particles.dtype if isinstance(particles, torch.Tensor)
                       and particles.is_floating_point() else None)
     potential.setup_from(particles, args, kwargs)

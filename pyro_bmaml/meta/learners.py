@@ -84,7 +84,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_positive_float, value_checks_enabled
+from .._checks import (check_choice, check_int, check_nonnegative_float, check_positive_float,
+                       value_checks_enabled)
 from ..engine.kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from ..engine.ksd import ksd_trajectory
 from ..engine.posterior import ParticlePosterior, mixture_log_likelihood, model_with_prior, particle_prior
@@ -95,6 +96,11 @@ from ..tasks.base import TaskBatch
 __all__ = ["MetaLearner", "BMAML", "EMAML", "MAML"]
 
 InitSpec = Union[str, torch.Tensor, Dict[str, torch.Tensor]]
+
+
+def _detached(shared: Optional[Dict[str, torch.Tensor]]) -> Optional[Dict[str, torch.Tensor]]:
+    """Per-task shared parameters cut from the graph (``None`` stays ``None``)."""
+    return None if shared is None else {k: v.detach() for k, v in shared.items()}
 SiteSpec = Union[str, Sequence[str], None]
 
 
@@ -337,28 +343,23 @@ class MetaLearner(nn.Module):
             shared = {name: p.unsqueeze(0).expand(particles.size(0), *p.shape)
                       for name, p in self.model.named_parameters()}
         create_graph = torch.is_grad_enabled()
-        base = self.potential
         for step in range(num_steps):
-            with torch.enable_grad():
-                phi = {k: v if v.requires_grad and create_graph else v.detach().requires_grad_(True)
-                       for k, v in shared.items()}
-                view = base.with_parameters(phi)
-                loss = -view.log_likelihood(particles, *data).mean((-1, -2)).sum()
-                grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)
+            phi = {k: v if v.requires_grad and create_graph else v.detach().requires_grad_(True)
+                   for k, v in shared.items()}
 
             def each(k, p, lp, g, step=step):  # one step at a time: renumber, one final call
                 if k == 0 or step == num_steps - 1:
                     callback(step + k, p, lp, g)
 
-            try:  # the particles' step, with this step's shared parameters
-                self.potential = view
+            with self.adapted_model(phi) as view:  # this step's shared parameters
+                with torch.enable_grad():
+                    loss = -view.log_likelihood(particles, *data).mean((-1, -2)).sum()
+                    grads = torch.autograd.grad(loss, list(phi.values()), create_graph=create_graph)
                 particles = self.adapt_particles(particles, data, 1, step_size=step_size,
                                                  callback=None if callback is None else each)
-            finally:
-                self.potential = base
             shared = {k: p - self.shared_step_size * g for (k, p), g in zip(phi.items(), grads)}
             if not create_graph:
-                shared = {k: v.detach() for k, v in shared.items()}
+                shared = _detached(shared)
         if num_steps == 0 and callback is not None:
             self.adapt_particles(particles, data, 0, callback=callback)
         return particles, shared
@@ -456,8 +457,7 @@ class MetaLearner(nn.Module):
                 adapted, shared = self.adapt_on(batch, "support",
                                                 self._expand(batch.num_tasks).detach(),
                                                 self.inner_steps)
-        with self.adapted_model(None if shared is None else
-                                {k: v.detach() for k, v in shared.items()}):
+        with self.adapted_model(_detached(shared)):
             term = self.calibration_loss(adapted, batch)
         self.loss_terms["calibration_nll"] = term.detach()
         return loss + term
@@ -706,11 +706,8 @@ class BMAML(MetaLearner):
         self.leader_steps = check_int("leader_steps", leader_steps, 1)
         self.kernel = RBFSteinKernel(bandwidth="median") if kernel is None else as_differentiable_kernel(kernel)
         self.mode = check_choice("mode", mode, ("multivariate", "univariate"))
-        if temperature is None:
-            temperature = getattr(model, "temperature", 1.0)
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature < float("inf"):
-            raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_nonnegative_float(
+            "temperature", getattr(model, "temperature", 1.0) if temperature is None else temperature)
 
     def default_calibration(self) -> str:
         return "none" if self.objective == "bfa" else super().default_calibration()
@@ -749,9 +746,8 @@ class BMAML(MetaLearner):
             self.loss_terms = {"bfa": loss.detach()}
             return loss
         with torch.no_grad():  # the leader is a target: no graph, stop-gradient
-            leader, _ = self.adapt_on(
-                batch, "leader", chaser.detach(), self.leader_steps,
-                shared=None if shared is None else {k: v.detach() for k, v in shared.items()})
+            leader, _ = self.adapt_on(batch, "leader", chaser.detach(), self.leader_steps,
+                                      shared=_detached(shared))
         loss = ((chaser - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
         self.loss_terms = {"chaser": loss.detach()}
         if self.calibration == "mixture":

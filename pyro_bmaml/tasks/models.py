@@ -25,7 +25,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .._checks import check_choice, check_int, check_positive_float
+from .._checks import check_choice, check_int, check_nonnegative_float, check_positive_float
 
 __all__ = ["BayesianMLP", "BayesianClassifier", "GaussianMLPPolicy"]
 
@@ -377,9 +377,7 @@ class GaussianMLPPolicy:
         self.hidden = tuple(check_int(f"hidden[{i}]", h, 1) for i, h in enumerate(hidden))
         self.prior_scale = check_positive_float("prior_scale", prior_scale)
         self.init_std = check_positive_float("init_std", init_std)
-        if not isinstance(temperature, (int, float)) or temperature < 0 or not math.isfinite(temperature):
-            raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = check_nonnegative_float("temperature", temperature)
         sizes = (self.obs_dim,) + self.hidden + (self.act_dim,)
         self.layer_sizes = list(zip(sizes[:-1], sizes[1:]))
 

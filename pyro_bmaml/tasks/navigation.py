@@ -17,7 +17,6 @@ episodes last ``horizon`` = 100 steps.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, Optional, Tuple
 
 import gymnasium
@@ -26,6 +25,7 @@ import torch
 from gymnasium import spaces
 
 from .._checks import check_int, check_positive_float
+from ..evaluation.metrics import mean_and_se
 
 __all__ = ["PointNavigationEnv", "NavigationTasks", "NavigationBatch", "rollout",
            "discounted_returns", "linear_baseline_advantages", "sample_goals"]
@@ -284,10 +284,5 @@ class NavigationBatch:
             before = self.rollouts(theta, episodes)["rewards"].sum(-1).mean((1, 2))
             adapted, _ = learner.adapt_on(self, "support", theta, steps)
             after = self.rollouts(adapted, episodes)["rewards"].sum(-1).mean((1, 2))
-
-        def mean_se(v):
-            v = v.double()
-            return float(v.mean()), float(v.std() / math.sqrt(v.numel())) if v.numel() > 1 else 0.0
-
-        return {"return": mean_se(after), "return_before": mean_se(before),
-                "improvement": mean_se(after - before)}
+        return {"return": mean_and_se(after), "return_before": mean_and_se(before),
+                "improvement": mean_and_se(after - before)}
