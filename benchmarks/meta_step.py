@@ -13,6 +13,9 @@
 (c) 1 vs 2 processes on torch.distributed (gloo on the CPU, one thread each): time per
     meta-iteration of ``fit`` with the same total meta-batch of 10 tasks, against one process
     with 1 and with 2 threads.
+(d) Where the time goes: ATen calls per meta-step (floor, traced path, fast path), and the
+    potential alone against the floor's log density (second order), with a forward pass
+    traced vs replayed.
 
 Run: ``python benchmarks/meta_step.py [--quick] [--device cuda] [--update-results]``; the
 numbers go to ``runs/benchmarks/`` (``results/`` with ``--update-results``) as JSON and
@@ -119,6 +122,56 @@ def paper_config(args, sync):
     base = times["floor (hand-batched torch)"]
     rows = [{"variant": k, "ms": v * 1e3, "vs_floor": v / base} for k, v in times.items()]
     return {"D": learner.potential.dim, "rows": rows}
+
+
+def aten_calls(fn) -> int:
+    """ATen operator calls of one run of ``fn`` (torch profiler, after a warm-up run)."""
+    from torch.profiler import profile
+
+    fn()
+    with profile() as prof:
+        fn()
+    return sum(k.count for k in prof.key_averages() if k.key.startswith("aten::"))
+
+
+def profile_potential(args, sync) -> dict:
+    """(d) Where the time goes: ATen calls per meta-step (floor, traced, fast path), and the
+    potential alone, ours vs the floor's hand-written log density: its log density, gradient
+    and second-order backward, and a forward pass traced vs replayed."""
+    learner, batch = make(device=args.device)
+    pot = learner.potential
+    theta = learner.theta0.detach().unsqueeze(0).expand(batch.num_tasks, -1, -1).clone()
+    x, y = batch.x_support, batch.y_support
+
+    def second_order(log_density):
+        def run():
+            p = theta.clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(log_density(p).sum(), p, create_graph=True)
+            grad.pow(2).sum().backward()
+        return run
+
+    def traced(fn):
+        def run():
+            pot.capture = False
+            try:
+                fn()
+            finally:
+                pot.capture = True
+        return run
+
+    ours = second_order(lambda p: pot.log_density(p, x, y))
+    hand = second_order(lambda p: floor.log_joint(learner, p, x, y))
+    step = step_fn(learner, learner.meta_loss, batch)
+    out = {"aten_calls_meta_step": {
+        "floor": aten_calls(step_fn(learner, lambda b: floor.meta_loss(learner, b), batch)),
+        "traced path": aten_calls(traced(step)), "fast path": aten_calls(step)}}
+    out["aten_calls_potential"] = {"ours": aten_calls(ours), "floor": aten_calls(hand)}
+    times = interleaved({"ours": ours, "floor": hand,
+                         "forward, replayed": lambda: pot.log_density(theta, x, y),
+                         "forward, traced": traced(lambda: pot.log_density(theta, x, y))},
+                        args.rounds, args.repeats, sync)
+    out["potential_ms"] = {k: v * 1e3 for k, v in times.items()}
+    return out
 
 
 def one_config(spec: dict, device: str, repeats: int, sync) -> dict:
@@ -258,6 +311,12 @@ def main():
     for row in paper["rows"]:
         print(f"  {row['variant']:>36}: {row['ms']:8.1f} ms  {row['vs_floor']:5.2f}x floor")
     record = {"header": header, "paper": paper}
+    print("(d) where the time goes (one meta-step, and the potential alone: log density, "
+          "gradient, second-order backward)", flush=True)
+    record["profile"] = profile_potential(args, sync)
+    for key, value in record["profile"].items():
+        print(f"  {key}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in value.items()))
     if "scaling" not in args.skip:
         print("(b) scaling of the BMAML meta-step (others at T=10, M=10, K=10, 1-40-40-40-1)")
         record["scaling"] = scaling(args, sync)
