@@ -24,11 +24,13 @@ def _gamma_log_prob(log_x, shape, rate):
 def log_joint(learner, theta, x, y):
     """Log joint (unconstrained space) of ``(T, M, D)`` particles on ``(T, N, 1)``, ``(T, N)``."""
     model, pot = learner.model, learner.potential
-    cols = {s.name: s for s in pot.sites}
+    # one split into the sites (its backward is one concatenation, where a slice per site
+    # would write each site's gradient into a full-size zero tensor)
+    pieces = dict(zip([s.name for s in pot.sites], theta.split([s.size for s in pot.sites], -1)))
+    shapes = {s.name: s.unconstrained_shape for s in pot.sites}
 
     def site(name):
-        s = cols[name]
-        return theta[..., s.columns].reshape(*theta.shape[:-1], *s.unconstrained_shape)
+        return pieces[name].reshape(*theta.shape[:-1], *shapes[name])
 
     log_lam, log_gam = site("weight_precision"), site("noise_precision")
     total = (_gamma_log_prob(log_lam, *model.weight_precision_prior) + log_lam

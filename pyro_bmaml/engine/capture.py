@@ -32,6 +32,8 @@ from typing import Any, Callable, Hashable, Optional
 import torch
 from torch.utils._pytree import tree_flatten
 
+from .simplify import simplify
+
 __all__ = ["GraphCache", "signature"]
 
 
@@ -75,10 +77,14 @@ class GraphCache:
 
     :param name: what the function computes, for the fallback warning.
     :param max_entries: how many signatures to keep.
+    :param simplify: rewrite each recorded graph with the exact algebraic simplifications of
+        :mod:`pyro_bmaml.engine.simplify` (fewer full-size operators, same values).
     """
 
-    def __init__(self, name: str, max_entries: int = 16):
+    def __init__(self, name: str, max_entries: int = 16, simplify: bool = True):
         self.name = name
+        #: rewrite each recorded graph with :func:`~pyro_bmaml.engine.simplify.simplify`
+        self.simplify = simplify
         self.max_entries = max_entries
         self._graphs: "OrderedDict[Hashable, Optional[Callable]]" = OrderedDict()
         self.captures = 0  #: graphs recorded so far
@@ -115,5 +121,11 @@ class GraphCache:
                           f"({type(err).__name__}: {reason}); using the traced path for "
                           "these inputs", stacklevel=4)
             return None
+        if self.simplify:
+            try:
+                graph = simplify(graph)
+            except Exception as err:  # a graph the rewrites do not understand: keep it as is
+                warnings.warn(f"{self.name}: the recorded graph was not simplified "
+                              f"({type(err).__name__}: {str(err).strip()[:160]})", stacklevel=4)
         self.captures += 1
         return graph

@@ -1,0 +1,446 @@
+r"""Exact algebraic simplification of a recorded potential graph.
+
+A Pyro model's log density, recorded as ATen operators (:mod:`pyro_bmaml.engine.capture`),
+does far more full-size elementwise work than the arithmetic needs. A prior
+``Normal(0, s).to_event(2)`` on a ``(40, 40)`` weight with one scale ``s`` per particle
+evaluates, element by element,
+
+.. math::
+
+    -\frac{(w - 0)^2}{2 s^2} - \log s - \tfrac12 \log 2\pi
+
+with ``s`` broadcast to the weight's shape *before* it is squared and logged, and only then
+sums: about nine full-size operators, each with its own backward and double backward. The
+hand-written density computes :math:`-\frac{1}{2 s^2}\sum w^2 - n \log s - \frac n2 \log
+2\pi`: one. :func:`simplify` rewrites the graph with identities of real arithmetic, so values
+agree to rounding and autograd differentiates the result to any order:
+
+1. **Zeros and ones**: ``a + 0``, ``a - 0``, ``a * 1``, ``a / 1`` become ``a`` (when the
+   result has ``a``'s shape and dtype); a sum of zeros is zero (e.g. the zero log-Jacobian of
+   an identity transform).
+2. **Broadcast sinking**: an elementwise ``f(expand(a), expand(b))`` becomes
+   ``expand(f(a, b))``: the operator runs on the small tensors.
+3. **Sums pushed into linear operators**: :math:`\sum (a \pm b) = \sum a \pm \sum b` (an
+   operand broadcast along a summed dimension contributes its own sum times the number of
+   copies), :math:`\sum -a = -\sum a`, :math:`\sum a c = c \sum a` and :math:`\sum a / c =
+   \sum a / c` for ``c`` constant along the summed dimensions, the sum of an ``expand`` is a
+   multiple of its source's, a sum over a reshape that only flattens summed trailing
+   dimensions is a sum over the dimensions before it, and a sum over size-1 dimensions is a
+   squeeze. A sum is pushed only into an operator it alone uses, so no work is duplicated.
+
+Only floating-point operators whose operands share the result's dtype are rewritten (no change
+of precision). Summation order changes, so float32 results move by rounding (~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import fx
+
+__all__ = ["simplify"]
+
+aten = torch.ops.aten
+
+_UNARY = {aten.neg.default, aten.log.default, aten.exp.default, aten.rsqrt.default,
+          aten.sqrt.default, aten.reciprocal.default, aten.lgamma.default,
+          aten.digamma.default, aten.log1p.default, aten.expm1.default, aten.sigmoid.default,
+          aten.tanh.default, aten.relu.default, aten.abs.default, aten.square.default,
+          aten.pow.Tensor_Scalar}
+_BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor,
+           aten.pow.Tensor_Tensor, aten.xlogy.Tensor}
+_ELEMENTWISE = _UNARY | _BINARY
+#: operators that only rearrange (or copy) their first argument's values
+_VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+          aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+          aten.squeeze.default, aten.clone.default, aten.permute.default,
+          aten.transpose.int, aten.t.default, aten.select.int, aten.slice.Tensor,
+          aten.alias.default}
+_FLATTENS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+#: operators that only change the shape, in row-major order (chains collapse into one view)
+_RESHAPES = _FLATTENS | {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                         aten.squeeze.default}
+
+Operand = Union[fx.Node, float, int]
+
+
+def _val(node: Operand) -> Optional[torch.Tensor]:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _shape(node: fx.Node) -> tuple:
+    return tuple(_val(node).shape)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _constant(node: Operand) -> Optional[float]:
+    """The value of an operand that is a tensor filled with one constant known when the graph
+    was recorded (zeros, ones, a full, a scalar made a tensor, views and sums of zeros)."""
+    if _is_number(node):
+        return float(node)
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    target, args = node.target, node.args
+    if target in (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default):
+        return 0.0
+    if target in (aten.ones.default, aten.new_ones.default, aten.ones_like.default):
+        return 1.0
+    if target in (aten.full.default, aten.full_like.default) and _is_number(args[1]):
+        return float(args[1])
+    if target is aten.new_full.default and _is_number(args[2]):
+        return float(args[2])
+    if target is aten._to_copy.default and _is_number(args[0]):
+        return float(args[0])
+    if target in _VIEWS:
+        return _constant(args[0])
+    if target in (aten.sum.dim_IntList, aten.sum.default) and _constant(args[0]) == 0.0:
+        return 0.0
+    return None
+
+
+def _same_kind(node: fx.Node, *operands: Operand) -> bool:
+    """Floating result, and every tensor operand of the result's dtype."""
+    value = _val(node)
+    if value is None or not value.is_floating_point():
+        return False
+    for op in operands:
+        if isinstance(op, fx.Node) and (_val(op) is None or _val(op).dtype != value.dtype):
+            return False
+    return True
+
+
+def _hashable(x):
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__,) + tuple(_hashable(v) for v in x)
+    if isinstance(x, dict):
+        return ("dict",) + tuple(sorted((k, _hashable(v)) for k, v in x.items()))
+    if isinstance(x, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+        return str(x)
+    return x  # nodes, numbers, strings, None (anything unhashable raises TypeError)
+
+
+def _meta(x):
+    """A meta tensor standing in for a node's value (a list of them for a split)."""
+    if not isinstance(x, fx.Node):
+        return x
+    value = x.meta.get("val")
+    if isinstance(value, (list, tuple)):
+        return [torch.empty(v.shape, dtype=v.dtype, device="meta") for v in value]
+    return torch.empty(value.shape, dtype=value.dtype, device="meta")
+
+
+class _Rewriter:
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.before: Optional[fx.Node] = None  # where new nodes go
+
+    def new(self, target, args, kwargs=None) -> fx.Node:
+        kwargs = kwargs or {}
+        with self.graph.inserting_before(self.before):
+            node = self.graph.call_function(target, tuple(args), kwargs)
+        meta_args = [_meta(a) for a in args]
+        node.meta["val"] = target(*meta_args, **kwargs)
+        return node
+
+    def replace(self, node: fx.Node, new: fx.Node) -> None:
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+
+    # ---------------------------------------------------------------- rule 6
+    def split_slices(self) -> None:
+        """Disjoint slices of one tensor along one dim become one ``split_with_sizes``: its
+        backward concatenates the pieces' gradients once, where each slice's backward
+        writes its gradient into a zero tensor of the full size and autograd adds them."""
+        groups: dict = {}
+        for node in self.graph.nodes:
+            if node.op == "call_function" and node.target is aten.slice.Tensor \
+                    and _val(node) is not None and _val(node.args[0]) is not None:
+                args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
+                source, dim, start, end, step = args[:5]
+                size = _val(source).shape[dim] if -_val(source).dim() <= dim < _val(source).dim() else None
+                if step != 1 or size is None:
+                    continue
+                dim = dim % _val(source).dim()
+                start = 0 if start is None else max(0, min(start + size if start < 0 else start, size))
+                end = size if end is None else max(0, min(end + size if end < 0 else end, size))
+                groups.setdefault((source, dim), []).append((start, end, node))
+        for (source, dim), pieces in groups.items():
+            if len(pieces) < 2:
+                continue
+            pieces.sort(key=lambda p: (p[0], p[1]))
+            if any(a[1] > b[0] for a, b in zip(pieces, pieces[1:])) or any(
+                    start >= end for start, end, _ in pieces) or len(
+                    {(start, end) for start, end, _ in pieces}) != len(pieces):
+                continue  # overlapping, empty or repeated slices: leave them
+            bounds, index, position = [], {}, 0
+            for start, end, node in pieces:
+                if start > position:
+                    bounds.append(start - position)
+                index[node] = len(bounds)
+                bounds.append(end - start)
+                position = end
+            size = _val(source).shape[dim]
+            if position < size:
+                bounds.append(size - position)
+            self.before = next(n for n in self.graph.nodes if n in index)  # the first slice
+            split = self.new(aten.split_with_sizes.default, (source, bounds, dim))
+            for start, end, node in pieces:
+                self.before = node
+                self.replace(node, self.new(operator.getitem, (split, index[node])))
+
+    # ---------------------------------------------------------------- rule 5
+    def merge_duplicate(self, node: fx.Node, seen: dict) -> bool:
+        """The same operator on the same inputs again: use the first result."""
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload) \
+                or torch.Tag.nondeterministic_seeded in target.tags:
+            return False
+        try:
+            key = (target, _hashable(node.args), _hashable(node.kwargs))
+            hash(key)
+        except TypeError:
+            return False
+        first = seen.setdefault(key, node)
+        if first is node:
+            return False
+        self.replace(node, first)
+        return True
+
+    # ---------------------------------------------------------------- rule 4
+    def collapse_views(self, node: fx.Node) -> bool:
+        """A chain of reshapes becomes one view of its base (none if the shape is the
+        base's); an expand to the shape it already has is dropped."""
+        out = _val(node)
+        if node.target is aten.expand.default:
+            base = node.args[0]
+            if _val(base) is not None and _val(base).shape == out.shape:
+                self.replace(node, base)
+                return True
+            return False
+        if node.target not in _RESHAPES:
+            return False
+        base, links = node.args[0], 1
+        while isinstance(base, fx.Node) and base.target in _RESHAPES:
+            base, links = base.args[0], links + 1
+        value = _val(base)
+        if value is None or value.dtype != out.dtype:
+            return False
+        if value.shape == out.shape:
+            self.replace(node, base)
+            return True
+        if links < 2:
+            return False
+        try:  # the view must exist on the base's strides
+            torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
+                                device="meta").view(out.shape)
+        except RuntimeError:
+            return False
+        self.before = node
+        self.replace(node, self.new(aten.view.default, (base, list(out.shape))))
+        return True
+
+    # ---------------------------------------------------------------- rule 1
+    def drop_identity(self, node: fx.Node) -> bool:
+        target = node.target
+        if target not in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
+            return False
+        a, b = node.args[:2]
+        keep = None
+        if target in (aten.add.Tensor, aten.sub.Tensor):
+            if _constant(b) == 0.0:
+                keep = a
+            elif target is aten.add.Tensor and _constant(a) == 0.0 \
+                    and node.kwargs.get("alpha", 1) == 1:
+                keep = b
+        elif target is aten.mul.Tensor:
+            keep = a if _constant(b) == 1.0 else (b if _constant(a) == 1.0 else None)
+        elif _constant(b) == 1.0:
+            keep = a
+        if not isinstance(keep, fx.Node) or _val(keep) is None or _val(node) is None:
+            return False
+        if _val(keep).shape != _val(node).shape or _val(keep).dtype != _val(node).dtype:
+            return False
+        self.replace(node, keep)
+        return True
+
+    # ---------------------------------------------------------------- rule 2
+    def sink_expand(self, node: fx.Node) -> bool:
+        if node.target not in _ELEMENTWISE or not _same_kind(node, *node.args):
+            return False
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if not any(a.target is aten.expand.default for a in tensors):
+            return False
+        sources = [a.args[0] if isinstance(a, fx.Node) and a.target is aten.expand.default
+                   else a for a in node.args]
+        small = torch.broadcast_shapes(*[_shape(s) for s in sources if isinstance(s, fx.Node)])
+        out = _shape(node)
+        if math.prod(small) >= math.prod(out):
+            return False
+        self.before = node
+        reduced = self.new(node.target, sources, dict(node.kwargs))
+        self.replace(node, self.new(aten.expand.default, (reduced, list(out))))
+        return True
+
+    # ---------------------------------------------------------------- rule 3
+    def push_sum(self, node: fx.Node) -> bool:
+        if node.target is aten.sum.dim_IntList:
+            x, dims = node.args[0], node.args[1]
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        elif node.target is aten.sum.default:
+            x, dims, keepdim = node.args[0], None, False
+        else:
+            return False
+        if node.kwargs.get("dtype") is not None or not _same_kind(node, x):
+            return False
+        shape = _shape(x)
+        if not shape:
+            return False
+        dims = set(range(len(shape))) if not dims else {d % len(shape) for d in dims}
+        self.before = node
+        total = self.sum_of(x, dims, improve_only=True)
+        if total is None:
+            return False
+        kept = [1 if d in dims else s for d, s in enumerate(shape)]
+        total = self.fit(total, kept)
+        if not keepdim:
+            total = self.new(aten.squeeze.dims, (total, sorted(dims)))
+        if _shape(total) != _shape(node):  # cannot happen; keep the original if it does
+            return False
+        self.replace(node, total)
+        return True
+
+    def fit(self, node: Operand, shape) -> fx.Node:
+        if not isinstance(node, fx.Node):  # a number: a full tensor of the shape is not needed
+            raise AssertionError("a sum of tensors reduced to a number")
+        if list(_shape(node)) != list(shape):
+            node = self.new(aten.expand.default, (node, list(shape)))
+        return node
+
+    def sum_of(self, x: fx.Node, dims: Iterable[int], improve_only: bool = False):
+        """A node equal to ``x.sum(dims, keepdim=True)`` up to broadcasting (its shape
+        broadcasts to that); with ``improve_only``, ``None`` when no rule applies."""
+        shape = _shape(x)
+        dims = {d for d in dims if shape[d] != 1}
+        if not dims:
+            return x
+        rewritten = self.rewrite_sum(x, shape, dims) if len(x.users) == 1 else None
+        if rewritten is not None or improve_only:
+            return rewritten
+        return self.new(aten.sum.dim_IntList, (x, sorted(dims), True))
+
+    def rewrite_sum(self, x: fx.Node, shape, dims):
+        target, args = x.target, x.args
+        if x.op != "call_function" or not _same_kind(x, *args):
+            return None
+        if target in (aten.add.Tensor, aten.sub.Tensor):
+            alpha = x.kwargs.get("alpha", 1)
+            sign = alpha if target is aten.add.Tensor else -alpha
+            return self.combine(self.operand_sum(args[0], shape, dims),
+                                self.operand_sum(args[1], shape, dims), sign)
+        if target is aten.neg.default:
+            return self.new(aten.neg.default, (self.sum_of(args[0], dims),))
+        if target in (aten.mul.Tensor, aten.div.Tensor):
+            a, b = args
+            if isinstance(a, fx.Node) and self.constant_along(b, shape, dims):
+                return self.new(target, (self.operand_sum(a, shape, dims), self.source(b)))
+            if target is aten.mul.Tensor and isinstance(b, fx.Node) \
+                    and self.constant_along(a, shape, dims):
+                return self.new(target, (self.operand_sum(b, shape, dims), self.source(a)))
+            return None
+        if target is aten.expand.default:
+            return self.operand_sum(args[0], shape, dims)
+        if target in _FLATTENS:
+            return self.flattened_sum(x, shape, dims)
+        return None
+
+    def flattened_sum(self, x: fx.Node, shape, dims):
+        """Sum over a reshape that keeps a prefix of dims and flattens the rest, all summed."""
+        y = x.args[0]
+        inner = _shape(y)
+        k = 0
+        while k < min(len(inner), len(shape)) and inner[k] == shape[k]:
+            k += 1
+        if any(d not in dims and shape[d] != 1 for d in range(k, len(shape))):
+            return None
+        inner_dims = {d for d in dims if d < k} | set(range(k, len(inner)))
+        total = self.fit(self.sum_of(y, inner_dims),
+                         [1 if d in inner_dims else s for d, s in enumerate(inner)])
+        return self.new(aten.view.default,
+                        (total, [1 if d in dims or d >= k else s for d, s in enumerate(shape)]))
+
+    @staticmethod
+    def source(x: Operand) -> Operand:
+        return x.args[0] if isinstance(x, fx.Node) and x.target is aten.expand.default else x
+
+    def constant_along(self, x: Operand, shape, dims) -> bool:
+        """Whether ``x`` (broadcast to ``shape``) does not vary along ``dims``."""
+        if not isinstance(x, fx.Node):
+            return _is_number(x)
+        own = _shape(self.source(x))
+        offset = len(shape) - len(own)
+        return all(d < offset or own[d - offset] == 1 for d in dims)
+
+    def operand_sum(self, a: Operand, shape, dims) -> Operand:
+        """``a`` broadcast to ``shape`` and summed over ``dims`` (keepdim, up to broadcast)."""
+        if not isinstance(a, fx.Node):
+            return a * math.prod(shape[d] for d in dims)
+        own = _shape(a)
+        offset = len(shape) - len(own)
+        mine = {d - offset for d in dims if d >= offset and own[d - offset] == shape[d]}
+        copies = math.prod(shape[d] for d in dims if d < offset or own[d - offset] != shape[d])
+        total = self.sum_of(a, mine)
+        return total if copies == 1 else self.new(aten.mul.Tensor, (total, copies))
+
+    def combine(self, a: Operand, b: Operand, sign) -> Operand:
+        """``a + sign * b``."""
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            kwargs = {} if sign == 1 else {"alpha": sign}
+            return self.new(aten.add.Tensor, (a, b), kwargs)
+        if isinstance(a, fx.Node):
+            return self.new(aten.add.Tensor, (a, sign * b))
+        scaled = b if sign == 1 else self.new(aten.mul.Tensor, (b, sign))
+        return self.new(aten.add.Tensor, (scaled, a))
+
+
+def simplify(module: fx.GraphModule) -> fx.GraphModule:
+    """The rewrites above applied to a graph recorded by ``make_fx`` (its nodes carry their
+    values' shapes in ``node.meta["val"]``): a new module sharing ``module``'s attributes
+    (the tensors the graph holds); ``module`` itself is left unchanged."""
+    graph = fx.Graph()  # a copy of the nodes; the tensors and the pytree codegen are shared
+    output, old_output = graph.graph_copy(module.graph, {}, return_output_node=True)
+    graph._codegen = module.graph._codegen
+    graph.output(output, type_expr=getattr(old_output, "type", None))
+    module = fx.GraphModule(module, graph)
+    if any(isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+           for n in graph.nodes if n.op == "call_function"):
+        return module  # in-place operators: rewriting what they write to could change them
+    rewriter = _Rewriter(graph)
+    graph.eliminate_dead_code()
+    for node in list(graph.nodes):
+        if node.op == "call_function" and _val(node) is not None:
+            rewriter.drop_identity(node) or rewriter.sink_expand(node)
+    graph.eliminate_dead_code()
+    for node in list(graph.nodes):
+        if node.op == "call_function" and not node._erased and _val(node) is not None:
+            if rewriter.push_sum(node):
+                graph.eliminate_dead_code()
+    for node in list(graph.nodes):
+        if node.op == "call_function" and not node._erased and _val(node) is not None:
+            rewriter.collapse_views(node)
+    graph.eliminate_dead_code()
+    rewriter.split_slices()
+    seen: dict = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and not node._erased:
+            rewriter.merge_duplicate(node, seen)
+    graph.eliminate_dead_code()
+    graph.lint()
+    module.recompile()
+    return module
