@@ -37,6 +37,15 @@ def value_checks(enabled: bool):
         _STATE.enabled = previous
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass over the tensor when they are: a sum is
+    finite only if no value is NaN or infinite (an infinity or NaN makes it non-finite),
+    so only a non-finite sum (which may be an overflow of finite values) needs the
+    elementwise check."""
+    total = tensor.detach().sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
+
+
 def check_int(name: str, value: Any, minimum: int) -> int:
     """Return ``value`` as ``int`` if it is an integer ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -111,7 +120,7 @@ def check_particles(
             f"{name} must hold at least {min_particles} particles (M), "
             f"got shape {tuple(particles.shape)}"
         )
-    if value_checks_enabled() and not bool(torch.isfinite(particles).all()):
+    if value_checks_enabled() and not all_finite(particles):
         raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return particles
 
@@ -129,7 +138,7 @@ def check_finite_data(args: tuple, kwargs: dict, dtype: Optional[torch.dtype] = 
                 raise TypeError(
                     f"model argument {_describe_path(path)} is {leaf.dtype} but the particles "
                     f"are {dtype}: cast the data (e.g. x.to({dtype})) or the particles")
-            if value_checks_enabled() and not bool(torch.isfinite(leaf).all()):
+            if value_checks_enabled() and not all_finite(leaf):
                 where = _describe_path(path)
                 raise ValueError(
                     f"model argument {where} contains non-finite values (NaN or inf); "

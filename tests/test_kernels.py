@@ -164,3 +164,30 @@ def test_univariate_direction_in_chunks_equals_the_full_tensor(bandwidth):
     chunked.max_elements = 10
     with pytest.raises(ValueError, match="needs \\(..., M, M\\) = 50 elements per coordinate"):
         chunked.coordinatewise_direction_terms(x, score)
+
+
+def test_median_selection_equals_torch_median():
+    """The numpy selection behind the bandwidths gives torch.median's element (the lower
+    median), and the autograd path (kthvalue) its gradient."""
+    from pyro_bmaml.engine.kernels import _kth_smallest
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        for p in (1, 2, 45, 4950):
+            values = torch.randn(7, p, dtype=dtype).pow(2)
+            k = (p - 1) // 2
+            assert torch.equal(_kth_smallest(values, k), values.median(-1).values)
+            assert torch.equal(_kth_smallest(values.t().contiguous().t(), k),
+                               values.median(-1).values)
+    values = torch.rand(3, 9, dtype=torch.float64, requires_grad=True)
+    picked = _kth_smallest(values, 4)
+    picked.sum().backward()
+    assert torch.equal(picked.detach(), values.detach().median(-1).values)
+    assert torch.equal(values.grad.sum(-1), torch.ones(3, dtype=torch.float64))
+
+
+def test_per_dimension_bandwidth_propagates_nan():
+    x = torch.randn(6, 4)
+    x[2, 1] = float("nan")
+    h = pb.RBFSteinKernel(bandwidth="pyro").bandwidth(x, per_dimension=True)
+    assert torch.isnan(h[1]) and torch.isfinite(h[[0, 2, 3]]).all()

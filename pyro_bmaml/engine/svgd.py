@@ -35,8 +35,9 @@ import pyro.infer
 import pyro.optim
 import torch
 
-from .._checks import (check_choice, check_finite_data, check_int, check_nonnegative_float,
-                      check_particles, check_step_size, value_checks_enabled)
+from .._checks import (all_finite, check_choice, check_finite_data, check_int,
+                      check_nonnegative_float, check_particles, check_step_size, value_checks,
+                      value_checks_enabled)
 from .kernels import SteinKernel, as_differentiable_kernel
 from .potential import ModelPotential
 
@@ -52,7 +53,9 @@ def warn_if_identical(particles: torch.Tensor) -> None:
         return
     with torch.no_grad():
         flat = particles.detach().reshape(-1, *particles.shape[-2:])
-        if flat.size(-2) > 1 and bool((flat == flat[:, :1]).all()):
+        # the second particle against the first settles it unless they agree (one row each)
+        if flat.size(-2) > 1 and bool((flat[:, 1] == flat[:, 0]).all()) \
+                and bool((flat == flat[:, :1]).all()):
             warnings.warn("all particles are identical: SVGD cannot separate them (the "
                           "kernel's repulsion vanishes); initialize them apart, e.g. from the "
                           "prior", stacklevel=3)
@@ -133,7 +136,7 @@ def transport(
     for step in range(num_steps):
         log_p, grad = potential.log_density_and_grad(x, *args, create_graph=create_graph, **kwargs)
         checks = value_checks_enabled()
-        if checks and not bool(torch.isfinite(log_p).all()):
+        if checks and not all_finite(log_p):
             raise FloatingPointError(
                 f"SVGD step {step}: the log density is non-finite for "
                 f"{int((~torch.isfinite(log_p)).sum())} particle(s); lower step_size or check "
@@ -143,7 +146,7 @@ def transport(
             callback(step, x, log_p, grad)
         with torch.set_grad_enabled(create_graph):
             x = x + step_size * svgd_direction(x, grad, kernel, mode, temperature)
-        if checks and not bool(torch.isfinite(x).all()):
+        if checks and not all_finite(x):
             raise FloatingPointError(
                 f"SVGD step {step}: particles became non-finite; lower step_size"
             )
@@ -232,10 +235,11 @@ class SVGD(pyro.infer.SVGD):
         if self._source_kernel is not None:  # follow changes made to the user's Pyro kernel
             self.kernel.bandwidth_factor = self._source_kernel.bandwidth_factor
         param = self._particles_param(args, kwargs)
-        check_finite_data(args, kwargs, param.dtype)
+        with value_checks(False):  # the values were checked above: the dtypes only
+            check_finite_data(args, kwargs, param.dtype)
         warn_if_identical(param.detach())
         log_p, grad = self.potential.log_density_and_grad(param.detach(), *args, **kwargs)
-        if not bool(torch.isfinite(log_p).all()):  # as transport: never step on -inf / NaN
+        if not all_finite(log_p):  # as transport: never step on -inf / NaN
             bad = int((~torch.isfinite(log_p)).sum())
             raise FloatingPointError(
                 f"SVGD step: the log density is non-finite for {bad} particle(s) "
@@ -243,11 +247,12 @@ class SVGD(pyro.infer.SVGD):
                 "rate or check the model")
         with torch.no_grad():
             phi = svgd_direction(param.detach(), grad, self.kernel, self.mode)
-        if not bool(torch.isfinite(phi).all()):
+            squared = torch.stack([phi[:, s.columns].pow(2).mean() for s in self.potential.sites])
+        if not all_finite(phi):
             raise FloatingPointError("SVGD step: the update direction is non-finite")
         # Optimizers descend, SVGD ascends along phi.
         param.grad = -phi
-        squared = {s.name: phi[:, s.columns].pow(2).mean().item() for s in self.potential.sites}
+        squared = dict(zip(self.potential.site_names, squared.tolist()))  # one transfer
         self.optim([param])
         pyro.infer.util.zero_grads([param])
         return squared

@@ -84,8 +84,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .._checks import (check_choice, check_int, check_nonnegative_float, check_positive_float,
-                       value_checks_enabled)
+from .._checks import (all_finite, check_choice, check_int, check_nonnegative_float,
+                       check_positive_float, value_checks_enabled)
 from ..engine.kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from ..engine.ksd import ksd_trajectory
 from ..engine.posterior import ParticlePosterior, mixture_log_likelihood, model_with_prior, particle_prior
@@ -847,7 +847,7 @@ class EMAML(MetaLearner):
         theta = particles if create_graph else particles.detach()
         for step in range(num_steps):
             score, direction = self._inner_objective(theta, data, create_graph)
-            if value_checks_enabled() and not bool(torch.isfinite(score).all()):
+            if value_checks_enabled() and not all_finite(score):
                 raise FloatingPointError(f"gradient step {step}: the inner objective is non-finite")
             if callback is not None:  # the KSD needs the log density's score: MSE gives None
                 callback(step, theta, score, direction if self.objective == "log_joint" else None)
