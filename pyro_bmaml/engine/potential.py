@@ -33,7 +33,8 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 from torch.distributions.transforms import Transform
-from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves, tree_map
+from torch.utils._pytree import (keystr, tree_flatten, tree_flatten_with_path, tree_leaves,
+                                 tree_map, tree_unflatten)
 
 from .._checks import check_int, check_particles
 from .capture import GraphCache
@@ -98,14 +99,19 @@ def _is_per_particle(x: Any) -> bool:
 def split_per_particle(args: tuple, kwargs: dict):
     """``(args, kwargs, dims)``: the arguments with :class:`PerParticle` values unwrapped,
     and the matching tree of vmap dims over particles (0 for those, ``None`` otherwise)."""
-    tree = (args, kwargs)
-    dims = tree_map(lambda a: 0 if _is_per_particle(a) else None, tree, is_leaf=_is_per_particle)
-    plain = tree_map(lambda a: a.tensor if _is_per_particle(a) else a, tree, is_leaf=_is_per_particle)
-    return plain[0], plain[1], dims
+    leaves, spec = tree_flatten((args, kwargs), is_leaf=_is_per_particle)
+    marked = [_is_per_particle(a) for a in leaves]
+    if not any(marked):  # the usual case: one flatten, nothing to unwrap
+        return args, kwargs, tree_unflatten([None] * len(leaves), spec)
+    plain = tree_unflatten([a.tensor if m else a for a, m in zip(leaves, marked)], spec)
+    return plain[0], plain[1], tree_unflatten([0 if m else None for m in marked], spec)
 
 
 def check_task_batched(num_tasks: int, args: tuple, kwargs: dict) -> None:
     """Every tensor argument of a task-batched call must have leading dim ``num_tasks``."""
+    if all(leaf.dim() > 0 and leaf.size(0) == num_tasks
+           for leaf in tree_leaves((args, kwargs)) if _is_tensor(leaf)):
+        return  # the usual case; the paths are only needed to name a bad argument
     leaves, _ = tree_flatten_with_path((args, kwargs))
     for path, leaf in leaves:
         if _is_tensor(leaf) and (leaf.dim() == 0 or leaf.size(0) != num_tasks):
@@ -519,17 +525,25 @@ class ModelPotential:
         args, kwargs, (arg_dims, kwarg_dims) = split_per_particle(args, kwargs)
         lead = particles.dim() - 2  # the task dim, if any, comes before the particle dim
         dim_leaves = tree_leaves((arg_dims, kwarg_dims), is_leaf=lambda d: d is None)
-        for leaf, dim in zip(tree_leaves((args, kwargs), is_leaf=lambda a: a is None), dim_leaves):
+        per_particle = any(d is not None for d in dim_leaves)
+        for leaf, dim in zip(tree_leaves((args, kwargs), is_leaf=lambda a: a is None)
+                             if per_particle else (), dim_leaves):
             if dim == 0 and (leaf.dim() <= lead or leaf.size(lead) != particles.size(-2)):
                 raise ValueError(
                     f"a PerParticle argument must have {particles.size(-2)} particles at dim "
                     f"{lead} (particles {tuple(particles.shape)}), got {tuple(leaf.shape)}")
-        vfn = torch.func.vmap(one, in_dims=(0, arg_dims, kwarg_dims, None), randomness=randomness)
         if particles.dim() == 3:
             check_task_batched(particles.size(0), args, kwargs)
-            in_dims = tree_map(lambda a: 0 if _is_tensor(a) else None, (args, kwargs))
-            vfn = torch.func.vmap(vfn, in_dims=(0,) + in_dims + (0 if per_task else None,),
-                                  randomness=randomness)
+
+        def vfn(*inputs):  # built when called: a replayed graph never needs it
+            fn = torch.func.vmap(one, in_dims=(0, arg_dims, kwarg_dims, None),
+                                 randomness=randomness)
+            if particles.dim() == 3:
+                in_dims = tree_map(lambda a: 0 if _is_tensor(a) else None, (args, kwargs))
+                fn = torch.func.vmap(fn, in_dims=(0,) + in_dims + (0 if per_task else None,),
+                                     randomness=randomness)
+            return fn(*inputs)
+
         cache = self._graphs.get(graph)
         # Validation off inside only: its checks branch on tensor values, which vmap forbids.
         with pyro.validation_enabled(False):

@@ -247,7 +247,7 @@ class SVGD(pyro.infer.SVGD):
                 "rate or check the model")
         with torch.no_grad():
             phi = svgd_direction(param.detach(), grad, self.kernel, self.mode)
-            squared = torch.stack([phi[:, s.columns].pow(2).mean() for s in self.potential.sites])
+            squared = phi.pow(2).mean(0) @ self._site_means(phi)  # each site's mean square
         if not all_finite(phi):
             raise FloatingPointError("SVGD step: the update direction is non-finite")
         # Optimizers descend, SVGD ascends along phi.
@@ -256,6 +256,18 @@ class SVGD(pyro.infer.SVGD):
         self.optim([param])
         pyro.infer.util.zero_grads([param])
         return squared
+
+    def _site_means(self, like: torch.Tensor) -> torch.Tensor:
+        """``(D, sites)``: column ``s`` averages the coordinates of site ``s`` (one matmul
+        gives every site's mean instead of a slice and a mean per site)."""
+        weights = getattr(self, "_site_weights", None)
+        if weights is None or weights.dtype != like.dtype or weights.device != like.device:
+            sites = self.potential.sites
+            weights = like.new_zeros(self.potential.dim, len(sites))
+            for i, site in enumerate(sites):
+                weights[site.columns, i] = 1.0 / site.size
+            self._site_weights = weights
+        return weights
 
     def get_named_particles(self, compact: bool = False) -> Dict[str, torch.Tensor]:
         """``{site: constrained particles}``, shaped as :class:`pyro.infer.SVGD` shapes them:
