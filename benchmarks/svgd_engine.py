@@ -3,6 +3,8 @@
 (a) ``pyro_bmaml.SVGD.step`` vs ``pyro.infer.SVGD.step`` (same model, kernel rule, optimizer),
     for N in {10, 100} data points and M in {10, 100} particles; plus ours with the default
     ("auto") bandwidth, which in multivariate mode is the paper's scalar rule (other math);
+(a') where one step's time goes at N = M = 10 (univariate): the potential, the direction, the
+    rest, and Pyro's kernel alone;
 (b) ``transport`` of 5 steps + backward to the initial particles for T = 10 tasks, vs a
     python loop over tasks and particles doing the same math.
 
@@ -55,6 +57,35 @@ def step_benchmark(model, x, y, num_particles, repeats, mode):
     svgd = pb.SVGD(model, pb.RBFSteinKernel(), Adam({"lr": 1e-3}), num_particles, 0, mode=mode)
     timings["scalar rule"] = median_time(lambda: svgd.step(x, y), repeats, warmup=2)
     return timings
+
+
+def step_parts(model, x, y, num_particles, repeats, mode="univariate"):
+    """Where one step's time goes: ours split into the potential (log density and its
+    gradient), the SVGD direction and the rest; Pyro's kernel alone beside its step."""
+    from pyro_bmaml.engine.svgd import svgd_direction
+
+    pyro.clear_param_store()
+    kernel = pb.RBFSteinKernel(bandwidth="pyro")
+    svgd = pb.SVGD(model, kernel, Adam({"lr": 1e-3}), num_particles, 0, mode=mode)
+    svgd.step(x, y)
+    particles = pyro.param("svgd_particles").unconstrained().detach()
+    _, grad = svgd.potential.log_density_and_grad(particles, x, y)
+
+    def direction():
+        with torch.no_grad():
+            svgd_direction(particles, grad, kernel, mode)
+
+    stock = pyro.infer.RBFSteinKernel()
+    parts = {"ours: step": median_time(lambda: svgd.step(x, y), repeats, warmup=2),
+             "ours: log density and gradient": median_time(
+                 lambda: svgd.potential.log_density_and_grad(particles, x, y), repeats, warmup=2),
+             "ours: SVGD direction (kernel)": median_time(direction, repeats, warmup=2),
+             "pyro: kernel (log_kernel_and_grad)": median_time(
+                 lambda: stock.log_kernel_and_grad(particles), repeats, warmup=2)}
+    parts["ours: the rest (checks, optimizer, param store)"] = (
+        parts["ours: step"] - parts["ours: log density and gradient"]
+        - parts["ours: SVGD direction (kernel)"])
+    return parts
 
 
 def loop_svgd_step(potential, kernel, theta, x, y, step_size):
@@ -134,6 +165,12 @@ def main():
                 print(f"{mode:>12} {n:>4} {m:>4} {t['pyro.infer.SVGD']:>16.5f} "
                       f"{t['pyro_bmaml.SVGD']:>16.5f} {ratio:>8.1f}x {t['scalar rule']:>26.5f} "
                       f"{t['pyro_bmaml.SVGD (traced path)']:>14.5f}")
+    x = torch.linspace(-5, 5, 10)
+    parts = step_parts(model, x, torch.sin(x), 10, 4 * repeats)
+    record["step_parts"] = parts
+    print("(a') where one univariate step goes, N = 10, M = 10, median milliseconds")
+    for name, seconds in parts.items():
+        print(f"  {name:>48}: {seconds * 1e3:7.3f}")
     print("(b) transport, 5 steps + backward, T = 10 tasks, median seconds")
     print(f"{'N':>4} {'M':>4} {'python loop':>12} {'vectorized':>11} {'speed-up':>9}")
     potential = pb.ModelPotential(model)
