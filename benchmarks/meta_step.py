@@ -19,8 +19,7 @@
     traced vs replayed.
 
 Run: ``python benchmarks/meta_step.py [--quick] [--device cuda] [--update-results]``; the
-numbers go to ``runs/benchmarks/`` (``results/`` with ``--update-results``) as JSON and
-markdown. No figure quoted from elsewhere enters a ratio.
+numbers go to ``runs/benchmarks/`` (``results/`` with ``--update-results``) as JSON. No figure quoted from elsewhere enters a ratio.
 """
 
 from __future__ import annotations

@@ -38,14 +38,16 @@ __all__ = ["GraphCache", "signature"]
 
 
 def signature(*trees: Any) -> Hashable:
-    """A hashable key of a call's inputs: the pytree structure, each tensor's shape, dtype
-    and device, and the value of every non-tensor leaf (frozen into the graph); ``None``
+    """A hashable key of a call's inputs: the pytree structure, each tensor's shape, strides,
+    dtype and device, and the value of every non-tensor leaf (frozen into the graph); ``None``
     when a non-tensor leaf is unhashable (such a call is not recorded)."""
     leaves, spec = tree_flatten(trees)
     parts = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
-            parts.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type, leaf.device.index))
+            # strides too: the recorded views (and the simplified graph's) hold for them
+            parts.append(("T", tuple(leaf.shape), leaf.stride(), leaf.dtype, leaf.device.type,
+                          leaf.device.index))
         else:
             try:
                 hash(leaf)

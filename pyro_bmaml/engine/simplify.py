@@ -161,7 +161,8 @@ class _Rewriter:
         groups: dict = {}
         for node in self.graph.nodes:
             if node.op == "call_function" and node.target is aten.slice.Tensor \
-                    and _val(node) is not None and _val(node.args[0]) is not None:
+                    and not node.kwargs and _val(node) is not None \
+                    and _val(node.args[0]) is not None:
                 args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
                 source, dim, start, end, step = args[:5]
                 size = _val(source).shape[dim] if -_val(source).dim() <= dim < _val(source).dim() else None
