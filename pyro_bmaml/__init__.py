@@ -3,7 +3,8 @@
 The data path, one subpackage per stage and one module per concept in it::
 
     tasks.models (Pyro task models)
-      -> engine: potential (flat particles, one row each; capture: its recorded graph)
+      -> engine: potential (flat particles, one row each; capture: its recorded graph,
+                 simplified)
                  -> kernels -> svgd (SVGD step, differentiable transport) -> posterior
       -> meta: learners (chaser / BFA loss, EMAML, MAML) -> training (Adam, checkpoints,
                distributed)

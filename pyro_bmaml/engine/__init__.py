@@ -2,9 +2,10 @@
 
 ``potential`` (a Pyro model's log density over ``(T, M, D)`` particles, vmapped; per-task
 module parameters; per-particle arguments), ``capture`` (its recorded-graph fast path),
-``kernels`` (differentiable Stein kernels), ``svgd`` (the SVGD direction, differentiable
-``transport``, the ``SVGD`` drop-in for ``pyro.infer.SVGD``), ``ksd`` (kernelized Stein
-discrepancy) and ``posterior`` (the particle posterior a task gets). Nothing here knows
+``simplify`` (exact algebraic rewrites of a recorded graph), ``kernels`` (differentiable
+Stein kernels), ``svgd`` (the SVGD direction, differentiable ``transport``, the ``SVGD``
+drop-in for ``pyro.infer.SVGD``), ``ksd`` (kernelized Stein discrepancy) and ``posterior``
+(the particle posterior a task gets). Nothing here knows
 about tasks or meta-learning.
 """
 
