@@ -132,8 +132,10 @@ def _meta(x):
         return x
     value = x.meta.get("val")
     if isinstance(value, (list, tuple)):
-        return [torch.empty(v.shape, dtype=v.dtype, device="meta") for v in value]
-    return torch.empty(value.shape, dtype=value.dtype, device="meta")
+        return [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+                for v in value]
+    # with the recorded strides: the meta kernels then give new nodes their real layouts
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
 
 
 class _Rewriter:
