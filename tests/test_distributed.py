@@ -1,5 +1,5 @@
 """Meta-training on torch.distributed (2 CPU processes, gloo over a file rendezvous) follows
-the single-process trajectory with the same total meta-batch; device placement; the CUDA
+the single-process trajectory with the same total meta-batch (sinusoid and meta-RL); device placement; the CUDA
 path end to end (skipped without a GPU)."""
 
 
@@ -67,6 +67,38 @@ def test_two_processes_follow_the_single_process_trajectory(tmp_path):
     assert torch.equal(ranks[0]["theta0"], ranks[1]["theta0"])  # identical on the ranks
     # rank 0 alone evaluates: rank 1 holds only the entry restored from rank 0's checkpoint
     assert ranks[0]["evals"] == len(history["eval"]) == 2 and ranks[1]["evals"] == 1
+
+
+def _navigation(seed=0):
+    from test_navigation import _navigation_learner
+
+    learner, _, tasks = _navigation_learner(seed=seed)
+    return learner, tasks
+
+
+def _navigation_worker(rank, world, folder):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world)
+    try:
+        learner, tasks = _navigation()
+        history = learner.fit(tasks, 3, meta_batch_size=4, seed=3, progress=False)
+        torch.save({"theta0": learner.theta0.detach(), "loss": history["loss"]},
+                   folder / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_meta_rl_on_two_processes_follows_the_single_process_trajectory(tmp_path):
+    """Meta-RL too: each task's rollouts come from its own noise stream, so a rank's two
+    goals are rolled out as in the 4-goal single process (SVPG chaser, 3 meta-steps)."""
+    learner, tasks = _navigation()
+    history = learner.fit(tasks, 3, meta_batch_size=4, seed=3, progress=False)
+    mp.spawn(_navigation_worker, args=(2, tmp_path), nprocs=2, join=True)
+    for rank in range(2):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(state["theta0"], learner.theta0.detach(), rtol=1e-5, atol=1e-6)
+        assert state["loss"] == pytest.approx(history["loss"], rel=1e-4)
 
 
 def test_shard_splits_evenly_or_says_why(monkeypatch):

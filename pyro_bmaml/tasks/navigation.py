@@ -17,7 +17,7 @@ episodes last ``horizon`` = 100 steps.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import gymnasium
 import numpy as np
@@ -96,17 +96,22 @@ class PointNavigationEnv(gymnasium.Env):
 
 def rollout(policy: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
             goals: torch.Tensor, num_particles: int, num_episodes: int,
-            generator: torch.Generator, horizon: int = 100) -> Dict[str, torch.Tensor]:
+            generator: Union[torch.Generator, Sequence[torch.Generator]],
+            horizon: int = 100) -> Dict[str, torch.Tensor]:
     r"""Run ``num_episodes`` episodes of every particle's policy on every task at once.
 
     :param policy: ``policy(observations) -> (mean, std)`` for observations of shape
         ``(T, M, B, 2)`` (each particle's own policy along dim 1), both ``(T, M, B, 2)``
         (``std`` may broadcast); the action is ``mean + std * noise``.
     :param goals: ``(T, 2)``.
+    :param generator: the noise's source: one generator for every task, or a sequence of
+        ``T``, one per task (each task's noise then depends on its own generator only, so
+        any subset of the tasks, e.g. a process's shard, gets the same draws).
     :returns: ``observations``, ``actions`` (the sampled, unclipped actions whose log
         probabilities the policy gradient needs; the env clips them), ``rewards``, with
         shapes ``(T, M, B, H, 2)``, ``(T, M, B, H, 2)`` and ``(T, M, B, H)``, and the noise
-        used, ``noise`` ``(H, T, M, B, 2)`` (drawn in that order from ``generator``).
+        used, ``noise`` ``(H, T, M, B, 2)`` (drawn in that order from ``generator``, or
+        ``(H, M, B, 2)`` from each task's).
     """
     if goals.dim() != 2 or goals.size(-1) != 2:
         raise ValueError(f"goals must have shape (T, 2), got {tuple(goals.shape)}")
@@ -114,7 +119,16 @@ def rollout(policy: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
     b = check_int("num_episodes", num_episodes, 1)
     h = check_int("horizon", horizon, 1)
     t = goals.size(0)
-    noise = torch.randn(h, t, m, b, 2, generator=generator, dtype=goals.dtype).to(goals.device)
+    if isinstance(generator, torch.Generator):
+        noise = torch.randn(h, t, m, b, 2, generator=generator, dtype=goals.dtype)
+    else:
+        generators = list(generator)
+        if len(generators) != t or not all(isinstance(g, torch.Generator) for g in generators):
+            raise ValueError(f"generator must be a torch.Generator or a sequence of {t} (one "
+                             f"per task), got {type(generator).__name__}")
+        noise = torch.stack([torch.randn(h, m, b, 2, generator=g, dtype=goals.dtype)
+                             for g in generators], 1)
+    noise = noise.to(goals.device)
     position = goals.new_zeros(t, m, b, 2)
     goal = goals[:, None, None, :]
     observations, actions, rewards = [], [], []
@@ -209,15 +223,16 @@ class NavigationTasks:
         self.potential = ModelPotential(policy).setup(*policy.example_args())
 
     def sample(self, batch_size: int, generator: torch.Generator) -> "NavigationBatch":
-        """A meta-training batch: ``batch_size`` goals; its rollouts draw from ``generator``
-        (so a checkpointed generator resumes the same trajectory)."""
+        """A meta-training batch: ``batch_size`` goals and a seed for each task's rollouts,
+        drawn from ``generator`` (so a checkpointed generator resumes the same trajectory)."""
         return NavigationBatch(sample_goals(batch_size, generator, self.goal_range), self,
-                               generator)
+                               _task_seeds(batch_size, generator))
 
     def evaluation_tasks(self, num_tasks: int = 40, seed: int = 12345) -> "NavigationBatch":
-        """Fixed held-out goals, rolled out with their own seeded generator."""
+        """Fixed held-out goals (and rollout seeds) from their own seeded generator."""
         g = torch.Generator().manual_seed(seed)
-        return NavigationBatch(sample_goals(num_tasks, g, self.goal_range), self, g, seed=seed)
+        return NavigationBatch(sample_goals(num_tasks, g, self.goal_range), self,
+                               _task_seeds(num_tasks, g))
 
     def policy_fn(self, particles: torch.Tensor):
         """``observations (T, M, B, 2) -> (mean, std)`` of the particles ``(T, M, D)``."""
@@ -225,15 +240,33 @@ class NavigationTasks:
         return lambda observations: self.policy.forward(weights, observations)
 
 
+def _task_seeds(num_tasks: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 2**62, (num_tasks,), generator=generator)
+
+
 class NavigationBatch:
     """A batch of navigation tasks (goals ``(T, 2)``): the meta-learners' batch protocol
-    (:meth:`~pyro_bmaml.tasks.base.TaskBatch.adaptation_data`) with data from rollouts."""
+    (:meth:`~pyro_bmaml.tasks.base.TaskBatch.adaptation_data`) with data from rollouts.
+
+    Each task has its own stream of rollout noise: the ``k``-th rollout of a batch draws
+    task ``t``'s noise from a generator seeded by ``(task_seeds[t], k)``. A slice of the
+    batch (a process's shard under torch.distributed) therefore rolls out exactly what the
+    whole batch does for those tasks, and meta-training on several processes follows the
+    single-process trajectory. A batch counts its rollouts from its creation (slicing or
+    moving it starts a new count, as ``fit`` does before any rollout); :meth:`evaluate`
+    starts the count again, so evaluations are repeatable.
+    """
 
     resample_each_step = True
 
-    def __init__(self, goals: torch.Tensor, source: NavigationTasks, generator: torch.Generator,
-                 seed: Optional[int] = None):
-        self.goals, self.source, self.generator, self.seed = goals, source, generator, seed
+    def __init__(self, goals: torch.Tensor, source: NavigationTasks, task_seeds: torch.Tensor):
+        if goals.dim() != 2 or goals.size(-1) != 2:
+            raise ValueError(f"goals must have shape (T, 2), got {tuple(goals.shape)}")
+        if tuple(task_seeds.shape) != (goals.size(0),) or task_seeds.is_floating_point():
+            raise ValueError(f"task_seeds must be an integer tensor of shape ({goals.size(0)},) "
+                             f"(one per goal), got {task_seeds.dtype} {tuple(task_seeds.shape)}")
+        self.goals, self.source, self.task_seeds = goals, source, task_seeds.cpu()
+        self.rollouts_drawn = 0
 
     @property
     def num_tasks(self) -> int:
@@ -243,16 +276,23 @@ class NavigationBatch:
         return self
 
     def to(self, *args, **kwargs) -> "NavigationBatch":
-        return NavigationBatch(self.goals.to(*args, **kwargs), self.source, self.generator, self.seed)
+        return NavigationBatch(self.goals.to(*args, **kwargs), self.source, self.task_seeds)
 
     def __getitem__(self, index) -> "NavigationBatch":
-        return NavigationBatch(self.goals[index], self.source, self.generator, self.seed)
+        return NavigationBatch(self.goals[index], self.source, self.task_seeds[index])
+
+    def generators(self) -> list:
+        """One generator per task for the next rollout (then counts it)."""
+        draw = self.rollouts_drawn
+        self.rollouts_drawn += 1
+        return [torch.Generator().manual_seed(hash((int(seed), draw)) & (2**63 - 1))
+                for seed in self.task_seeds]
 
     def rollouts(self, particles: torch.Tensor, episodes: int) -> Dict[str, torch.Tensor]:
         """Rollouts of the particles ``(T, M, D)`` on the batch's goals."""
         src = self.source
         return rollout(src.policy_fn(particles), self.goals.to(particles), particles.size(1),
-                       episodes, self.generator, src.horizon)
+                       episodes, self.generators(), src.horizon)
 
     def adaptation_data(self, phase: str, particles: torch.Tensor) -> tuple:
         """``(observations, actions, advantages)`` per particle from fresh rollouts of
@@ -275,8 +315,7 @@ class NavigationBatch:
         """Average return per episode of the particles' policies before and after adapting
         to each task (``num_steps`` adaptation steps, default the learner's), on
         ``query_episodes`` fresh rollouts per particle; ``(mean, s.e.)`` over tasks."""
-        if self.seed is not None:  # evaluation is repeatable: same goals, same noise
-            self.generator.manual_seed(self.seed)
+        self.rollouts_drawn = 0  # evaluation is repeatable: same goals, same noise
         steps = learner.inner_steps if num_steps is None else check_int("num_steps", num_steps, 0)
         episodes = self.source.query_episodes
         with torch.no_grad():
