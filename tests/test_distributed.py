@@ -1,6 +1,6 @@
 """Meta-training on torch.distributed (2 CPU processes, gloo over a file rendezvous) follows
-the single-process trajectory with the same total meta-batch (sinusoid and meta-RL); device placement; the CUDA
-path end to end (skipped without a GPU)."""
+the single-process trajectory with the same total meta-batch (sinusoid and meta-RL); device
+placement; the CUDA path end to end (skipped without a GPU)."""
 
 
 import pyro
