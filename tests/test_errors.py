@@ -171,3 +171,19 @@ def test_temperature_is_checked_alike_everywhere():
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0, got nan"):
         pb.BMAML(GaussianMLPPolicy(hidden=(4,)), num_particles=2, init="paper",
                  temperature=float("nan"))
+
+
+def test_finiteness_check_is_exact_when_a_sum_overflows():
+    """The one-pass value check (a finite sum means every value is finite) falls back to the
+    elementwise check when the sum itself overflows: huge finite values pass, NaN and inf
+    do not."""
+    from pyro_bmaml._checks import all_finite
+
+    huge = torch.full((4,), 3e38)  # float32: the sum overflows to inf
+    assert all_finite(huge) and all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.ones(5)
+        x[3] = bad
+        assert not all_finite(x)
+    x = torch.tensor([float("inf"), -float("inf")])  # a sum of NaN
+    assert not all_finite(x)
