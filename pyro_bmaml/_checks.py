@@ -12,7 +12,7 @@ import threading
 from typing import Any, Iterable, Optional
 
 import torch
-from torch.utils._pytree import tree_flatten_with_path, keystr
+from torch.utils._pytree import keystr, tree_flatten_with_path, tree_leaves
 
 
 _STATE = threading.local()
@@ -128,6 +128,13 @@ def check_particles(
 def check_finite_data(args: tuple, kwargs: dict, dtype: Optional[torch.dtype] = None) -> None:
     """Reject NaN/inf in any floating tensor passed to a model, empty data tensors, and
     (with ``dtype``, the particles' dtype) floating data of another dtype."""
+    checks = value_checks_enabled()
+    if not any(isinstance(leaf, torch.Tensor) and (
+            (leaf.dim() > 0 and leaf.numel() == 0)
+            or (leaf.is_floating_point() and ((dtype is not None and leaf.dtype != dtype)
+                                              or (checks and not all_finite(leaf)))))
+               for leaf in tree_leaves((args, kwargs))):
+        return  # the usual case; the paths are only needed to name a bad argument
     leaves, _ = tree_flatten_with_path((args, kwargs))
     for path, leaf in leaves:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.numel() == 0:

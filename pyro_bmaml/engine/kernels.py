@@ -180,7 +180,8 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
             denom = math.log(num_particles)
         median = _kth_smallest(pairs, (num_pairs - 1) // 2)  # the lower median, as torch's
         # Zero median (mostly identical particles): fall back to the mean, then to 1.
-        median = torch.where(median > 0, median, torch.where(mean > 0, mean, torch.ones_like(mean)))
+        median = torch.where(median > 0, median, mean)
+        median = torch.where(median > 0, median, 1.0)
         median = torch.where(torch.isnan(mean), mean, median)  # NaN in, NaN out
         return factor * median / denom
 
@@ -262,6 +263,8 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
             else:
                 weighted = (kernel * dlog * delta).sum(-2)
             repulsion.append(2.0 * weighted / h)
+        if len(columns) == 1:
+            return attraction[0], repulsion[0]
         return torch.cat(attraction, -1), torch.cat(repulsion, -1)
 
     def kernel_and_repulsion(self, particles: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
