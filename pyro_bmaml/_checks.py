@@ -129,28 +129,29 @@ def check_finite_data(args: tuple, kwargs: dict, dtype: Optional[torch.dtype] = 
     """Reject NaN/inf in any floating tensor passed to a model, empty data tensors, and
     (with ``dtype``, the particles' dtype) floating data of another dtype."""
     checks = value_checks_enabled()
-    if not any(isinstance(leaf, torch.Tensor) and (
-            (leaf.dim() > 0 and leaf.numel() == 0)
-            or (leaf.is_floating_point() and ((dtype is not None and leaf.dtype != dtype)
-                                              or (checks and not all_finite(leaf)))))
-               for leaf in tree_leaves((args, kwargs))):
-        return  # the usual case; the paths are only needed to name a bad argument
-    leaves, _ = tree_flatten_with_path((args, kwargs))
-    for path, leaf in leaves:
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.numel() == 0:
-            raise ValueError(f"model argument {_describe_path(path)} is empty (shape "
+    for i, leaf in enumerate(tree_leaves((args, kwargs))):
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        if leaf.dim() > 0 and leaf.numel() == 0:
+            raise ValueError(f"model argument {_leaf_name(args, kwargs, i)} is empty (shape "
                              f"{tuple(leaf.shape)}); give at least one data point")
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+        if leaf.is_floating_point():
             if dtype is not None and leaf.dtype != dtype:
                 raise TypeError(
-                    f"model argument {_describe_path(path)} is {leaf.dtype} but the particles "
-                    f"are {dtype}: cast the data (e.g. x.to({dtype})) or the particles")
-            if value_checks_enabled() and not all_finite(leaf):
-                where = _describe_path(path)
+                    f"model argument {_leaf_name(args, kwargs, i)} is {leaf.dtype} but the "
+                    f"particles are {dtype}: cast the data (e.g. x.to({dtype})) or the particles")
+            if checks and not all_finite(leaf):
                 raise ValueError(
-                    f"model argument {where} contains non-finite values (NaN or inf); "
-                    "data passed to the model must be finite"
+                    f"model argument {_leaf_name(args, kwargs, i)} contains non-finite values "
+                    "(NaN or inf); data passed to the model must be finite"
                 )
+
+
+def _leaf_name(args: tuple, kwargs: dict, index: int) -> str:
+    """The name of the ``index``-th leaf of ``(args, kwargs)`` (in ``tree_leaves`` order),
+    e.g. ``args[1]``; the paths are built only to name a bad argument."""
+    path, _ = tree_flatten_with_path((args, kwargs))[0][index]
+    return _describe_path(path)
 
 
 def _describe_path(path) -> str:

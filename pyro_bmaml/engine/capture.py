@@ -8,9 +8,10 @@ operations every time, so it can be recorded once with
 :func:`torch.fx.experimental.proxy_tensor.make_fx` (on fake tensors: no arithmetic) and
 replayed as an :class:`torch.fx.GraphModule`, after the exact algebraic rewrites of
 :mod:`pyro_bmaml.engine.simplify` (which remove most of the full-size work a Pyro model's
-per-site densities produce). The replay is a plain sequence of ATen operators, so autograd differentiates it as it would the traced call, to any order (SVGD
-needs the score, the meta-gradient its derivative); :func:`torch.compile` is not used
-because it does not support double backward.
+per-site densities produce). The replay is a plain sequence of ATen operators, so autograd
+differentiates it as it would the traced call, to any order (SVGD needs the score, the
+meta-gradient its derivative); :func:`torch.compile` is not used because it does not
+support double backward.
 
 A model whose *control flow depends on tensor values* (``if x.sum() > 0``) cannot be
 recorded this way: tracing it on fake tensors raises, and :class:`GraphCache` then falls

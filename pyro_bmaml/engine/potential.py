@@ -109,12 +109,10 @@ def split_per_particle(args: tuple, kwargs: dict):
 
 def check_task_batched(num_tasks: int, args: tuple, kwargs: dict) -> None:
     """Every tensor argument of a task-batched call must have leading dim ``num_tasks``."""
-    if all(leaf.dim() > 0 and leaf.size(0) == num_tasks
-           for leaf in tree_leaves((args, kwargs)) if _is_tensor(leaf)):
-        return  # the usual case; the paths are only needed to name a bad argument
-    leaves, _ = tree_flatten_with_path((args, kwargs))
-    for path, leaf in leaves:
+    for i, leaf in enumerate(tree_leaves((args, kwargs))):
         if _is_tensor(leaf) and (leaf.dim() == 0 or leaf.size(0) != num_tasks):
+            # the paths are built only to name the bad argument
+            path, _ = tree_flatten_with_path((args, kwargs))[0][i]
             head = "args" if path[0].idx == 0 else "kwargs"
             raise ValueError(
                 f"with particles of shape (T={num_tasks}, M, D) every tensor argument of the "

@@ -179,10 +179,11 @@ class _Rewriter:
                     and _val(node.args[0]) is not None:
                 args = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
                 source, dim, start, end, step = args[:5]
-                size = _val(source).shape[dim] if -_val(source).dim() <= dim < _val(source).dim() else None
-                if step != 1 or size is None:
+                ndim = _val(source).dim()
+                if step != 1 or not -ndim <= dim < ndim:
                     continue
-                dim = dim % _val(source).dim()
+                dim %= ndim
+                size = _val(source).shape[dim]
                 start = 0 if start is None else max(0, min(start + size if start < 0 else start, size))
                 end = size if end is None else max(0, min(end + size if end < 0 else end, size))
                 groups.setdefault((source, dim), []).append((start, end, node))
@@ -437,24 +438,27 @@ def simplify(module: fx.GraphModule) -> fx.GraphModule:
            for n in graph.nodes if n.op == "call_function"):
         return module  # in-place operators: rewriting what they write to could change them
     rewriter = _Rewriter(graph)
+
+    def operators(with_value: bool = True):  # the live operator nodes, in order
+        for node in list(graph.nodes):
+            if node.op == "call_function" and not node._erased and (
+                    not with_value or _val(node) is not None):
+                yield node
+
     graph.eliminate_dead_code()
-    for node in list(graph.nodes):
-        if node.op == "call_function" and _val(node) is not None:
-            rewriter.drop_identity(node) or rewriter.sink_expand(node)
+    for node in operators():
+        rewriter.drop_identity(node) or rewriter.sink_expand(node)
     graph.eliminate_dead_code()
-    for node in list(graph.nodes):
-        if node.op == "call_function" and not node._erased and _val(node) is not None:
-            if rewriter.push_sum(node):
-                graph.eliminate_dead_code()
-    for node in list(graph.nodes):
-        if node.op == "call_function" and not node._erased and _val(node) is not None:
-            rewriter.collapse_views(node)
+    for node in operators():
+        if rewriter.push_sum(node):
+            graph.eliminate_dead_code()
+    for node in operators():
+        rewriter.collapse_views(node)
     graph.eliminate_dead_code()
     rewriter.split_slices()
     seen: dict = {}
-    for node in list(graph.nodes):
-        if node.op == "call_function" and not node._erased:
-            rewriter.merge_duplicate(node, seen)
+    for node in operators(with_value=False):
+        rewriter.merge_duplicate(node, seen)
     graph.eliminate_dead_code()
     graph.lint()
     module.recompile()
