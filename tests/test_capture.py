@@ -85,6 +85,56 @@ def test_captured_graph_keeps_gradients_to_module_parameters():
     torch.testing.assert_close(fast.log_density(particles, x, y), slow.log_density(particles, x, y))
 
 
+def _joint_graphs(potential):
+    return [k for k in potential._graphs["log_density"]._graphs if k[0] == "value_and_grad"]
+
+
+def test_log_density_and_grad_from_one_graph_equals_the_autograd_path():
+    """Without create_graph the log density and its gradient replay from one recorded
+    graph (the forward and its backward, no autograd): equal to the traced path's, for
+    task batches and one task, float64 and a float32 PyroModule, with module parameters
+    read at each call."""
+    torch.manual_seed(4)
+    model = BayesianMLP(hidden=(8, 8))
+    x, y = torch.randn(3, 5, 1, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    fast, slow = _both(model, None)
+    fast.setup(x[0], y[0])
+    particles = 0.5 * torch.randn(3, 4, fast.dim, dtype=torch.float64)
+    for args in [(particles, x, y), (particles[0], x[0], y[0])]:
+        log_p, grad = fast.log_density_and_grad(args[0].clone().requires_grad_(True),
+                                                *args[1:])
+        expected = slow.log_density_and_grad(args[0], *args[1:])
+        torch.testing.assert_close(log_p, expected[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad, expected[1], rtol=1e-10, atol=1e-10)
+        assert not log_p.requires_grad and not grad.requires_grad
+    assert len(_joint_graphs(fast)) == 2
+    captures = fast._graphs["log_density"].captures
+    fast.log_density_and_grad(particles, x, y)  # replayed, not recorded again
+    assert fast._graphs["log_density"].captures == captures
+
+    linear = BayesianLinear()  # float32 PyroSample priors
+    xs, ys = torch.randn(2, 6, 2), torch.randn(2, 6)
+    fast, slow = _both(linear, None)
+    fast.setup(xs[0], ys[0])
+    theta = torch.randn(2, 5, fast.dim)
+    for a, b in zip(fast.log_density_and_grad(theta, xs, ys),
+                    slow.log_density_and_grad(theta, xs, ys)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert _joint_graphs(fast)
+
+    classifier = BayesianClassifier(3, (1, 4, 4), hidden=(5,), shared="features").double()
+    images, labels = torch.rand(2, 6, 1, 4, 4, dtype=torch.float64), torch.arange(3).repeat(2, 2)
+    fast, slow = _both(classifier, None)
+    fast.setup(images[0], labels[0])
+    theta = torch.randn(2, 3, fast.dim, dtype=torch.float64)
+    for step in range(2):  # the second time with changed shared parameters
+        for a, b in zip(fast.log_density_and_grad(theta, images, labels),
+                        slow.log_density_and_grad(theta, images, labels)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        with torch.no_grad():
+            classifier.features[0].mul_(2.0)
+
+
 def test_data_dependent_control_flow_falls_back_with_one_notice():
     def model(x, y=None):
         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
@@ -99,10 +149,14 @@ def test_data_dependent_control_flow_falls_back_with_one_notice():
         warnings.simplefilter("always")
         first = fast.log_density(particles, x, y)
         second = fast.log_density(particles, -x.abs(), y)  # same signature: no new notice
+        both = fast.log_density_and_grad(particles, x, y)  # nor for value and gradient
     notices = [r for r in record if "could not record the model" in str(r.message)]
     assert len(notices) == 1 and fast._graphs["log_density"].fallbacks == 1
     torch.testing.assert_close(first, slow.log_density(particles, x, y))
     torch.testing.assert_close(second, slow.log_density(particles, -x.abs(), y))
+    for a, b in zip(both, slow.log_density_and_grad(particles, x, y)):
+        torch.testing.assert_close(a, b)
+    assert not _joint_graphs(fast)
 
 
 def test_models_reading_pyro_params_are_not_recorded():

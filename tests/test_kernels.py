@@ -153,7 +153,7 @@ def test_univariate_direction_in_chunks_equals_the_full_tensor(bandwidth):
     score = torch.randn(2, 5, 13, generator=g, dtype=torch.float64)
     full = RBFSteinKernel(bandwidth=bandwidth)
     chunked = RBFSteinKernel(bandwidth=bandwidth)
-    chunked.max_elements = 2 * 5 * 5 * 3  # three coordinates per chunk
+    chunked.max_elements = 2 * 10 * 3  # three coordinates per chunk (2 tasks x P = 10 pairs)
     a_full, r_full = full.coordinatewise_direction_terms(x, score)
     a_chunk, r_chunk = chunked.coordinatewise_direction_terms(x, score)
     torch.testing.assert_close(a_chunk, a_full)
@@ -162,7 +162,8 @@ def test_univariate_direction_in_chunks_equals_the_full_tensor(bandwidth):
     (g_chunk,) = torch.autograd.grad((a_chunk + r_chunk).pow(2).sum(), x)
     torch.testing.assert_close(g_chunk, g_full)
     chunked.max_elements = 10
-    with pytest.raises(ValueError, match="needs \\(..., M, M\\) = 50 elements per coordinate"):
+    # one coordinate's pair terms: 2 tasks x P = 10 pairs
+    with pytest.raises(ValueError, match="needs \\(..., P\\) = 20 elements per coordinate"):
         chunked.coordinatewise_direction_terms(x, score)
 
 

@@ -227,8 +227,8 @@ def _random_program(rng):
     shapes = {"a": (4, 5, 6), "s": (4, 1, 1), "b": (5, 1), "c": (), "d": (6,)}
 
     def expr(depth):
-        kind = rng.choice(["leaf"] * 2 + ["unary", "binary", "binary", "expand", "zero", "one"]
-                          if depth > 0 else ["leaf"])
+        kind = rng.choice(["leaf"] * 2 + ["unary", "binary", "binary", "expand", "zero", "one",
+                                          "scale", "power"] if depth > 0 else ["leaf"])
         if kind == "leaf":
             name = rng.choice(list(shapes))
             return lambda v: v[name]
@@ -243,6 +243,13 @@ def _random_program(rng):
             return lambda v: inner(v) + torch.zeros_like(inner(v))
         if kind == "one":
             return lambda v: inner(v) * torch.ones_like(inner(v))
+        if kind == "scale":  # constant factors (merged, moved to a broadcast operand)
+            c = rng.choice([2.0, -1.0, 0.5, 1.0])
+            if rng.random() < 0.5:
+                return lambda v: -(c * inner(v))
+            return lambda v: inner(v) * c
+        if kind == "power":  # x ** 1 (a square's backward has it) and a constant numerator
+            return lambda v: inner(v).pow(1.0) + 2.0 / (1.5 + torch.tanh(inner(v)))
         other = expr(depth - 1)
         op = rng.choice(["add", "sub", "mul", "div"])
         alpha = rng.choice([1.0, -0.5, 2.0])
@@ -279,3 +286,72 @@ def test_random_programs_keep_their_values_and_derivatives():
               for shape in [(4, 5, 6), (4, 1, 1), (5, 1), (), (6,)]]
     for _ in range(40):
         _check(_random_program(rng), *inputs)
+
+
+def test_random_programs_recorded_with_their_gradient_keep_both():
+    """The same fuzz on graphs of a value and its gradient recorded together (as
+    ``GraphCache.value_and_grad`` records them: the backward's operators are rewritten too,
+    and its detaches dropped), against autograd of the original."""
+    import random
+
+    from pyro_bmaml.engine.capture import GraphCache
+
+    rng = random.Random(1)
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(shape, dtype=torch.float64, generator=gen)
+              for shape in [(4, 5, 6), (4, 1, 1), (5, 1), (), (6,)]]
+    for _ in range(40):
+        fn = _random_program(rng)
+        cache = GraphCache("fuzz")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a rewrite that fails would warn
+            value, grad = cache.value_and_grad(fn, *inputs)
+        first = inputs[0].clone().requires_grad_(True)
+        expected = fn(first, *inputs[1:])
+        (expected_grad,) = torch.autograd.grad(expected.sum(), first)
+        torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+        assert not value.requires_grad and not grad.requires_grad
+
+
+def test_constant_factors_merge_and_move_to_the_small_operand():
+    """A square's backward, ``expand(s) * (2 * w ** 1)`` negated, is one full-size product
+    with the factors on the small operand."""
+    def fn(w, s):
+        return -(s.expand(8, 100) * (2.0 * w.pow(1.0))) * -0.5
+
+    original, simplified = _check(fn, torch.randn(8, 100, dtype=torch.float64),
+                                  torch.rand(8, 1, dtype=torch.float64) + 0.5)
+    assert len(_full_size_ops(original, 800)) == 5
+    assert [n.target for n in _full_size_ops(simplified, 800)] == [aten.mul.Tensor]
+
+
+def test_constant_tensors_become_numbers():
+    """Tensors filled with a constant known when recording (a backward starts from ones,
+    negates and scales them) become numbers: a unit factor then disappears, and a constant
+    numerator makes a reciprocal; a constant the model makes (``torch.tensor``) is not
+    copied at each call."""
+    def fn(a, s):
+        ones = torch.ones_like(a)
+        minus = ones.neg() * 2.0
+        return (a * minus * -0.5 + 3.0 * ones / s) * torch.tensor(1.5, dtype=a.dtype)
+
+    a = torch.randn(6, 4, dtype=torch.float64)
+    original, simplified = _check(fn, a, torch.rand(6, 4, dtype=torch.float64) + 0.5)
+    targets = [n.target for n in simplified.graph.nodes if n.op == "call_function"]
+    assert aten.ones_like.default not in targets and aten.lift_fresh_copy.default not in targets
+    assert aten.div.Tensor not in targets and aten.reciprocal.default in targets
+    assert len(_full_size_ops(simplified, 24)) < len(_full_size_ops(original, 24))
+
+
+def test_detaches_are_dropped_only_for_graphs_replayed_without_autograd():
+    def fn(a):
+        return a.exp().detach() * a
+
+    a = torch.randn(5, dtype=torch.float64)
+    recorded = _record(fn, a)
+    kept = [n.target for n in simplify(recorded).graph.nodes if n.op == "call_function"]
+    dropped = [n.target for n in simplify(recorded, inference=True).graph.nodes
+               if n.op == "call_function"]
+    assert aten.detach.default in kept and aten.detach.default not in dropped
+    torch.testing.assert_close(simplify(recorded, inference=True)(a), fn(a))

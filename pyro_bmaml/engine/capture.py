@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional, Tuple
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -98,19 +98,50 @@ class GraphCache:
         """``fn(*inputs)``, replayed from its recorded graph for this signature (recorded
         on first use), or called directly when recording it failed."""
         key = signature(*inputs)
-        if key is None:
-            return fn(*inputs)
-        if key in self._graphs:
-            self._graphs.move_to_end(key)
-            graph = self._graphs[key]
-        else:
-            graph = self._record(fn, inputs)
-            self._graphs[key] = graph
-            if len(self._graphs) > self.max_entries:
-                self._graphs.popitem(last=False)
+        graph = None if key is None else self._graph(key, lambda: self._record(fn, inputs))
         return fn(*inputs) if graph is None else graph(*inputs)
 
-    def _record(self, fn: Callable, inputs) -> Optional[Callable]:
+    def value_and_grad(self, fn: Callable, *inputs) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(fn(*inputs), the gradient of fn(*inputs).sum() with respect to inputs[0])``
+        from one recorded graph of both, replayed without autograd; ``None`` when ``fn``
+        cannot be recorded for these inputs (the caller then differentiates the traced call).
+
+        The graph is the recorded (and simplified) graph of ``fn`` followed by its backward,
+        recorded once more by differentiating the first with :func:`torch.autograd.grad`:
+        the backward then differentiates the rewritten operators, and the replay creates no
+        autograd nodes. Neither output carries a graph (no second derivatives)."""
+        key = signature(*inputs)
+        if key is None:
+            return None
+        forward = self._graph(key, lambda: self._record(fn, inputs))
+        if forward is None:
+            return None
+
+        def joint(first, *rest):
+            with torch.enable_grad():
+                first = first.detach().requires_grad_(True)
+                value = forward(first, *rest)
+                (grad,) = torch.autograd.grad(value.sum(), first)
+            return value.detach(), grad
+
+        graph = self._graph(("value_and_grad", key),
+                            lambda: self._record(joint, inputs, inference=True))
+        if graph is None:
+            return None
+        with torch.no_grad():
+            return graph(*inputs)
+
+    def _graph(self, key: Hashable, record: Callable[[], Optional[Callable]]):
+        """The graph cached under ``key`` (``None``: recording failed), recorded if new."""
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        graph = self._graphs[key] = record()
+        if len(self._graphs) > self.max_entries:
+            self._graphs.popitem(last=False)
+        return graph
+
+    def _record(self, fn: Callable, inputs, inference: bool = False) -> Optional[Callable]:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         try:
@@ -123,13 +154,13 @@ class GraphCache:
             reason = text.splitlines()[0][:160] if text else ""
             warnings.warn(f"{self.name}: could not record the model as a tensor graph "
                           f"({type(err).__name__}: {reason}); using the traced path for "
-                          "these inputs", stacklevel=4)
+                          "these inputs", stacklevel=6)
             return None
         if self.simplify:
             try:
-                graph = simplify(graph)
+                graph = simplify(graph, inference=inference)
             except Exception as err:  # a graph the rewrites do not understand: keep it as is
                 warnings.warn(f"{self.name}: the recorded graph was not simplified "
-                              f"({type(err).__name__}: {str(err).strip()[:160]})", stacklevel=4)
+                              f"({type(err).__name__}: {str(err).strip()[:160]})", stacklevel=6)
         self.captures += 1
         return graph

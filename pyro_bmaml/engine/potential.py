@@ -500,9 +500,13 @@ class ModelPotential:
         return {s.name for s in self.sites}
 
     def _vectorized(self, fn: Callable, particles: torch.Tensor, args: tuple, kwargs: dict,
-                    randomness: str = "error", graph: Optional[str] = None):
+                    randomness: str = "error", graph: Optional[str] = None,
+                    with_grad: bool = False):
         """Apply ``fn(flat (D,), args, kwargs)`` to ``(M, D)`` or ``(T, M, D)`` particles;
-        ``graph`` names the recorded-graph cache to replay it from (see ``capture``)."""
+        ``graph`` names the recorded-graph cache to replay it from (see ``capture``).
+        ``with_grad=True`` returns ``(values, gradient of their sum)`` replayed from one
+        recorded graph (:meth:`GraphCache.value_and_grad`), or ``None`` where no graph is
+        recorded for this call."""
         self.setup_from(particles, args, kwargs)
         check_particles(particles, self.dim)
         params = self.parameters or {}
@@ -546,7 +550,7 @@ class ModelPotential:
         # Validation off inside only: its checks branch on tensor values, which vmap forbids.
         with pyro.validation_enabled(False):
             if cache is None or not self.capture or self.reads_params:
-                return vfn(particles, args, kwargs, params)
+                return None if with_grad else vfn(particles, args, kwargs, params)
             if isinstance(self.model, torch.nn.Module):  # recorded as inputs, not constants
                 module = dict(self.model.named_parameters())
                 module.update(self.model.named_buffers())
@@ -554,8 +558,9 @@ class ModelPotential:
                     module = {k: v.expand(particles.size(0), *v.shape) for k, v in module.items()}
                 params = {**module, **params}
             layout = tuple(d is not None for d in dim_leaves)  # part of the key
-            return cache(lambda p, a, k, m, _layout: vfn(p, a, k, m),
-                         particles, args, kwargs, params, layout)
+            call = cache.value_and_grad if with_grad else cache
+            return call(lambda p, a, k, m, _layout: vfn(p, a, k, m),
+                        particles, args, kwargs, params, layout)
 
     def log_density(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Joint log density (unconstrained space) of ``(M, D)`` or ``(T, M, D)`` particles.
@@ -603,6 +608,11 @@ class ModelPotential:
             through SVGD steps).
         :returns: ``(log_p, grad)`` with shapes ``(..., M)`` and ``(..., M, D)``.
         """
+        if not create_graph:  # both from one recorded graph, without autograd, if recordable
+            both = self._vectorized(self._log_joint_one, particles.detach(), args, kwargs,
+                                    graph="log_density", with_grad=True)
+            if both is not None:
+                return both
         with torch.enable_grad():
             x = particles
             if not (create_graph and particles.requires_grad):

@@ -36,6 +36,9 @@ agree to rounding and autograd differentiates the result to any order:
    become one ``split_with_sizes``, whose backward concatenates their gradients once (each
    slice's backward writes into a zero tensor of the full size, and autograd adds them).
 
+A graph that will only be replayed without autograd (``inference=True``: a log density
+recorded together with its gradient) also loses its ``detach`` operators.
+
 Only floating-point operators whose operands share the result's dtype are rewritten (no change
 of precision), and a graph with in-place operators is left as it is. Summation order
 changes, so float32 results move by rounding (~1e-6 relative). On the paper's Bayesian MLP
@@ -114,7 +117,25 @@ def _constant(node: Operand) -> Optional[float]:
         return _constant(args[0])
     if target in (aten.sum.dim_IntList, aten.sum.default) and _constant(args[0]) == 0.0:
         return 0.0
+    if target is aten.neg.default:
+        value = _constant(args[0])
+        return None if value is None else -value
+    if target in _ARITHMETIC:  # of two constants (e.g. the ones a backward starts from)
+        a, b = _constant(args[0]), _constant(args[1])
+        if a is None or b is None:
+            return None
+        alpha = node.kwargs.get("alpha", 1)
+        if target in (aten.add.Tensor, aten.sub.Tensor):
+            return a + alpha * b if target is aten.add.Tensor else a - alpha * b
+        if target in (aten.mul.Tensor, aten.mul.Scalar):
+            return a * b
+        return a / b if b != 0.0 else None
     return None
+
+
+#: binary arithmetic whose result is a constant when both operands are
+_ARITHMETIC = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar,
+               aten.div.Tensor, aten.div.Scalar}
 
 
 def _same_kind(node: fx.Node, *operands: Operand) -> bool:
@@ -265,8 +286,18 @@ class _Rewriter:
     # ---------------------------------------------------------------- rule 1
     def drop_identity(self, node: fx.Node) -> bool:
         target = node.target
+        if target is aten.lift_fresh_copy.default:  # a copy of a constant the graph holds
+            if not any(user.op == "output" for user in node.users):  # (none writes to it)
+                self.replace(node, node.args[0])
+                return True
+            return False
+        if target in (aten.pow.Tensor_Scalar, aten.mul.Scalar, aten.div.Scalar) \
+                and _constant(node.args[1]) == 1.0:  # x ** 1 (a square's backward), x * 1
+            return self.keep(node, node.args[0])
         if target not in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor):
             return False
+        if self.constant_to_number(node):
+            target = node.target
         a, b = node.args[:2]
         keep = None
         if target in (aten.add.Tensor, aten.sub.Tensor):
@@ -279,12 +310,103 @@ class _Rewriter:
             keep = a if _constant(b) == 1.0 else (b if _constant(a) == 1.0 else None)
         elif _constant(b) == 1.0:
             keep = a
+        return self.keep(node, keep)
+
+    def keep(self, node: fx.Node, keep: Operand) -> bool:
+        """Replace ``node`` by its operand ``keep`` if that has the same shape and dtype."""
         if not isinstance(keep, fx.Node) or _val(keep) is None or _val(node) is None:
             return False
         if _val(keep).shape != _val(node).shape or _val(keep).dtype != _val(node).dtype:
             return False
         self.replace(node, keep)
         return True
+
+    def constant_to_number(self, node: fx.Node) -> bool:
+        """An operand that is a tensor filled with a known constant (e.g. ``-ones`` in a
+        backward) becomes that number, when the other operand alone has the result's shape
+        and dtype: ``x * neg(ones)`` is ``x * -1.0`` (then rule 1 can drop a unit factor)."""
+        a, b = node.args[:2]
+        if node.target is aten.div.Tensor and isinstance(a, fx.Node) \
+                and _constant(a) is not None and isinstance(b, fx.Node) \
+                and _val(b) is not None and _val(node) is not None \
+                and _same_kind(node, b) and _val(b).shape == _val(node).shape:
+            value = _constant(a)  # c / x = (1 / x) * c
+            self.before = node
+            node.target, node.args = aten.mul.Tensor, (
+                self.new(aten.reciprocal.default, (b,)), value)
+            return True
+        swap = node.target in (aten.add.Tensor, aten.mul.Tensor) and not isinstance(a, fx.Node) \
+            or (isinstance(a, fx.Node) and _constant(a) is not None)
+        if swap and node.target in (aten.add.Tensor, aten.mul.Tensor) \
+                and node.kwargs.get("alpha", 1) == 1:
+            a, b = b, a
+        value = _constant(b)
+        if not isinstance(b, fx.Node) or value is None or not isinstance(a, fx.Node) \
+                or _val(a) is None or _val(node) is None or not _same_kind(node, a) \
+                or _val(a).shape != _val(node).shape:
+            return False
+        node.args = (a, value) + tuple(node.args[2:])
+        return True
+
+    # ---------------------------------------------------------------- rule 7
+    def hoist_factor(self, node: fx.Node) -> bool:
+        """Constant factors: consecutive ones merge (``-(2 * (-x))`` is ``2 * x``, and a
+        product of 1 disappears), and one on a product with a broadcast operand moves to
+        that operand's small source: ``expand(s) * (c * x)`` and ``-(expand(s) * x)``
+        become ``expand(c * s) * x`` and ``expand(-s) * x`` (one full-size operator, not
+        two)."""
+        outer = self.factor_of(node)
+        inner = node.args[0] if outer is not None else None
+        if isinstance(inner, fx.Node) and len(inner.users) == 1 \
+                and self.factor_of(inner) is not None and _same_kind(node, inner.args[0]):
+            factor = outer * self.factor_of(inner)
+            if factor == 1.0 and self.keep(node, inner.args[0]):
+                return True
+            if _val(inner.args[0]) is None or _val(inner.args[0]).shape != _val(node).shape:
+                return False
+            self.before = node
+            self.replace(node, self.new(aten.mul.Tensor, (inner.args[0], factor)))
+            return True
+        if node.target is aten.mul.Tensor and all(isinstance(a, fx.Node) for a in node.args):
+            for broadcast, scaled in (node.args, node.args[::-1]):
+                factor = self.factor_of(scaled)
+                if factor is not None and broadcast.target is aten.expand.default \
+                        and len(scaled.users) == 1:
+                    source, x = broadcast.args[0], scaled.args[0]
+                    break
+            else:
+                return False
+        elif node.target in (aten.neg.default, aten.mul.Scalar, aten.mul.Tensor):
+            factor, product = self.factor_of(node), node.args[0]
+            if factor is None or not isinstance(product, fx.Node) \
+                    or product.target is not aten.mul.Tensor or len(product.users) != 1:
+                return False
+            broadcast, x = product.args[:2]
+            if not (isinstance(broadcast, fx.Node) and broadcast.target is aten.expand.default):
+                broadcast, x = x, broadcast
+            if not (isinstance(broadcast, fx.Node) and broadcast.target is aten.expand.default):
+                return False
+            source = broadcast.args[0]
+        else:
+            return False
+        if not (isinstance(x, fx.Node) and _val(x) is not None and _val(source) is not None
+                and _val(x).shape == _val(node).shape and _same_kind(node, x, source)
+                and _val(source).numel() < _val(node).numel()):
+            return False
+        self.before = node
+        small = self.new(aten.mul.Tensor, (source, factor))
+        wide = self.new(aten.expand.default, (small, list(broadcast.args[1])))
+        self.replace(node, self.new(aten.mul.Tensor, (wide, x)))
+        return True
+
+    @staticmethod
+    def factor_of(node: fx.Node) -> Optional[float]:
+        """``c`` when ``node`` is ``c * x`` for a number ``c`` (``-x`` included)."""
+        if node.target is aten.neg.default:
+            return -1.0
+        if node.target in (aten.mul.Scalar, aten.mul.Tensor) and _is_number(node.args[1]):
+            return float(node.args[1])
+        return None
 
     # ---------------------------------------------------------------- rule 2
     def sink_expand(self, node: fx.Node) -> bool:
@@ -425,10 +547,14 @@ class _Rewriter:
         return self.new(aten.add.Tensor, (scaled, a))
 
 
-def simplify(module: fx.GraphModule) -> fx.GraphModule:
+def simplify(module: fx.GraphModule, inference: bool = False) -> fx.GraphModule:
     """The rewrites above applied to a graph recorded by ``make_fx`` (its nodes carry their
     values' shapes in ``node.meta["val"]``): a new module sharing ``module``'s attributes
-    (the tensors the graph holds); ``module`` itself is left unchanged."""
+    (the tensors the graph holds); ``module`` itself is left unchanged.
+
+    :param inference: the graph will only be replayed without autograd (e.g. a log density
+        recorded with its gradient): its ``detach`` operators, identities on values, are
+        dropped too."""
     graph = fx.Graph()  # a copy of the nodes; the tensors and the pytree codegen are shared
     output, old_output = graph.graph_copy(module.graph, {}, return_output_node=True)
     graph._codegen = module.graph._codegen
@@ -446,8 +572,18 @@ def simplify(module: fx.GraphModule) -> fx.GraphModule:
                 yield node
 
     graph.eliminate_dead_code()
-    for node in operators():
-        rewriter.drop_identity(node) or rewriter.sink_expand(node)
+    if inference:
+        for node in operators(with_value=False):
+            if node.target is aten.detach.default:
+                rewriter.replace(node, node.args[0])
+    for _ in range(4):  # again over the operators the rules made, until none applies
+        graph.eliminate_dead_code()
+        changed = False
+        for node in operators():
+            changed |= bool(rewriter.drop_identity(node) or rewriter.hoist_factor(node)
+                            or rewriter.sink_expand(node))
+        if not changed:
+            break
     graph.eliminate_dead_code()
     for node in operators():
         if rewriter.push_sum(node):
