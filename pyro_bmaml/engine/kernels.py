@@ -225,7 +225,7 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
         median = torch.where(median > 0, median, mean)
         median = torch.where(median > 0, median, 1.0)
         median = torch.where(torch.isnan(mean), mean, median)  # NaN in, NaN out
-        return median * (factor / denom)
+        return factor * median / denom
 
     def bandwidth(self, particles: torch.Tensor, per_dimension: bool = False) -> torch.Tensor:
         """The bandwidth for ``(..., M, D)`` particles: ``(..., 1)`` or ``(..., D)``.
@@ -312,12 +312,12 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
             attraction.append(score + ends[0] @ at_second.transpose(-1, -2)
                               + ends[1] @ at_first.transpose(-1, -2))
             # f'(r) 2 (x_m - x_n) / h, with f' = f * dlog: w = f' (x_j - x_i) to i, -w to j
-            if isinstance(dlog, numbers.Real):  # f'/f constant (RBF): no extra product
-                weighted = dlog * (kernel * delta)
+            scale = -2.0 / h.transpose(-1, -2)  # (..., 1, C | 1)
+            if isinstance(dlog, numbers.Real):  # f'/f constant (RBF): in the small factor
+                weighted, scale = kernel * delta, dlog * scale
             else:
                 weighted = kernel * dlog * delta
-            repulsion.append((difference @ weighted.transpose(-1, -2))
-                             * (-2.0 / h.transpose(-1, -2)))
+            repulsion.append((difference @ weighted.transpose(-1, -2)) * scale)
         if len(columns) == 1:
             return attraction[0], repulsion[0]
         return torch.cat(attraction, -1), torch.cat(repulsion, -1)
