@@ -1,5 +1,7 @@
 """Bad input raises a clear TypeError/ValueError naming the argument."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -148,6 +150,34 @@ def test_engine_refuses_silent_wrong_answers():
     post = pb.ParticlePosterior(svgd.potential, theta, x, y)
     with pytest.raises(ValueError, match="non-finite"):
         post.predict(x * float("nan"))
+
+
+class _ConstantProfile(pb.SteinKernel):
+    """A custom kernel whose profile is one constant value (NaN, or huge but finite)."""
+
+    def __init__(self, log_value):
+        super().__init__(bandwidth=1.0)
+        self.log_value = log_value
+
+    def _log_profile(self, r):
+        return torch.full_like(r, self.log_value), 0.0
+
+
+def test_svgd_step_refuses_a_non_finite_direction_but_not_an_overflowing_square():
+    """The step reads every site's mean square in one transfer: a non-finite one means a
+    non-finite direction, unless the squares of finite values overflowed (then the values
+    themselves are checked)."""
+    x, y = regression_data()
+    pyro.clear_param_store()
+    svgd = _svgd(kernel=_ConstantProfile(float("nan")))
+    with pytest.raises(FloatingPointError, match="update direction is non-finite"):
+        svgd.step(x, y)
+    pyro.clear_param_store()
+    huge = _svgd(kernel=_ConstantProfile(60.0), optim=Adam({"lr": 1e-3}))  # f = e^60 ~ 1e26
+    squares = huge.step(x, y)
+    assert not any(map(math.isfinite, squares.values()))  # the squares overflow float32
+    assert torch.isfinite(pyro.param("svgd_particles").unconstrained()).all()  # and it stepped
+    pyro.clear_param_store()
 
 
 def test_unknown_model_arguments_name_the_signature():

@@ -11,7 +11,9 @@ replayed as an :class:`torch.fx.GraphModule`, after the exact algebraic rewrites
 per-site densities produce). The replay is a plain sequence of ATen operators, so autograd
 differentiates it as it would the traced call, to any order (SVGD needs the score, the
 meta-gradient its derivative); :func:`torch.compile` is not used because it does not
-support double backward.
+support double backward. Where no second derivative is needed (an SVGD step outside
+meta-learning), :meth:`GraphCache.value_and_grad` records the graph and its backward as one
+graph of their own and replays both without autograd.
 
 A model whose *control flow depends on tensor values* (``if x.sum() > 0``) cannot be
 recorded this way: tracing it on fake tensors raises, and :class:`GraphCache` then falls

@@ -15,9 +15,13 @@ hand-written density computes :math:`-\frac{1}{2 s^2}\sum w^2 - n \log s - \frac
 2\pi`: one. :func:`simplify` rewrites the graph with identities of real arithmetic, so values
 agree to rounding and autograd differentiates the result to any order:
 
-1. **Zeros and ones**: ``a + 0``, ``a - 0``, ``a * 1``, ``a / 1`` become ``a`` (when the
-   result has ``a``'s shape and dtype); a sum of zeros is zero (e.g. the zero log-Jacobian of
-   an identity transform).
+1. **Zeros, ones and constants**: ``a + 0``, ``a - 0``, ``a * 1``, ``a / 1`` and ``a ** 1``
+   become ``a`` (when the result has ``a``'s shape and dtype); a sum of zeros is zero (e.g.
+   the zero log-Jacobian of an identity transform). A tensor filled with a constant known
+   when recording (a backward starts from ``ones`` and negates and scales them) becomes that
+   number in the operator using it, and a constant numerator ``c / x`` becomes
+   ``reciprocal(x) * c``; a copy of a constant the graph holds (``lift_fresh_copy``) is not
+   made.
 2. **Broadcast sinking**: an elementwise ``f(expand(a), expand(b))`` becomes
    ``expand(f(a, b))``: the operator runs on the small tensors.
 3. **Sums pushed into linear operators**: :math:`\sum (a \pm b) = \sum a \pm \sum b` (an
@@ -35,6 +39,10 @@ agree to rounding and autograd differentiates the result to any order:
 6. **Slices**: disjoint slices of one tensor along one dim (the sites of a flat particle)
    become one ``split_with_sizes``, whose backward concatenates their gradients once (each
    slice's backward writes into a zero tensor of the full size, and autograd adds them).
+7. **Constant factors**: consecutive ones merge (``-(2 (-x))`` is ``2 x``; a product of 1
+   disappears), and one on a product with a broadcast operand moves to that operand's
+   source: a square's backward ``expand(s) * (2 * w)`` becomes ``expand(2 s) * w``, one
+   full-size operator instead of two.
 
 A graph that will only be replayed without autograd (``inference=True``: a log density
 recorded together with its gradient) also loses its ``detach`` operators.

@@ -26,6 +26,7 @@ particles and sites for models with more than one latent site).
 
 from __future__ import annotations
 
+import math
 import warnings
 
 from typing import Callable, Dict, Optional, Union
@@ -248,11 +249,12 @@ class SVGD(pyro.infer.SVGD):
         with torch.no_grad():
             phi = svgd_direction(param.detach(), grad, self.kernel, self.mode)
             squared = phi.pow(2).mean(0) @ self._site_means(phi)  # each site's mean square
-        if not all_finite(phi):
+        squared = squared.tolist()  # one transfer; finite means squares of finite values
+        if not all(map(math.isfinite, squared)) and not all_finite(phi):  # (or an overflow)
             raise FloatingPointError("SVGD step: the update direction is non-finite")
         # Optimizers descend, SVGD ascends along phi.
-        param.grad = -phi
-        squared = dict(zip(self.potential.site_names, squared.tolist()))  # one transfer
+        param.grad = phi.neg_()
+        squared = dict(zip(self.potential.site_names, squared))
         self.optim([param])
         pyro.infer.util.zero_grads([param])
         return squared
