@@ -12,6 +12,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import pyro_bmaml as pb
+from pyro_bmaml.engine.capture import GraphCache
 from pyro_bmaml.engine.simplify import _VIEWS, simplify
 from pyro_bmaml.tasks.models import BayesianMLP
 
@@ -294,8 +295,6 @@ def test_random_programs_recorded_with_their_gradient_keep_both():
     and its detaches dropped), against autograd of the original."""
     import random
 
-    from pyro_bmaml.engine.capture import GraphCache
-
     rng = random.Random(1)
     gen = torch.Generator().manual_seed(1)
     inputs = [torch.randn(shape, dtype=torch.float64, generator=gen)
@@ -342,6 +341,27 @@ def test_constant_tensors_become_numbers():
     assert aten.ones_like.default not in targets and aten.lift_fresh_copy.default not in targets
     assert aten.div.Tensor not in targets and aten.reciprocal.default in targets
     assert len(_full_size_ops(simplified, 24)) < len(_full_size_ops(original, 24))
+
+
+def test_products_over_an_inner_dim_of_one_become_elementwise():
+    def fn(x, w, v, u):  # a one-input layer (batched and not), and a one-output layer
+        hidden = torch.bmm(x, w).relu()  # (3, 7, 1) @ (3, 1, 5)
+        return torch.bmm(hidden, v).sum((1, 2)) + (x[0] @ u).sum()  # (7, 1) @ (1, 4)
+
+    inputs = [torch.randn(3, 7, 1, dtype=torch.float64), torch.randn(3, 1, 5, dtype=torch.float64),
+              torch.randn(3, 5, 1, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)]
+    original, simplified = _check(fn, *inputs)
+    targets = [n.target for n in simplified.graph.nodes if n.op == "call_function"]
+    assert targets.count(aten.bmm.default) == 1 and aten.mm.default not in targets
+    cache = GraphCache("outer")  # and in the backward recorded with the value
+    value, grad = cache.value_and_grad(fn, *inputs)
+    joint = [g for k, g in cache._graphs.items() if k[0] == "value_and_grad"][0]
+    first = inputs[0].clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(fn(first, *inputs[1:]).sum(), first)
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-12)
+    shapes = [tuple(n.args[0].meta["val"].shape) for n in joint.graph.nodes
+              if n.op == "call_function" and n.target is aten.bmm.default]
+    assert all(shape[-1] != 1 for shape in shapes)
 
 
 def test_detaches_are_dropped_only_for_graphs_replayed_without_autograd():

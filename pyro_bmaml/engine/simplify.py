@@ -43,6 +43,8 @@ agree to rounding and autograd differentiates the result to any order:
    disappears), and one on a product with a broadcast operand moves to that operand's
    source: a square's backward ``expand(s) * (2 * w)`` becomes ``expand(2 s) * w``, one
    full-size operator instead of two.
+8. **Outer products**: a matrix product over an inner dim of size 1 (a one-input layer, the
+   backward of a one-output layer) is an elementwise product of the operands, broadcast.
 
 A graph that will only be replayed without autograd (``inference=True``: a log density
 recorded together with its gradient) also loses its ``detach`` operators.
@@ -407,6 +409,21 @@ class _Rewriter:
         self.replace(node, self.new(aten.mul.Tensor, (wide, x)))
         return True
 
+    # ---------------------------------------------------------------- rule 8
+    def outer_product(self, node: fx.Node) -> bool:
+        """A matrix product over an inner dim of size 1 is an elementwise product of its
+        operands, broadcast: ``(B, N, 1) @ (B, 1, P)`` (a network's one-input layer, or the
+        backward of its one-output layer) is ``(B, N, 1) * (B, 1, P)``."""
+        if node.target not in (aten.bmm.default, aten.mm.default):
+            return False
+        a, b = node.args[:2]
+        if _val(a) is None or _val(b) is None or _val(a).shape[-1] != 1 \
+                or not _same_kind(node, a, b):
+            return False
+        self.before = node
+        self.replace(node, self.new(aten.mul.Tensor, (a, b)))
+        return True
+
     @staticmethod
     def factor_of(node: fx.Node) -> Optional[float]:
         """``c`` when ``node`` is ``c * x`` for a number ``c`` (``-x`` included)."""
@@ -589,7 +606,7 @@ def simplify(module: fx.GraphModule, inference: bool = False) -> fx.GraphModule:
         changed = False
         for node in operators():
             changed |= bool(rewriter.drop_identity(node) or rewriter.hoist_factor(node)
-                            or rewriter.sink_expand(node))
+                            or rewriter.outer_product(node) or rewriter.sink_expand(node))
         if not changed:
             break
     graph.eliminate_dead_code()
