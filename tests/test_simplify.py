@@ -364,6 +364,22 @@ def test_products_over_an_inner_dim_of_one_become_elementwise():
     assert shapes and all(shape[-1] != 1 for shape in shapes)
 
 
+def test_additions_of_a_product_are_fused():
+    def fn(h, w, b, s, t):
+        layer = torch.bmm(h, w) + b  # a layer's bias: baddbmm
+        scaled = s * t + layer  # a product of full tensors added: addcmul
+        wide = h.sum(-1, keepdim=True) * b  # (3, 4, 1) * (3, 1, 5), used twice: left alone
+        return (scaled.exp() + (wide + s[:, :1, :1]) * wide).sum(-1)
+
+    inputs = [torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(3, 2, 5, dtype=torch.float64),
+              torch.randn(3, 1, 5, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64),
+              torch.randn(3, 4, 5, dtype=torch.float64)]
+    original, simplified = _check(fn, *inputs)
+    targets = [n.target for n in simplified.graph.nodes if n.op == "call_function"]
+    assert aten.baddbmm.default in targets and aten.bmm.default not in targets
+    assert targets.count(aten.addcmul.default) == 1
+
+
 def test_detaches_are_dropped_only_for_graphs_replayed_without_autograd():
     def fn(a):
         return a.exp().detach() * a

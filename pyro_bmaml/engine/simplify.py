@@ -45,6 +45,9 @@ agree to rounding and autograd differentiates the result to any order:
    full-size operator instead of two.
 8. **Outer products**: a matrix product over an inner dim of size 1 (a one-input layer, the
    backward of a one-output layer) is an elementwise product of the operands, broadcast.
+9. **Fused additions** (last): ``c + A @ B`` and ``c + a * b``, the product used only there,
+   become ``baddbmm(c, A, B)`` and ``addcmul(c, a, b)`` (a layer's bias, a prior's gradient
+   added to the data's).
 
 A graph that will only be replayed without autograd (``inference=True``: a log density
 recorded together with its gradient) also loses its ``detach`` operators.
@@ -424,6 +427,32 @@ class _Rewriter:
         self.replace(node, self.new(aten.mul.Tensor, (a, b)))
         return True
 
+    # ---------------------------------------------------------------- rule 9
+    def fuse_add(self, node: fx.Node) -> bool:
+        """``c + A @ B`` and ``c + a * b`` (a product used only there) become one operator,
+        ``baddbmm(c, A, B)`` and ``addcmul(c, a, b)``: a bias added to a layer's output, a
+        prior's gradient added to the data's, without a full-size pass of their own."""
+        if node.target is not aten.add.Tensor or node.kwargs.get("alpha", 1) != 1:
+            return False
+        for product, other in (node.args, node.args[::-1]):
+            if not (isinstance(product, fx.Node) and isinstance(other, fx.Node)
+                    and len(product.users) == 1 and _val(other) is not None
+                    and _same_kind(node, other)):
+                continue
+            if product.target is aten.bmm.default and _same_kind(node, *product.args) \
+                    and _val(product).shape == _val(node).shape:
+                fused = (aten.baddbmm.default, (other,) + tuple(product.args))
+            elif product.target is aten.mul.Tensor and all(
+                    isinstance(a, fx.Node) for a in product.args) \
+                    and _same_kind(node, *product.args):
+                fused = (aten.addcmul.default, (other,) + tuple(product.args))
+            else:
+                continue
+            self.before = node  # (addcmul broadcasts all three, as the sum did)
+            self.replace(node, self.new(*fused))
+            return True
+        return False
+
     @staticmethod
     def factor_of(node: fx.Node) -> Optional[float]:
         """``c`` when ``node`` is ``c * x`` for a number ``c`` (``-x`` included)."""
@@ -620,6 +649,9 @@ def simplify(module: fx.GraphModule, inference: bool = False) -> fx.GraphModule:
     seen: dict = {}
     for node in operators(with_value=False):
         rewriter.merge_duplicate(node, seen)
+    graph.eliminate_dead_code()
+    for node in operators():  # last: the other rules read the unfused operators
+        rewriter.fuse_add(node)
     graph.eliminate_dead_code()
     graph.lint()
     module.recompile()
