@@ -234,12 +234,7 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
         """
         delta = particles.unsqueeze(-3) - particles.unsqueeze(-2)  # [n, m] = x_m - x_n
         sq = delta.pow(2)
-        rule = self._rule(per_dimension=True)
-        first, second = _pairs(sq.size(-2), sq.device)
-        pairs = (sq[..., first, second, :].transpose(-1, -2) if rule == "pyro"
-                 else _upper_pairs(sq.sum(-1)).unsqueeze(-2))
-        h = self._bandwidth_from_pairs(pairs, sq.size(-2), rule)
-        h = h.unsqueeze(-2).unsqueeze(-2)  # (..., 1, 1, D or 1)
+        h = self.bandwidth(particles, per_dimension=True).unsqueeze(-2).unsqueeze(-2)
         log_k, dlog_k = self._log_profile(sq / h)
         return log_k, dlog_k * (-2.0 * delta / h)
 

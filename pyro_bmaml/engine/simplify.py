@@ -348,11 +348,9 @@ class _Rewriter:
             node.target, node.args = aten.mul.Tensor, (
                 self.new(aten.reciprocal.default, (b,)), value)
             return True
-        swap = node.target in (aten.add.Tensor, aten.mul.Tensor) and not isinstance(a, fx.Node) \
-            or (isinstance(a, fx.Node) and _constant(a) is not None)
-        if swap and node.target in (aten.add.Tensor, aten.mul.Tensor) \
-                and node.kwargs.get("alpha", 1) == 1:
-            a, b = b, a
+        if node.target in (aten.add.Tensor, aten.mul.Tensor) and node.kwargs.get("alpha", 1) == 1 \
+                and isinstance(a, fx.Node) and _constant(a) is not None:
+            a, b = b, a  # the constant first: it commutes to the second place
         value = _constant(b)
         if not isinstance(b, fx.Node) or value is None or not isinstance(a, fx.Node) \
                 or _val(a) is None or _val(node) is None or not _same_kind(node, a) \
