@@ -4,8 +4,8 @@ import statistics
 import time
 
 
-def median_time(fn, repeats: int, warmup: int = 1, sync=None) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs;
+def run_times(fn, repeats: int, warmup: int = 1, sync=None) -> list:
+    """Wall-clock seconds of each of ``repeats`` runs of ``fn()`` after ``warmup`` runs;
     ``sync`` (e.g. ``torch.cuda.synchronize``) is called after each run when given."""
     for _ in range(warmup):
         fn()
@@ -18,4 +18,9 @@ def median_time(fn, repeats: int, warmup: int = 1, sync=None) -> float:
         if sync:
             sync()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, repeats: int, warmup: int = 1, sync=None) -> float:
+    """Median of :func:`run_times`."""
+    return statistics.median(run_times(fn, repeats, warmup, sync))

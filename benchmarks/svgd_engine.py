@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import torch
-from _timing import median_time
+from _timing import median_time, run_times
 from pyro.optim import Adam
 
 import pyro_bmaml as pb
@@ -66,12 +65,8 @@ def step_benchmark(model, x, y, num_particles, rounds, repeats, mode):
                        num_particles, 0, mode=mode)
             if not capture:
                 svgd.potential.capture = False
-            for _ in range(2):  # warm-up: the param store, the recorded graphs
-                svgd.step(x, y)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                svgd.step(x, y)
-                times[name].append(time.perf_counter() - t0)
+            # warm-up: the param store, the recorded graphs
+            times[name] += run_times(lambda: svgd.step(x, y), repeats, warmup=2)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -608,7 +608,9 @@ class ModelPotential:
             through SVGD steps).
         :returns: ``(log_p, grad)`` with shapes ``(..., M)`` and ``(..., M, D)``.
         """
-        if not create_graph:  # both from one recorded graph, without autograd, if recordable
+        # both from one recorded graph, without autograd, where the model can be recorded
+        # (a model known not to be is not set up twice per call to find that out)
+        if not create_graph and self.capture and not (self.is_setup and self.reads_params):
             both = self._vectorized(self._log_joint_one, particles.detach(), args, kwargs,
                                     graph="log_density", with_grad=True)
             if both is not None:
