@@ -25,7 +25,8 @@ def main():
     results = {}
     for device in ("cpu", "cuda"):
         pyro.set_rng_seed(0)
-        learner = BMAML(model, init="paper").to(device)
+        learner = BMAML(model, init="paper", inner_steps=1, learn_step_size=False,
+                        chaser_trains_noise=True).to(device)
         b = batch.to(device)
         learner.zero_grad()
         loss = learner.meta_loss(b)

@@ -64,7 +64,10 @@ def loop_meta_loss(learner, batch):
 
 def make(hidden=(40, 40, 40), particles=10, tasks=10, shots=10, device="cpu", calibration="none"):
     pyro.set_rng_seed(0)
+    # the paper's configuration, as recorded: one SVGD step of a fixed size, the chaser's
+    # gradient reaching every coordinate (the official code)
     learner = BMAML(BayesianMLP(hidden=hidden), num_particles=particles, init="paper",
+                    inner_steps=1, learn_step_size=False, chaser_trains_noise=True,
                     calibration=calibration).to(device)
     batch = Sinusoid(num_tasks=100, num_support=shots).sample(
         tasks, torch.Generator().manual_seed(0)).to(device=device)

@@ -2,18 +2,21 @@
 
 The default ``train`` (sinusoid, BMAML, M = 10, K = 10, |T| = 100, a 1-40-40-40-1 network,
 the paper's n = s = 1 and eps = 1e-3) finishes in a few minutes on 2 CPU cores and prints the
-held-out test MSE, NLL and coverage. ``--task`` picks the task family from
-:data:`TASK_FAMILIES`: ``sinusoid``, ``digits-5way-1shot`` (any ``digits-NwayKshot``), or
-``folder:PATH`` (an image folder, with ``--ways``/``--shots``). A family is a task source, a
-model and its report: adding one means adding an entry there, nothing else.
+held-out test MSE, NLL and coverage. ``--task`` names a family of the registry
+(:mod:`pyro_bmaml.tasks.registry`): ``sinusoid``, ``digits-5way-1shot`` (any
+``digits-NwayKshot``), ``folder:PATH`` (an image folder, with ``--ways``/``--shots``),
+``point-nav``, the families suite (``normal-gamma``, ``student-t``,
+``subspace-classification``, ``logistic-glm``, ``hierarchical``), or your own, registered by
+a module that ``--import`` names. This module only parses arguments: each family's settings,
+defaults, model and report live with the family.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -25,10 +28,10 @@ import torch
 from .meta import distributed
 from .meta.checkpoint import load_checkpoint
 from .meta.learners import BMAML, EMAML, MAML
-from .evaluation.metrics import classification_metrics, mean_and_se, regression_metrics
-from .tasks.models import BayesianClassifier, BayesianMLP
+from .evaluation.metrics import mean_and_se
 from .meta.training import config_differences, evaluate
-from .tasks.base import Sinusoid, TaskBatch
+from .tasks.base import TaskBatch
+from .tasks.registry import registered_families, task_family
 
 METHODS = ("bmaml", "emaml", "maml")
 
@@ -53,241 +56,16 @@ def _positive(kind):
     return parse
 
 
-#: each method's defaults on sinusoid: the papers' adaptation step (BMAML's eps, the official
-#: EMAML's alpha, Finn et al.'s alpha) and meta-objective; BMAML's noise precision takes a 3x
-#: larger SVGD step (task-adaptive noise: results/calibration.md)
-METHOD_DEFAULTS = {
-    "bmaml": {"step_size": 1e-3, "objective": "chaser", "noise_step_size": 3e-3},
-    "emaml": {"step_size": 1e-3, "objective": "mse"},
-    "maml": {"step_size": 1e-2, "objective": "mse"},
-}
 OBJECTIVES = ("chaser", "bfa", "mse", "nll", "log_joint")
 
 
-class SinusoidFamily:
-    """Sinusoid regression (the paper's first benchmark) with the Bayesian MLP."""
-
-    name = "sinusoid"
-    eval_tasks = 100
-
-    def method_defaults(self, method: str, config: dict) -> dict:
-        return METHOD_DEFAULTS[method]
-
-    def hidden(self, config):
-        return (40, 40, 40)
-
-    def model(self, config):
-        return BayesianMLP(hidden=tuple(config["hidden"]))
-
-    def sources(self, config: dict, learner=None):
-        """``(source, training_tasks, calibration_tasks)``: see :func:`task_sources`."""
-        source = Sinusoid(config["variant"], config["num_tasks"], config["shots"],
-                          seed=config["seed"])
-        fraction = config.get("calibration_holdout") or 0.0
-        if (not fraction or config["num_tasks"] is None
-                or (learner is not None and not learner.has_calibration_term)):
-            return source, source, None
-        holdout = max(1, round(fraction * config["num_tasks"]))
-        if config["num_tasks"] - holdout < config.get("meta_batch", 1):
-            raise ValueError(
-                f"--calibration-holdout {fraction} keeps {config['num_tasks'] - holdout} of "
-                f"--num-tasks {config['num_tasks']} for training, fewer than --meta-batch "
-                f"{config.get('meta_batch')}; lower it or use 0")
-        training, calibration = source.split(holdout, seed=config["seed"])
-        return source, training, calibration
-
-    def metrics(self, posterior, x_query, y_query):
-        return regression_metrics(posterior, x_query, y_query, crps=True)
-
-    def headline(self, metrics: dict) -> str:
-        return (f"MSE {metrics['mse'][0]:.4f}, NLL {metrics['nll'][0]:.4f}, 90% coverage "
-                f"{metrics['coverage'][0.9][0]:.3f}")
-
-    def summary(self, metrics: dict, num_tasks: int) -> str:
-        mse, nll = metrics["mse"], metrics["nll"]
-        c50, c90 = metrics["coverage"][0.5], metrics["coverage"][0.9]
-        lines = [
-            f"test MSE {mse[0]:.4f} +- {mse[1]:.4f} (particle mean; predicting 0 scores 4.25)   "
-            f"test NLL {nll[0]:.4f} +- {nll[1]:.4f} (mixture, per query point)",
-            f"coverage of the central 50% / 90% intervals: {c50[0]:.3f} / {c90[0]:.3f} "
-            f"(nominal 0.50 / 0.90)   ({num_tasks} evaluation tasks, mean +- s.e.)",
-        ]
-        if abs(c90[0] - 0.9) > 0.1:
-            lines.append("note: the 90% intervals are " + (
-                "too narrow (overconfident)" if c90[0] < 0.9 else "too wide (underconfident)")
-                + "; see calibration.png")
-        return "\n".join(lines)
-
-    def write(self, learner, posterior, tasks, metrics, out: Path):
-        """``(table, markdown rows)`` of the report, writing the family's plots into ``out``."""
-        from .evaluation import plots
-        table = {k: metrics[k] for k in ("mse", "mse_particles", "rmse", "nll", "crps")}
-        table["coverage"] = {str(k): v for k, v in metrics["coverage"].items()}
-        table["width"] = {str(k): v for k, v in metrics["width"].items()}
-        table["reliability"] = {str(k): v for k, v in metrics["reliability"].items()}
-        lines = [f"| {key} | {table[key][0]:.4g} | {table[key][1]:.2g} |"
-                 for key in ("mse", "mse_particles", "rmse", "nll", "crps")]
-        for level, (mu, se) in metrics["coverage"].items():
-            width = metrics["width"][level]
-            lines.append(f"| coverage {level:.0%} (width {width[0]:.3g}) | {mu:.3f} | {se:.2g} |")
-        shown = min(4, tasks.num_tasks)
-        plots.plot_predictive([posterior.task(i) for i in range(shown)], out / "predictive.png",
-                              queries=[(tasks.x_query[i], tasks.y_query[i]) for i in range(shown)])
-        plots.plot_calibration(metrics["reliability"], out / "calibration.png", label=learner.method)
-        return table, lines
-
-
-class ClassificationFamily:
-    """N-way K-shot classification: the bundled digits (``digits-NwayKshot``) or an image
-    folder (``folder:PATH``), with :class:`~pyro_bmaml.tasks.models.BayesianClassifier`."""
-
-    name = "classification"
-    eval_tasks = 600
-
-    def method_defaults(self, method: str, config: dict) -> dict:
-        """Steps picked on the validation classes of digits 5-way 1-shot (200 iterations;
-        BMAML 0.05 / 0.2 / 0.5, EMAML and MAML 0.4 / 1.0): BMAML's SVGD step is on the log
-        joint *summed* over the N*K support points, so it is 0.5 / K; MAML's and EMAML's
-        are on the *mean* cross-entropy (Finn et al.'s Omniglot step is 0.4)."""
-        return {
-            "bmaml": {"step_size": 0.5 / config["shots"], "objective": "chaser",
-                      "noise_step_size": None},
-            "emaml": {"step_size": 0.4, "objective": "nll"},
-            "maml": {"step_size": 1.0, "objective": "nll"},
-        }[method]
-
-    def hidden(self, config):
-        return (64, 64) if config.get("network", "mlp") == "mlp" else (32,)
-
-    def source(self, config):
-        from .tasks.fewshot import FewShotClassification
-
-        common = dict(ways=config["ways"], shots=config["shots"], query=config["query"],
-                      seed=config["seed"])
-        if config["task"].startswith("folder:"):
-            return FewShotClassification.from_folder(
-                config["task"][len("folder:"):], image_size=tuple(config["image_size"]),
-                channels=config["channels"], **common)
-        return FewShotClassification.digits(**common)
-
-    def model(self, config):
-        hidden = config["hidden"]
-        shape = (1, 8, 8) if config["task"].startswith("digits") else (
-            config["channels"], *config["image_size"])
-        return BayesianClassifier(config["ways"], shape, network=config.get("network", "mlp"),
-                                  hidden=tuple(hidden),
-                                  shared=config.get("shared", "none"))
-
-    def sources(self, config, learner=None):
-        source = self.source(config)
-        return source, source, None
-
-    def metrics(self, posterior, x_query, y_query):
-        return classification_metrics(posterior, x_query, y_query)
-
-    def headline(self, metrics: dict) -> str:
-        return (f"accuracy {metrics['accuracy'][0]:.4f}, NLL {metrics['nll'][0]:.4f}, "
-                f"ECE {metrics['ece'][0]:.4f}")
-
-    def summary(self, metrics: dict, num_tasks: int) -> str:
-        acc, nll = metrics["accuracy"], metrics["nll"]
-        return "\n".join([
-            f"test accuracy {acc[0]:.4f} +- {metrics['accuracy_ci95']:.4f} (95% CI over "
-            f"{num_tasks} episodes of unseen classes)   test NLL {nll[0]:.4f} +- {nll[1]:.4f} "
-            "(mixture, per query point)",
-            f"ECE {metrics['ece'][0]:.4f}   MCE {metrics['mce'][0]:.4f} (top-label, 15 bins, "
-            f"pooled; 0 is calibrated)   Brier {metrics['brier'][0]:.4f}",
-        ])
-
-    def write(self, learner, posterior, tasks, metrics, out: Path):
-        from .evaluation import plots
-        table = {k: metrics[k] for k in ("accuracy", "error_rate", "nll", "brier", "ece", "mce",
-                                         "entropy_correct", "entropy_wrong")}
-        table["accuracy_ci95"] = metrics["accuracy_ci95"]
-        bins = metrics["reliability"]
-        table["reliability"] = {k: v.tolist() for k, v in bins.items()}
-        lines = [f"| {key} | {table[key][0]:.4g} | {table[key][1]:.2g} |"
-                 for key in ("accuracy", "nll", "brier", "ece", "mce", "entropy_correct",
-                             "entropy_wrong")]
-        plots.plot_confidence_reliability({learner.method.upper(): bins}, out / "calibration.png")
-        return table, lines
-
-
-class NavigationFamily:
-    """Meta-RL on 2-D point navigation (``point-nav``): goals as tasks, rollouts of the
-    particles' policies as data, :class:`~pyro_bmaml.tasks.models.GaussianMLPPolicy` as model."""
-
-    name = "navigation"
-    eval_tasks = 40
-
-    def method_defaults(self, method: str, config: dict) -> dict:
-        """MAML-RL's inner step 0.1 on the surrogate averaged over steps (MAML and EMAML's
-        ``"nll"`` objective is that average); BMAML's SVPG step is on the sum over the
-        ``episodes * horizon`` steps, so the same move takes 0.1 / (episodes * horizon)."""
-        steps = config.get("episodes", 10) * 100
-        return {
-            "bmaml": {"step_size": 0.1 / steps, "objective": "chaser", "noise_step_size": None},
-            "emaml": {"step_size": 0.1, "objective": "nll"},
-            "maml": {"step_size": 0.1, "objective": "nll"},
-        }[method]
-
-    def hidden(self, config):
-        return (32, 32)
-
-    def model(self, config):
-        from .tasks.models import GaussianMLPPolicy
-
-        return GaussianMLPPolicy(hidden=tuple(config["hidden"]), init_std=0.1,
-                                 temperature=config.get("temperature", 1.0))
-
-    def sources(self, config, learner=None):
-        from .tasks.navigation import NavigationTasks
-
-        policy = learner.model if learner is not None else self.model(config)
-        # the leader's step takes as many fresh episodes as MAML's and EMAML's query loss:
-        # every method sees the same rollouts per meta-iteration (2 x episodes)
-        source = NavigationTasks(policy, episodes=config["episodes"],
-                                 leader_episodes=config["episodes"],
-                                 query_episodes=config["episodes"])
-        return source, source, None
-
-    metrics = None  # the batch scores the learner itself (returns before / after)
-
-    def headline(self, metrics: dict) -> str:
-        return f"return after adaptation {metrics['return'][0]:.2f}"
-
-    def summary(self, metrics: dict, num_tasks: int) -> str:
-        after, before = metrics["return"], metrics["return_before"]
-        return (f"average return per episode after adaptation {after[0]:.2f} +- {after[1]:.2f} "
-                f"(before: {before[0]:.2f} +- {before[1]:.2f}; {num_tasks} held-out goals, "
-                "mean +- s.e.)")
-
-    def score(self, learner, tasks, num_steps=None):
-        """``(metrics, table, markdown rows)`` of the report: the batch rolls the policies
-        out before and after adaptation (no posterior over data, so no KSD)."""
-        metrics = tasks.evaluate(learner, num_steps=num_steps)
-        lines = [f"| {k} | {v[0]:.4g} | {v[1]:.2g} |" for k, v in metrics.items()]
-        return metrics, dict(metrics), lines
-
-
-_DIGITS = re.compile(r"^digits-(\d+)way-(\d+)shot$")
-
-
-def task_family(task: str):
-    """The family of a ``--task`` value (see :data:`TASK_FAMILIES`)."""
-    if task == "sinusoid":
-        return TASK_FAMILIES["sinusoid"]
-    if _DIGITS.match(task) or task.startswith("folder:"):
-        return TASK_FAMILIES["classification"]
-    if task == "point-nav":
-        return TASK_FAMILIES["navigation"]
-    raise ValueError(f"unknown --task {task!r}: use sinusoid, digits-NwayKshot (e.g. "
-                     "digits-5way-1shot), folder:PATH or point-nav")
-
-
-#: the task families the CLI knows: a task source, a model, and their report
-TASK_FAMILIES = {"sinusoid": SinusoidFamily(), "classification": ClassificationFamily(),
-                 "navigation": NavigationFamily()}
+def _import_modules(modules) -> None:
+    """Import the ``--import`` modules (their ``register_family`` calls run)."""
+    for name in modules or ():
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(f"--import {name}: {err}") from None
 
 
 def resolve_config(config: dict) -> dict:
@@ -297,11 +75,14 @@ def resolve_config(config: dict) -> dict:
     ``None`` for the learner's default."""
     out = dict(config)
     out.setdefault("task", "sinusoid")
+    _import_modules(out.get("imports"))
     family = task_family(out["task"])
     for key, value in family.method_defaults(out["method"], out).items():
         if out.get(key) is None:
             out[key] = value
-    if out.get("hidden") is None:
+    if out.get("inner_steps") is None:
+        out["inner_steps"] = family.inner_steps
+    if out.get("hidden") is None and family.hidden(out) is not None:
         out["hidden"] = list(family.hidden(out))
     out.setdefault("calibration", None)
     return out
@@ -317,13 +98,25 @@ def build_learner(config: dict):
     (BMAML only).
     """
     config = resolve_config(config)
-    model = task_family(config["task"]).model(config)
-    common = dict(inner_steps=config["inner_steps"], step_size=config["step_size"], init="paper",
-                  objective=config["objective"], calibration=config["calibration"],
+    family = task_family(config["task"])
+    model = family.model(config)
+    common = dict(inner_steps=config.get("inner_steps"), step_size=config["step_size"],
+                  init=family.init, objective=config["objective"],
+                  calibration=config["calibration"],
                   shared_step_size=config.get("shared_step_size"))
+    if family.init == "prior":  # the model's sites from one of the family's tasks
+        source = family.sources(config)[0]
+        example = source.evaluation_tasks(1, seed=0)
+        common["example_args"] = (example.x_support[0], example.y_support[0])
+    if config.get("learn_step_size") is not None:
+        common["learn_step_size"] = config["learn_step_size"]
+    if common["inner_steps"] is None:  # the learner's own default
+        del common["inner_steps"]
     if config["method"] == "bmaml":
+        extra = ({} if config.get("chaser_trains_noise") is None
+                 else {"chaser_trains_noise": config["chaser_trains_noise"]})
         return BMAML(model, num_particles=config["particles"], leader_steps=config["leader_steps"],
-                     noise_step_size=config["noise_step_size"], **common)
+                     noise_step_size=config.get("noise_step_size"), **common, **extra)
     if config["method"] == "emaml":
         return EMAML(model, num_particles=config["particles"], **common)
     return MAML(model, **common)
@@ -360,7 +153,7 @@ def write_report(learner, tasks: TaskBatch, out: Path, history: Optional[dict] =
     the training curves."""
     from .evaluation import plots  # plotting stays out of the library's import path
 
-    family = family or TASK_FAMILIES["sinusoid"]
+    family = family or task_family("sinusoid")
     out.mkdir(parents=True, exist_ok=True)
     tasks = tasks.to(device=next(learner.parameters()).device)
     ksd = None
@@ -391,10 +184,15 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="meta-train on a task family and evaluate",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--task", default="sinusoid",
-                   help="sinusoid, digits-NwayKshot (e.g. digits-5way-1shot: scikit-learn's "
-                        "8x8 digits, 4 rotations per digit as classes), folder:PATH (one "
-                        "folder of images per class; --ways, --shots) or point-nav (meta-RL, "
-                        "2-D navigation; --episodes)")
+                   help="a registered task family: sinusoid, digits-NwayKshot (e.g. "
+                        "digits-5way-1shot: scikit-learn's 8x8 digits, 4 rotations per digit "
+                        "as classes), folder:PATH (one folder of images per class; --ways, "
+                        "--shots), point-nav (meta-RL, 2-D navigation; --episodes), the "
+                        "families suite (normal-gamma, student-t, subspace-classification, "
+                        "logistic-glm, hierarchical) or one an --import module registers")
+    t.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
+                   help="import MODULE first (repeatable): a module that registers your own "
+                        "task family with pyro_bmaml.tasks.registry.register_family")
     t.add_argument("--method", choices=METHODS, default="bmaml")
     t.add_argument("--objective", choices=OBJECTIVES, default=None,
                    help="bmaml: chaser or bfa; emaml/maml: mse (regression, as the papers), "
@@ -446,7 +244,15 @@ def parser() -> argparse.ArgumentParser:
                         "(sinusoid: 1e-3 bmaml and emaml, 1e-2 maml)")
     t.add_argument("--noise-step-size", type=_positive(float), default=None,
                    help="bmaml: SVGD step of the noise precision; None: 3e-3 on sinusoid")
-    t.add_argument("--inner-steps", type=_positive(int), default=1)
+    t.add_argument("--inner-steps", type=_positive(int), default=None,
+                   help="adaptation steps n; None: the family's (1, the paper's, on sinusoid, "
+                        "classification and point-nav), else the learner's (BMAML 3)")
+    t.add_argument("--fixed-step", action="store_true",
+                   help="keep the adaptation step fixed (default for bmaml: a meta-learned "
+                        "step per site, Meta-SGD style)")
+    t.add_argument("--chaser-trains-noise", action="store_true",
+                   help="bmaml: let the chaser's meta-gradient reach the initial noise "
+                        "coordinates, as the official code (unstable at large --lr)")
     t.add_argument("--leader-steps", type=_positive(int), default=1)
     t.add_argument("--lr", type=_positive(float), default=1e-3)
     t.add_argument("--schedule-iterations", type=_positive(int), default=100_000,
@@ -508,13 +314,10 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool) -> Path:
 
 
 def train(args) -> int:
+    _import_modules(args.imports)
     family = task_family(args.task)
     if args.method == "bmaml" and args.particles < 2:
         raise ValueError("--particles must be >= 2 for bmaml (use --method maml for one)")
-    if family.name == "sinusoid" and args.meta_batch > args.num_tasks:
-        raise ValueError(f"--meta-batch ({args.meta_batch}) exceeds --num-tasks ({args.num_tasks})")
-    if not 0.0 <= args.calibration_holdout < 1.0:
-        raise ValueError(f"--calibration-holdout must be in [0, 1), got {args.calibration_holdout}")
     config = {
         "task": args.task, "method": args.method, "objective": args.objective,
         "particles": args.particles, "hidden": None if args.hidden is None else list(args.hidden),
@@ -522,20 +325,15 @@ def train(args) -> int:
         "leader_steps": args.leader_steps, "seed": args.seed, "calibration": args.calibration,
         "noise_step_size": args.noise_step_size, "meta_batch": args.meta_batch,
     }
-    if family.name == "sinusoid":
-        config.update(shots=args.shots or 10, num_tasks=args.num_tasks, variant=args.variant,
-                      calibration_holdout=args.calibration_holdout)
-    elif family.name == "navigation":
-        config.update(episodes=args.episodes, temperature=args.temperature)
-    else:
-        match = _DIGITS.match(args.task)
-        ways, shots = (int(match.group(1)), int(match.group(2))) if match else (args.ways, 1)
-        if match and args.shots is not None and args.shots != shots:
-            raise ValueError(f"--shots {args.shots} contradicts --task {args.task}")
-        config.update(ways=ways, shots=args.shots or shots, query=args.query,
-                      network=args.network, shared=args.shared,
-                      shared_step_size=args.shared_step_size,
-                      image_size=list(args.image_size), channels=args.channels)
+    if args.fixed_step:
+        config["learn_step_size"] = False
+    if args.chaser_trains_noise:
+        if args.method != "bmaml":
+            raise ValueError("--chaser-trains-noise is a bmaml option")
+        config["chaser_trains_noise"] = True
+    if args.imports:
+        config["imports"] = list(args.imports)
+    config.update(family.configure(args.task, args))
     config = resolve_config(config)
     eval_count = args.eval_tasks or family.eval_tasks
     # under torchrun: join the process group; rank 0 alone prepares --out and reports

@@ -169,3 +169,76 @@ def test_torchrun_two_processes_equal_one(tmp_path, capsys):
     torch.testing.assert_close(two["learner"]["theta0"], one["learner"]["theta0"],
                                rtol=1e-5, atol=1e-6)
     assert (tmp_path / "two" / "evaluation" / "metrics.json").is_file()
+
+
+FAMILY_MODULE = '''
+import pyro, pyro.distributions as dist, torch
+from pyro_bmaml.tasks.base import TaskBatch
+from pyro_bmaml.tasks.registry import TaskFamily, register_family
+
+
+def model(x, y=None):
+    slope = pyro.sample("slope", dist.Normal(0.0, 2.0))
+    tau = pyro.sample("tau", dist.Gamma(2.0, 0.5))
+    mean = slope * x[:, 0]
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal(mean, tau.rsqrt()), obs=y)
+    return mean
+
+
+class Lines:
+    def draw(self, t, g):
+        x = torch.rand(t, 8, 1, generator=g) * 4 - 2
+        y = (1 + 0.3 * torch.randn(t, 1, generator=g)) * x[..., 0] + 0.2 * torch.randn(t, 8, generator=g)
+        return TaskBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
+
+    def sample(self, batch_size, generator):
+        return self.draw(batch_size, generator)
+
+    def evaluation_tasks(self, num_tasks=100, seed=12345):
+        return self.draw(num_tasks, torch.Generator().manual_seed(seed))
+
+
+class LineFamily(TaskFamily):
+    name = "my-lines"
+    eval_tasks = 20
+
+    def model(self, config):
+        return model
+
+    def sources(self, config, learner=None):
+        return Lines(), Lines(), None
+
+
+register_family(LineFamily())
+'''
+
+
+def test_a_family_defined_outside_the_package_trains_and_evaluates(tmp_path, monkeypatch, capsys):
+    """The registry as a user meets it: a module of their own registers a family, the CLI
+    imports it (``--import``), trains on it with the learners' defaults, and ``evaluate``
+    finds it again from the checkpoint's recorded configuration."""
+    (tmp_path / "my_lines_family.py").write_text(FAMILY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    assert main(["train", "--import", "my_lines_family", "--task", "my-lines", "--iterations",
+                 "5", "--particles", "4", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "test mse" in printed and "before meta-training" in printed
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--out", str(tmp_path / "ev")]) == 0
+    assert "after 5 meta-iterations" in capsys.readouterr().out
+    assert main(["train", "--task", "no-such-family", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown --task 'no-such-family'" in capsys.readouterr().err
+    assert main(["train", "--import", "no_such_module_xyz", "--out", str(tmp_path / "y")]) == 2
+    assert "--import no_such_module_xyz" in capsys.readouterr().err
+
+
+def test_registry_refuses_a_taken_name():
+    from pyro_bmaml.tasks.registry import TaskFamily, register_family, task_family
+
+    with pytest.raises(ValueError, match="registered already"):
+        register_family(TaskFamily.__new__(type("S", (TaskFamily,), {"name": "sinusoid"})))
+    assert task_family("digits-5way-1shot").name == "classification"
+    assert task_family("normal-gamma").name == "normal-gamma"
+    with pytest.raises(TypeError, match="TaskFamily"):
+        register_family(object())

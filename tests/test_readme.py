@@ -23,3 +23,9 @@ def test_readme_python_example_runs():
     assert namespace["adapted_body"].shared_step_size == 0.4
     assert 0.0 <= namespace["body_scores"]["accuracy"][0] <= 1.0
     assert namespace["returns"]["return"][0] < 0  # minus distances
+    # the families block: references ordered, a gap share computed; the registry entry
+    refs = namespace["refs"]
+    assert refs["true"] < refs["broad"]
+    assert isinstance(namespace["gap_closed"](refs["true"], refs["broad"], refs["true"]), float)
+    from pyro_bmaml.tasks.registry import task_family
+    assert task_family("noisy-lines").name == "noisy-lines"

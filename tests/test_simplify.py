@@ -391,3 +391,33 @@ def test_detaches_are_dropped_only_for_graphs_replayed_without_autograd():
                if n.op == "call_function"]
     assert aten.detach.default in kept and aten.detach.default not in dropped
     torch.testing.assert_close(simplify(recorded, inference=True)(a), fn(a))
+
+
+def test_a_softmax_regression_with_a_transposed_weight_replays():
+    """A user's model computing ``x @ w.T`` (the families suite's softmax regression): its
+    log density and gradient replay from the recorded joint graph, equal to autograd's.
+    Rule 9 used to fuse ``c + a * b`` with ``c`` a transpose into ``addcmul``, which takes
+    ``c``'s strides, and a later ``view`` of the sum failed at replay; the sum is now left
+    unfused where the fused operator's layout would differ."""
+    import pyro
+    import pyro.distributions as dist
+
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3, 4), 1.0).to_event(2))
+        logits = x @ w.T
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+        return logits.softmax(-1)
+
+    x, y = torch.randn(2, 6, 4), torch.randint(0, 3, (2, 6))
+    potential = pb.ModelPotential(model)
+    potential.setup(x[0], y[0])
+    theta = torch.randn(2, 5, potential.dim)
+    log_p, grad = potential.log_density_and_grad(theta, x, y)
+    reference = pb.ModelPotential(model, capture=False)
+    reference.setup(x[0], y[0])
+    t = theta.clone().requires_grad_(True)
+    expected = reference.log_density(t, x, y)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), t)
+    torch.testing.assert_close(log_p, expected.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)

@@ -446,6 +446,11 @@ class _Rewriter:
                 fused = (aten.addcmul.default, (other,) + tuple(product.args))
             else:
                 continue
+            # the fused operator takes its layout from its operands (addcmul from ``c``,
+            # which may be a transpose): keep the sum's strides, on which later views rely
+            target, args = fused
+            if target(*[_meta(a) for a in args]).stride() != _val(node).stride():
+                continue
             self.before = node  # (addcmul broadcasts all three, as the sum did)
             self.replace(node, self.new(*fused))
             return True

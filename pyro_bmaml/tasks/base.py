@@ -243,3 +243,105 @@ class Sinusoid:
         """Held-out tasks with noise-free targets (fixed by ``seed``)."""
         num_tasks = check_int("num_tasks", num_tasks, 1)
         return self._draw(num_tasks, torch.Generator().manual_seed(seed), noisy=False)
+
+
+from .registry import TaskFamily  # noqa: E402  (the CLI's entry for this module's family)
+
+
+class SinusoidFamily(TaskFamily):
+    """``--task sinusoid``: the paper's first benchmark with the Bayesian MLP (the CLI's
+    family entry, see :mod:`pyro_bmaml.tasks.registry`)."""
+
+    name = "sinusoid"
+    eval_tasks = 100
+    init = "paper"
+    inner_steps = 1  # the paper's n
+
+    def configure(self, task, args) -> dict:
+        num_tasks, meta_batch = args.num_tasks, args.meta_batch
+        if meta_batch > num_tasks:
+            raise ValueError(f"--meta-batch ({meta_batch}) exceeds --num-tasks ({num_tasks})")
+        if not 0.0 <= args.calibration_holdout < 1.0:
+            raise ValueError(f"--calibration-holdout must be in [0, 1), got {args.calibration_holdout}")
+        return {"shots": args.shots or 10, "num_tasks": num_tasks, "variant": args.variant,
+                "calibration_holdout": args.calibration_holdout}
+
+    def method_defaults(self, method: str, config: dict) -> dict:
+        """The papers' adaptation steps (BMAML's eps, the official EMAML's alpha, Finn et
+        al.'s alpha) and meta-objectives; BMAML's noise precision takes a 3x larger SVGD
+        step (task-adaptive noise: ``results/calibration.md``)."""
+        return {"bmaml": {"step_size": 1e-3, "objective": "chaser", "noise_step_size": 3e-3},
+                "emaml": {"step_size": 1e-3, "objective": "mse"},
+                "maml": {"step_size": 1e-2, "objective": "mse"}}[method]
+
+    def hidden(self, config):
+        return (40, 40, 40)
+
+    def model(self, config):
+        from .models import BayesianMLP
+
+        return BayesianMLP(hidden=tuple(config["hidden"]))
+
+    def sources(self, config: dict, learner=None):
+        """``(source, training_tasks, calibration_tasks)``: the pool, the tasks meta-trained
+        on, and the held-out share of the pool (``calibration_holdout``, a fraction) that only
+        the learner's calibration term sees (``None`` when there is no such share)."""
+        source = Sinusoid(config["variant"], config["num_tasks"], config["shots"],
+                          seed=config["seed"])
+        fraction = config.get("calibration_holdout") or 0.0
+        if (not fraction or config["num_tasks"] is None
+                or (learner is not None and not learner.has_calibration_term)):
+            return source, source, None
+        holdout = max(1, round(fraction * config["num_tasks"]))
+        if config["num_tasks"] - holdout < config.get("meta_batch", 1):
+            raise ValueError(
+                f"--calibration-holdout {fraction} keeps {config['num_tasks'] - holdout} of "
+                f"--num-tasks {config['num_tasks']} for training, fewer than --meta-batch "
+                f"{config.get('meta_batch')}; lower it or use 0")
+        training, calibration = source.split(holdout, seed=config["seed"])
+        return source, training, calibration
+
+    def metrics(self, posterior, x_query, y_query):
+        from ..evaluation.metrics import regression_metrics
+
+        return regression_metrics(posterior, x_query, y_query, crps=True)
+
+    def headline(self, metrics: dict) -> str:
+        return (f"MSE {metrics['mse'][0]:.4f}, NLL {metrics['nll'][0]:.4f}, 90% coverage "
+                f"{metrics['coverage'][0.9][0]:.3f}")
+
+    def summary(self, metrics: dict, num_tasks: int) -> str:
+        mse, nll = metrics["mse"], metrics["nll"]
+        c50, c90 = metrics["coverage"][0.5], metrics["coverage"][0.9]
+        lines = [
+            f"test MSE {mse[0]:.4f} +- {mse[1]:.4f} (particle mean; predicting 0 scores 4.25)   "
+            f"test NLL {nll[0]:.4f} +- {nll[1]:.4f} (mixture, per query point)",
+            f"coverage of the central 50% / 90% intervals: {c50[0]:.3f} / {c90[0]:.3f} "
+            f"(nominal 0.50 / 0.90)   ({num_tasks} evaluation tasks, mean +- s.e.)",
+        ]
+        if abs(c90[0] - 0.9) > 0.1:
+            lines.append("note: the 90% intervals are " + (
+                "too narrow (overconfident)" if c90[0] < 0.9 else "too wide (underconfident)")
+                + "; see calibration.png")
+        return "\n".join(lines)
+
+    def write(self, learner, posterior, tasks, metrics, out):
+        from ..evaluation import plots
+
+        table = {k: metrics[k] for k in ("mse", "mse_particles", "rmse", "nll", "crps")}
+        table["coverage"] = {str(k): v for k, v in metrics["coverage"].items()}
+        table["width"] = {str(k): v for k, v in metrics["width"].items()}
+        table["reliability"] = {str(k): v for k, v in metrics["reliability"].items()}
+        lines = [f"| {key} | {table[key][0]:.4g} | {table[key][1]:.2g} |"
+                 for key in ("mse", "mse_particles", "rmse", "nll", "crps")]
+        for level, (mu, se) in metrics["coverage"].items():
+            width = metrics["width"][level]
+            lines.append(f"| coverage {level:.0%} (width {width[0]:.3g}) | {mu:.3f} | {se:.2g} |")
+        shown = min(4, tasks.num_tasks)
+        plots.plot_predictive([posterior.task(i) for i in range(shown)], out / "predictive.png",
+                              queries=[(tasks.x_query[i], tasks.y_query[i]) for i in range(shown)])
+        plots.plot_calibration(metrics["reliability"], out / "calibration.png", label=learner.method)
+        return table, lines
+
+
+SINUSOID_FAMILY = SinusoidFamily()
