@@ -162,7 +162,8 @@ def markdown(table, budget):
         f"{' '.join(map(str, budget['seeds']))} --update-results` "
         f"({budget['iterations']} meta-iterations on fresh tasks, meta-batch 10, Adam at each "
         f"lr with the x0.98 decay over the run, M = 10 (MAML 1), every learner with its "
-        f"defaults; {budget['eval_tasks']} held-out tasks; mean +- s.e. over seeds).",
+        f"defaults, the baselines with their papers' classification steps on the N-way "
+        f"family; {budget['eval_tasks']} held-out tasks; mean +- s.e. over seeds).",
         "",
         "Gap closed: (NLL of the broad-prior reference - NLL) / (broad - Bayes-optimal), per "
         "query point; 1 is Bayes-optimal, 0 is exact inference under a prior that knows "

@@ -247,12 +247,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--inner-steps", type=_positive(int), default=None,
                    help="adaptation steps n; None: the family's (1, the paper's, on sinusoid, "
                         "classification and point-nav), else the learner's (BMAML 3)")
-    t.add_argument("--fixed-step", action="store_true",
-                   help="keep the adaptation step fixed (default for bmaml: a meta-learned "
-                        "step per site, Meta-SGD style)")
-    t.add_argument("--chaser-trains-noise", action="store_true",
+    t.add_argument("--learn-step-size", action=argparse.BooleanOptionalAction, default=None,
+                   help="meta-learn the adaptation step per site (Meta-SGD style); None: the "
+                        "family's choice (off on sinusoid, digits and point-nav, as their "
+                        "records were run), else the learner's (bmaml: on)")
+    t.add_argument("--chaser-trains-noise", action=argparse.BooleanOptionalAction, default=None,
                    help="bmaml: let the chaser's meta-gradient reach the initial noise "
-                        "coordinates, as the official code (unstable at large --lr)")
+                        "coordinates, as the official code (unstable at large --lr); None: the "
+                        "family's choice (on for sinusoid), else off")
     t.add_argument("--leader-steps", type=_positive(int), default=1)
     t.add_argument("--lr", type=_positive(float), default=1e-3)
     t.add_argument("--schedule-iterations", type=_positive(int), default=100_000,
@@ -325,12 +327,10 @@ def train(args) -> int:
         "leader_steps": args.leader_steps, "seed": args.seed, "calibration": args.calibration,
         "noise_step_size": args.noise_step_size, "meta_batch": args.meta_batch,
     }
-    if args.fixed_step:
-        config["learn_step_size"] = False
-    if args.chaser_trains_noise:
-        if args.method != "bmaml":
-            raise ValueError("--chaser-trains-noise is a bmaml option")
-        config["chaser_trains_noise"] = True
+    if args.chaser_trains_noise is not None and args.method != "bmaml":
+        raise ValueError("--chaser-trains-noise is a bmaml option")
+    config.update(learn_step_size=args.learn_step_size,
+                  chaser_trains_noise=args.chaser_trains_noise)
     if args.imports:
         config["imports"] = list(args.imports)
     config.update(family.configure(args.task, args))

@@ -269,8 +269,13 @@ class SinusoidFamily(TaskFamily):
     def method_defaults(self, method: str, config: dict) -> dict:
         """The papers' adaptation steps (BMAML's eps, the official EMAML's alpha, Finn et
         al.'s alpha) and meta-objectives; BMAML's noise precision takes a 3x larger SVGD
-        step (task-adaptive noise: ``results/calibration.md``)."""
-        return {"bmaml": {"step_size": 1e-3, "objective": "chaser", "noise_step_size": 3e-3},
+        step (task-adaptive noise: ``results/calibration.md``). BMAML keeps the paper's
+        fixed step and the official code's chaser gradient on the noise precision
+        (``learn_step_size=False``, ``chaser_trains_noise=True``): with the library's
+        defaults the held-out MSE at 2,000 iterations was 3.00 instead of 1.98 (the
+        chaser-trained steps shrink here; README, *Defaults for your own model*)."""
+        return {"bmaml": {"step_size": 1e-3, "objective": "chaser", "noise_step_size": 3e-3,
+                          "learn_step_size": False, "chaser_trains_noise": True},
                 "emaml": {"step_size": 1e-3, "objective": "mse"},
                 "maml": {"step_size": 1e-2, "objective": "mse"}}[method]
 

@@ -242,6 +242,11 @@ def _gamma(shape: float, rate: float, num: int, generator: torch.Generator) -> t
     return torch._standard_gamma(torch.full((num,), float(shape)), generator=generator) / rate
 
 
+def _support_and_query(x: torch.Tensor, y: torch.Tensor, k: int) -> TaskBatch:
+    """The first ``k`` points of each task as its support set, the rest as its query set."""
+    return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+
+
 def _line_features(x):  # (T, N, 1) -> (T, N, 2): slope, intercept
     return torch.cat([x, torch.ones_like(x)], -1)
 
@@ -277,8 +282,7 @@ class NormalGammaRegression(SyntheticFamily):
         x = 4 * torch.rand(num_tasks, n, 1, generator=generator) - 2
         y = (_line_features(x) @ w.unsqueeze(-1)).squeeze(-1)
         y = y + torch.randn(num_tasks, n, generator=generator) * tau.rsqrt()[:, None]
-        k = self.num_support
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        return _support_and_query(x, y, self.num_support)
 
     @staticmethod
     def model(x, y=None):
@@ -337,8 +341,7 @@ class StudentTRegression(SyntheticFamily):
         chi2 = 2 * torch._standard_gamma(torch.full((num_tasks, n), self.df / 2), generator=generator)
         noise = torch.randn(num_tasks, n, generator=generator) / (chi2 / self.df).sqrt()
         y = (_line_features(x) @ w.unsqueeze(-1)).squeeze(-1) + self.scale * noise
-        k = self.num_support
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        return _support_and_query(x, y, self.num_support)
 
     @staticmethod
     def model(x, y=None):
@@ -518,8 +521,7 @@ class LogisticGLM(SyntheticFamily):
         x = torch.randn(num_tasks, n, 3, generator=generator)
         logits = (x @ coef[:, :3, None]).squeeze(-1) + coef[:, 3:]
         y = (torch.rand(num_tasks, n, generator=generator) < logits.sigmoid()).float()
-        k = self.num_support
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        return _support_and_query(x, y, self.num_support)
 
     @staticmethod
     def model(x, y=None):
@@ -584,8 +586,7 @@ class HierarchicalRegression(SyntheticFamily):
         x = 4 * torch.rand(num_tasks, n, 2, generator=generator) - 2
         y = (x @ torch.tensor(self.beta)) + u + self.true_noise_sd * torch.randn(
             num_tasks, n, generator=generator)
-        k = self.num_support
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        return _support_and_query(x, y, self.num_support)
 
     @staticmethod
     def model(x, y=None):
