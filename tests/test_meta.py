@@ -31,6 +31,7 @@ def _bmaml64(**kw):
     # the chaser's own math: a fixed step, the meta-gradient reaching every coordinate
     kw.setdefault("learn_step_size", False)
     kw.setdefault("chaser_trains_noise", True)
+    kw.setdefault("inner_steps", 1)
     learner = BMAML(model, num_particles=3, step_size=1e-2, **kw)
     learner.theta0.data = learner.theta0.data.double()
     return learner
@@ -593,3 +594,30 @@ def test_the_aggregate_posterior_is_the_exported_prior_given_tasks():
     assert callable(learner.model_with_learned_prior(tasks=tasks))
     with pytest.raises(TypeError, match="TaskBatch"):
         learner.prior_distribution(tasks=(tasks.x_support, tasks.y_support))
+
+
+def test_steps_learned_by_the_query_nll_route_the_gradients_apart():
+    """``step_size_objective="query_nll"``: the log-steps get the gradient of the chaser
+    particles' calibrated query NLL, ``theta0`` that of the chaser distance alone, and the
+    loss's value is the chaser's (the rerouting adds zero)."""
+    torch.set_default_dtype(torch.float64)
+    kw = dict(num_particles=3, step_size=1e-2, init="paper", calibration="none",
+              kernel=pb.RBFSteinKernel(detach_bandwidth=False))
+    routed = BMAML(tiny_model(), step_size_objective="query_nll", **kw)
+    plain = BMAML(tiny_model(), **kw)
+    plain.load_state_dict(routed.state_dict())
+    batch = tiny_batch()
+    loss = routed.meta_loss(batch)
+    loss.backward()
+    reference = plain.meta_loss(batch)
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(routed.theta0.grad, plain.theta0.grad)
+    # the query NLL's gradient in the log-steps, computed directly
+    chaser, _ = plain.adapt_on(batch, "support", plain._initial_for_adaptation(2), plain.inner_steps)
+    nll = plain.mixture_nll(chaser, *batch.adaptation_data("query", chaser)).mean()
+    (expected,) = torch.autograd.grad(nll, plain.log_step_size)
+    torch.testing.assert_close(routed.log_step_size.grad, expected)
+    assert not torch.allclose(expected, plain.log_step_size.grad)  # the routing matters
+    with pytest.raises(ValueError, match="step_size_objective"):
+        BMAML(tiny_model(), step_size_objective="mse", **kw)
