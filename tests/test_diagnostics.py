@@ -60,7 +60,7 @@ def test_inference_data_groups_dims_and_shapes(adapted):
     attrs = idata.posterior.attrs
     assert attrs["inference_method"] == "bmaml" and attrs["num_particles"] == 5
     assert attrs["bandwidth_rule"] == "median" and attrs["step_size"] == 1e-3
-    assert "RBFSteinKernel" in attrs["kernel"] and attrs["num_steps"] == 1
+    assert "RBFSteinKernel" in attrs["kernel"] and attrs["num_steps"] == learner.inner_steps == 3
 
 
 def test_single_task_posterior_has_a_task_dim_of_one(adapted):

@@ -455,7 +455,7 @@ def test_non_finite_meta_gradient_is_never_stepped_or_saved(tmp_path, monkeypatc
 
 
 def test_divergence_inside_adaptation_names_the_meta_iteration():
-    learner = BMAML(tiny_model(), num_particles=3, init="paper", step_size=1e6)
+    learner = BMAML(tiny_model(), num_particles=3, init="paper", step_size=1e6, inner_steps=1)
     with pytest.raises(FloatingPointError, match="meta-iteration 0: SVGD step 0: .* likely "
                                                  "cause: the adaptation step size"):
         learner.fit(Sinusoid(num_tasks=20, num_support=5), 3, meta_batch_size=2, progress=False)
@@ -519,7 +519,7 @@ def test_learned_step_sizes_get_the_meta_gradient_of_the_chaser():
     non-noise site, the step of every coordinate of a site equal, the noise sites' step
     fixed, and the chaser loss's gradient in the log-steps equal to finite differences."""
     torch.set_default_dtype(torch.float64)
-    learner = BMAML(tiny_model(), num_particles=3, step_size=1e-2, init="paper",
+    learner = BMAML(tiny_model(), num_particles=3, step_size=1e-2, init="paper", inner_steps=1,
                     calibration="none", kernel=pb.RBFSteinKernel(detach_bandwidth=False))
     learner.theta0.data = learner.theta0.data.double()
     assert learner.learned_step_sites == [n for n in learner.potential.site_names
