@@ -113,8 +113,8 @@ def build_learner(config: dict):
     if common["inner_steps"] is None:  # the learner's own default
         del common["inner_steps"]
     if config["method"] == "bmaml":
-        extra = ({} if config.get("chaser_trains_noise") is None
-                 else {"chaser_trains_noise": config["chaser_trains_noise"]})
+        extra = {k: config[k] for k in ("chaser_trains_noise", "step_size_objective")
+                 if config.get(k) is not None}
         return BMAML(model, num_particles=config["particles"], leader_steps=config["leader_steps"],
                      noise_step_size=config.get("noise_step_size"), **common, **extra)
     if config["method"] == "emaml":
@@ -251,6 +251,8 @@ def parser() -> argparse.ArgumentParser:
                    help="meta-learn the adaptation step per site (Meta-SGD style); None: the "
                         "family's choice (off on sinusoid, digits and point-nav, as their "
                         "records were run), else the learner's (bmaml: on)")
+    t.add_argument("--step-size-objective", choices=("chaser", "query_nll"), default=None,
+                   help="bmaml with learned steps: what trains them (default: chaser)")
     t.add_argument("--chaser-trains-noise", action=argparse.BooleanOptionalAction, default=None,
                    help="bmaml: let the chaser's meta-gradient reach the initial noise "
                         "coordinates, as the official code (unstable at large --lr); None: the "
@@ -327,10 +329,14 @@ def train(args) -> int:
         "leader_steps": args.leader_steps, "seed": args.seed, "calibration": args.calibration,
         "noise_step_size": args.noise_step_size, "meta_batch": args.meta_batch,
     }
-    if args.chaser_trains_noise is not None and args.method != "bmaml":
-        raise ValueError("--chaser-trains-noise is a bmaml option")
+    for flag, value in (("--chaser-trains-noise", args.chaser_trains_noise),
+                        ("--step-size-objective", args.step_size_objective)):
+        if value is not None and args.method != "bmaml":
+            raise ValueError(f"{flag} is a bmaml option")
     config.update(learn_step_size=args.learn_step_size,
                   chaser_trains_noise=args.chaser_trains_noise)
+    if args.step_size_objective is not None:
+        config["step_size_objective"] = args.step_size_objective
     if args.imports:
         config["imports"] = list(args.imports)
     config.update(family.configure(args.task, args))

@@ -242,3 +242,9 @@ def test_registry_refuses_a_taken_name():
     assert task_family("normal-gamma").name == "normal-gamma"
     with pytest.raises(TypeError, match="TaskFamily"):
         register_family(object())
+
+
+def test_bmaml_only_options_are_refused_for_the_baselines(tmp_path, capsys):
+    for flag in (["--chaser-trains-noise"], ["--step-size-objective", "query_nll"]):
+        assert main(["train", "--method", "emaml", *flag, "--out", str(tmp_path / "r")]) == 2
+        assert "is a bmaml option" in capsys.readouterr().err
