@@ -59,6 +59,22 @@ def _positive(kind):
 OBJECTIVES = ("chaser", "bfa", "mse", "nll", "log_joint")
 
 
+def _check_device(device: str) -> None:
+    """``--device``: a device torch can make, and CUDA only where this torch has it (else
+    one clear error instead of torch's assertion deep inside ``.to``)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device: {err}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build has no usable CUDA "
+                         f"(torch {torch.__version__}, torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None \
+            and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+
+
 def _import_modules(modules) -> None:
     """Import the ``--import`` modules (their ``register_family`` calls run)."""
     for name in modules or ():
@@ -343,6 +359,7 @@ def train(args) -> int:
     config = resolve_config(config)
     eval_count = args.eval_tasks or family.eval_tasks
     # under torchrun: join the process group; rank 0 alone prepares --out and reports
+    _check_device(args.device)
     multi = distributed.init_from_environment(args.device)
     rank, world = distributed.rank_and_size()
     device = args.device
@@ -393,6 +410,7 @@ def train(args) -> int:
 
 
 def evaluate_cmd(args) -> int:
+    _check_device(args.device)
     learner, state = load_learner(args.checkpoint, device=args.device)
     config = resolve_config(state["extra"]["config"])
     family = task_family(config["task"])

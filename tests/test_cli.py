@@ -248,3 +248,16 @@ def test_bmaml_only_options_are_refused_for_the_baselines(tmp_path, capsys):
     for flag in (["--chaser-trains-noise"], ["--step-size-objective", "query_nll"]):
         assert main(["train", "--method", "emaml", *flag, "--out", str(tmp_path / "r")]) == 2
         assert "is a bmaml option" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a torch without CUDA")
+def test_a_device_this_torch_lacks_is_one_clear_error(tmp_path, capsys):
+    """``--device cuda`` on a CPU-only torch: one line naming the device and what to use,
+    not torch's assertion; a malformed device likewise."""
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: this torch build has no usable CUDA" in err and "Traceback" not in err
+    assert main(["train", "--device", "gpu0", "--out", str(tmp_path / "s")]) == 2
+    assert "is not a device" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.pt"), "--device", "cuda:0"]) == 2
+    assert "no usable CUDA" in capsys.readouterr().err
