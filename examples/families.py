@@ -116,7 +116,7 @@ def run_one(job):
                                       args["nuts_samples"], seed)
         row["nuts_theta0_nll"] = nuts_scores(family, learner, tasks, args["nuts_tasks"],
                                              args["nuts_samples"], seed, aggregate=False)
-        sub = family.evaluation_tasks(args["eval_tasks"])[: args["nuts_tasks"]]
+        sub = tasks[: args["nuts_tasks"]]
         row["nuts_refs"] = family.references(sub)
         row["nuts_adapted_nll"] = -float(learner.adapt(sub.x_support, sub.y_support)
                                          .log_predictive_density(sub.x_query, sub.y_query).mean())
@@ -234,8 +234,7 @@ def main():
     if args.from_runs:
         rows = read_runs(args.from_runs)
     else:
-        shared = dict(vars(args), nuts_lr=args.nuts_lr)
-        shared = {k: v for k, v in shared.items() if not isinstance(v, Path)}
+        shared = {k: v for k, v in vars(args).items() if not isinstance(v, Path)}
         jobs = [(f, m, lr, s, shared) for s in args.seeds for f in args.families
                 for m in args.methods for lr in args.lrs]
         rows = run_jobs(run_one, jobs, args.workers, out.with_suffix(".runs.jsonl"))

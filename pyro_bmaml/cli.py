@@ -31,7 +31,7 @@ from .meta.learners import BMAML, EMAML, MAML
 from .evaluation.metrics import mean_and_se
 from .meta.training import config_differences, evaluate
 from .tasks.base import TaskBatch
-from .tasks.registry import registered_families, task_family
+from .tasks.registry import task_family
 
 METHODS = ("bmaml", "emaml", "maml")
 
@@ -349,10 +349,9 @@ def train(args) -> int:
                         ("--step-size-objective", args.step_size_objective)):
         if value is not None and args.method != "bmaml":
             raise ValueError(f"{flag} is a bmaml option")
-    config.update(learn_step_size=args.learn_step_size,
-                  chaser_trains_noise=args.chaser_trains_noise)
-    if args.step_size_objective is not None:
-        config["step_size_objective"] = args.step_size_objective
+    config.update({key: getattr(args, key) for key in
+                   ("learn_step_size", "chaser_trains_noise", "step_size_objective")
+                   if getattr(args, key) is not None})
     if args.imports:
         config["imports"] = list(args.imports)
     config.update(family.configure(args.task, args))

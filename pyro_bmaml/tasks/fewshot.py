@@ -318,8 +318,7 @@ class ClassificationFamily(TaskFamily):
     """``--task digits-NwayKshot`` (the bundled digits) or ``folder:PATH`` (an image folder),
     with :class:`~pyro_bmaml.tasks.models.BayesianClassifier` (the CLI's family entry)."""
 
-    name = "classification"
-    pattern = r"digits-\d+way-\d+shot|folder:.+"
+    name = "classification"  # registered by pattern (tasks/registry.py)
     eval_tasks = 600
     init = "paper"
     inner_steps = 1  # the paper's n

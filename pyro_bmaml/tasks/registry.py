@@ -60,10 +60,6 @@ class TaskFamily:
     #: adaptation steps by default (``None``: each learner's own default)
     inner_steps: Optional[int] = None
 
-    def matches(self, task: str) -> bool:
-        return task == self.name or (self.pattern is not None
-                                     and re.fullmatch(self.pattern, task) is not None)
-
     def configure(self, task: str, args) -> dict:
         """The family's settings from the parsed CLI arguments (default: ``shots``, the
         support points, default 10)."""

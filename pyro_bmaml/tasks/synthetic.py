@@ -47,7 +47,8 @@ import pyro.distributions as dist
 import torch
 
 from .._checks import check_choice, check_int
-from ..evaluation.metrics import calibration_errors, classification_metrics, mean_and_se, regression_metrics
+from ..evaluation.metrics import (calibration_errors, classification_metrics, mean_and_se,
+                                  pit_coverage, regression_metrics)
 from .base import TaskBatch
 
 __all__ = ["SyntheticFamily", "NormalGammaRegression", "StudentTRegression",
@@ -380,8 +381,6 @@ class StudentTRegression(SyntheticFamily):
         return importance_log_predictive(log_prior, loglik, init, self.reference_draws)[0]
 
     def metrics(self, posterior, x_query, y_query):
-        from ..evaluation.metrics import pit_coverage
-
         out = regression_metrics(posterior, x_query, y_query, closed_form=False)
         with torch.no_grad():
             loc = posterior.potential.model_output(posterior.particles, x_query, y_query)
@@ -480,13 +479,18 @@ class SubspaceClassification(SyntheticFamily):
         return {"accuracy": float(correct.mean()), "ece": calibration_errors(conf, correct)[0]}
 
 
+def _binary_hits(p1: torch.Tensor, y: torch.Tensor):
+    """``(confidence, correct)`` of the most probable label under ``p(y = 1) = p1``."""
+    correct = ((p1 > 0.5).to(p1.dtype) == y.to(p1.dtype)).to(p1.dtype)
+    return torch.maximum(p1, 1 - p1), correct
+
+
 def _binary_metrics(posterior, x_query, y_query):
     """Accuracy, NLL, Brier and top-label ECE of a Bernoulli particle mixture."""
     with torch.no_grad():
         p1 = posterior.potential.model_output(posterior.particles, x_query, y_query).mean(1)
         nll = -posterior.log_predictive_density(x_query, y_query).mean(-1)
-    correct = ((p1 > 0.5).to(y_query.dtype) == y_query).to(p1.dtype)
-    conf = torch.maximum(p1, 1 - p1)
+    conf, correct = _binary_hits(p1, y_query)
     per_task = {"accuracy": correct.mean(-1), "nll": nll,
                 "brier": 2 * (p1 - y_query).pow(2).mean(-1)}
     out: Dict[str, object] = {k: mean_and_se(v) for k, v in per_task.items()}
@@ -556,8 +560,7 @@ class LogisticGLM(SyntheticFamily):
         sampling: exp of the log predictive of y = 1)."""
         ones = tasks._replace(y_query=torch.ones_like(tasks.y_query))
         p1 = self.reference_log_predictive(ones, prior).exp()
-        correct = ((p1 > 0.5).double() == tasks.y_query.double()).double()
-        conf = torch.maximum(p1, 1 - p1)
+        conf, correct = _binary_hits(p1, tasks.y_query)
         return {"accuracy": float(correct.mean()), "ece": calibration_errors(conf, correct)[0]}
 
 
