@@ -9,6 +9,11 @@ held-out test MSE, NLL and coverage. ``--task`` names a family of the registry
 ``subspace-classification``, ``logistic-glm``, ``hierarchical``), or your own, registered by
 a module that ``--import`` names. This module only parses arguments: each family's settings,
 defaults, model and report live with the family.
+
+Exit status: 0 done; 2 a usage or input error, a non-finite step, a checkpoint that cannot be
+written, or a lost process under torchrun (one line on stderr each); 128 + the signal's
+number (130 Ctrl-C, 143 SIGTERM) when a signal stopped training after a saved meta-step
+(``--resume`` continues it).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import argparse
 import importlib
 import json
 import os
+import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -26,10 +33,10 @@ import pyro
 import torch
 
 from .meta import distributed
-from .meta.checkpoint import load_checkpoint
+from .meta.checkpoint import CheckpointWriteError, load_checkpoint
 from .meta.learners import BMAML, EMAML, MAML
 from .evaluation.metrics import mean_and_se
-from .meta.training import config_differences, evaluate
+from .meta.training import TrainingInterrupted, config_differences, evaluate
 from .tasks.base import TaskBatch
 from .tasks.registry import task_family
 
@@ -281,6 +288,9 @@ def parser() -> argparse.ArgumentParser:
                    help="held-out tasks; None: 100 (sinusoid), 600 episodes (classification)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, default=Path("runs/default"))
+    t.add_argument("--checkpoint-every", type=_positive(int), default=None,
+                   help="meta-iterations between checkpoints; None: a tenth of --iterations "
+                        "(a run stopped by a signal saves its last step in any case)")
     t.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out (same settings)")
     t.add_argument("--overwrite", action="store_true",
@@ -288,6 +298,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--device", default="cpu",
                    help="cpu, cuda or cuda:N (under torchrun: cuda takes cuda:LOCAL_RANK)")
+    t.add_argument("--timeout", type=_positive(float), default=600.0,
+                   help="under torchrun: seconds a process waits in a collective for the "
+                        "others before it stops with an error (a hung or lost process); rank "
+                        "0's evaluations happen while the others wait, so keep it above one")
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on its family's held-out tasks",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("checkpoint", type=Path)
@@ -359,7 +373,7 @@ def train(args) -> int:
     eval_count = args.eval_tasks or family.eval_tasks
     # under torchrun: join the process group; rank 0 alone prepares --out and reports
     _check_device(args.device)
-    multi = distributed.init_from_environment(args.device)
+    multi = distributed.init_from_environment(args.device, timeout=args.timeout)
     rank, world = distributed.rank_and_size()
     device = args.device
     if multi and device == "cuda":
@@ -385,14 +399,33 @@ def train(args) -> int:
     # the reference a meta-learned prior has to beat: the same learner before meta-training
     before = (None if args.resume or rank != 0
               else evaluate(learner, eval_tasks, metrics=family.metrics))
-    history = learner.fit(
-        tasks, args.iterations, meta_batch_size=args.meta_batch, lr=args.lr,
-        schedule_iterations=args.schedule_iterations,
-        eval_tasks=eval_tasks, eval_every=max(1, args.iterations // 10),
-        checkpoint=str(args.out / "checkpoint.pt"), checkpoint_every=max(1, args.iterations // 10),
-        seed=args.seed, progress=not args.no_progress, extra={"config": config},
-        calibration_tasks=calibration_tasks,
-    )
+    try:
+        history = learner.fit(
+            tasks, args.iterations, meta_batch_size=args.meta_batch, lr=args.lr,
+            schedule_iterations=args.schedule_iterations,
+            eval_tasks=eval_tasks, eval_every=max(1, args.iterations // 10),
+            checkpoint=str(checkpoint),
+            checkpoint_every=args.checkpoint_every or max(1, args.iterations // 10),
+            seed=args.seed, progress=not args.no_progress, extra={"config": config},
+            calibration_tasks=calibration_tasks,
+        )
+    except TrainingInterrupted as stop:
+        if multi:  # every rank stopped after the same step; rank 0 saved it
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        if rank == 0:
+            print(f"pyro-bmaml: {signal.Signals(stop.signum).name}: stopped after meta-iteration "
+                  f"{stop.iteration} of {args.iterations}; checkpoint: {checkpoint}\n"
+                  f"resume with: {_resume_command(args.argv)}", file=sys.stderr)
+        return stop.exit_code
+    except RuntimeError as err:
+        if multi and _is_collective_failure(err):
+            raise ValueError(
+                f"rank {rank} of {world}: a process of the group was lost or did not answer "
+                f"within --timeout {args.timeout:g} s ({str(err).splitlines()[0][:160]}); "
+                f"the last checkpoint is {checkpoint}: resume with the same command and "
+                "--resume, on this or another number of processes") from None
+        raise
     if multi:
         # every rank leaves the group together: rank 0 evaluates and checkpoints after the
         # last step, and a rank that tore its group down and exited meanwhile was seen to
@@ -410,6 +443,23 @@ def train(args) -> int:
               + family.headline(before))
     print(f"checkpoint: {args.out / 'checkpoint.pt'}   report: {args.out / 'evaluation'}/")
     return 0
+
+
+def _resume_command(argv: List[str]) -> str:
+    """The command that continues a run: the same arguments, ``--resume`` for
+    ``--overwrite`` (under torchrun the launcher's own arguments come first, as before)."""
+    kept = [a for a in argv if a not in ("--overwrite", "--resume")]
+    launcher = "pyro-bmaml" if "WORLD_SIZE" not in os.environ else "torchrun ... -m pyro_bmaml"
+    return f"{launcher} {shlex.join(kept)} --resume"
+
+
+def _is_collective_failure(err: RuntimeError) -> bool:
+    """Whether a ``RuntimeError`` came from a torch.distributed collective whose peer died
+    or timed out (gloo and NCCL word these differently)."""
+    text = str(err).lower()
+    return any(key in text for key in ("connection closed", "connection reset", "timed out",
+                                       "timeout", "broken pipe", "gloo", "nccl",
+                                       "peer", "socket"))
 
 
 def evaluate_cmd(args) -> int:
@@ -435,10 +485,13 @@ def evaluate_cmd(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
+    args.argv = argv
     try:
         return train(args) if args.command == "train" else evaluate_cmd(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError,
+            CheckpointWriteError) as err:
         print(f"pyro-bmaml: error: {err}", file=sys.stderr)
         return 2
 

@@ -3,11 +3,15 @@
 A checkpoint is a dict of tensors, numbers, strings and containers of them, so that
 ``torch.load(..., weights_only=True)`` can read it (no pickled code runs on load).
 Writes go to a temporary file in the same directory, then ``os.replace``: a crash never
-leaves a truncated checkpoint behind.
+leaves a truncated checkpoint behind, and a write that fails (a full disk, a read-only
+folder, a file-size limit) leaves the previous checkpoint as it was and raises
+:class:`CheckpointWriteError` naming the path and the cause.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -15,27 +19,61 @@ from typing import Any, Dict, Union
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointWriteError"]
 
 PathLike = Union[str, os.PathLike]
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one at :attr:`path` (if any) is
+    intact. Keeps the cause's ``errno`` (``errno.ENOSPC`` for a full disk)."""
+
+    def __init__(self, path: Path, cause: OSError):
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno, reason)
+        self.path = Path(path)
+        self.cause = cause
+
+    def __str__(self) -> str:
+        code = f" [{errno.errorcode.get(self.errno, self.errno)}]" if self.errno else ""
+        kept = ("the previous checkpoint there is intact" if self.path.is_file()
+                else "no earlier checkpoint was there")
+        return (f"could not write the checkpoint {self.path}: {self.strerror}{code}; {kept}. "
+                "Free space or choose another folder, then resume from the last checkpoint")
 
 
 def save_checkpoint(state: Dict[str, Any], path: PathLike) -> Path:
     """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsynced, then
     ``os.replace`` and an fsync of the folder (so the rename itself survives a crash).
-    Temp files that an interrupted earlier write left beside ``path`` are removed."""
+    Temp files that an interrupted earlier write left beside ``path`` are removed.
+
+    The state is serialized in memory first, so that a failing write surfaces as the
+    operating system's error rather than as torch's serializer's.
+
+    :raises CheckpointWriteError: (an ``OSError``) when the folder cannot be made or the
+        file cannot be written or renamed; the temp file is removed and an existing
+        checkpoint at ``path`` is left untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(err, OSError):
+            raise CheckpointWriteError(path, err) from err
         raise
     _fsync_dir(path.parent)
     for orphan in path.parent.glob(f".{path.name}.*.tmp"):

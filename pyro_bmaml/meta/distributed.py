@@ -20,8 +20,9 @@ rank 0 alone evaluates, checkpoints and reports.
 
 from __future__ import annotations
 
+import datetime
 import os
-from typing import Iterable, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,15 +45,23 @@ def rank_and_size() -> Tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def init_from_environment(device: str = "cpu") -> bool:
+def init_from_environment(device: str = "cpu", timeout: Optional[float] = None) -> bool:
     """Join the process group that ``torchrun`` describes in the environment (``RANK``,
     ``WORLD_SIZE``, ``MASTER_ADDR``, ...): gloo on CPU, nccl on CUDA. Returns whether this is
-    a multi-process run; does nothing (``False``) when ``WORLD_SIZE`` is unset or 1."""
+    a multi-process run; does nothing (``False``) when ``WORLD_SIZE`` is unset or 1.
+
+    :param timeout: seconds a collective waits for the other ranks before it raises (torch's
+        default, 30 minutes, when ``None``). A rank that dies closes its connections, and
+        the others' next collective fails at once; a rank that hangs is caught by the
+        timeout. Either way the survivors raise instead of waiting forever, and ``torchrun``
+        (without ``--max-restarts``) then stops the whole group.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
         backend = "nccl" if str(device).startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
+        kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+        dist.init_process_group(backend=backend, **kwargs)
     return is_distributed()
 
 

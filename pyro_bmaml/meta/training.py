@@ -5,11 +5,19 @@ budget: the official code decays over its 100k-iteration budget even when a run 
 so ``schedule_iterations`` is separate from the run length ``num_iterations``),
 meta-batches drawn from a task source with a dedicated generator (saved in checkpoints, so
 a resumed run draws the same tasks and follows the same trajectory as an uninterrupted one).
+
+A SIGINT (Ctrl-C) or SIGTERM (a cluster's pre-emption) during :func:`fit` does not cut a
+meta-step short: the step in progress finishes, the checkpoint is written, and
+:class:`TrainingInterrupted` is raised; a second signal acts as it would without ``fit``.
+Under :mod:`torch.distributed` the ranks agree on the step to stop after (the request rides on
+the all-reduce every step already makes), so they stop together.
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -22,7 +30,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from ..evaluation.metrics import regression_metrics
 from ..tasks.base import TaskBatch
 
-__all__ = ["fit", "evaluate", "check_config", "config_differences"]
+__all__ = ["fit", "evaluate", "check_config", "config_differences", "TrainingInterrupted"]
 
 
 def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
@@ -45,6 +53,70 @@ def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
         return metrics(posterior, tasks.x_query, tasks.y_query, **kwargs)
     return regression_metrics(posterior, tasks.x_query, tasks.y_query, closed_form=closed_form,
                               **kwargs)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised by :func:`fit` when a SIGINT or SIGTERM arrived during training: the meta-step
+    in progress was finished and, when ``fit`` was given a ``checkpoint`` path, saved there,
+    so calling ``fit`` again with the same arguments resumes the uninterrupted trajectory.
+
+    A :class:`KeyboardInterrupt`, so code that handles Ctrl-C keeps working.
+
+    :ivar signum: the signal received.
+    :ivar iteration: the meta-iterations done (and saved).
+    :ivar checkpoint: the checkpoint path, or ``None``.
+    :ivar history: the history so far (what ``fit`` would have returned).
+    """
+
+    def __init__(self, signum: int, iteration: int, num_iterations: int,
+                 checkpoint: Optional[Path], history: dict):
+        self.signum = int(signum)
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+        self.history = history
+        name = signal.Signals(self.signum).name
+        saved = (f"; saved to {checkpoint}: call fit again with the same arguments to resume"
+                 if checkpoint is not None else "; no checkpoint path was given, so nothing "
+                 "was saved (pass checkpoint=... to make a run resumable)")
+        super().__init__(f"{name} received: stopped after meta-iteration {iteration} of "
+                         f"{num_iterations}{saved}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by the signal: 128 + its number."""
+        return 128 + self.signum
+
+
+class _StopRequest:
+    """While active, SIGINT and SIGTERM only record that a stop was asked for (the training
+    loop stops after its current meta-step); the first one restores the previous handlers,
+    so a second signal interrupts as usual. A no-op outside the main thread, where Python
+    cannot install handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum = 0
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if self.enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def _device(learner) -> torch.device:
@@ -107,6 +179,7 @@ def fit(
     stop_after: Optional[int] = None,
     calibration_tasks=None,
     metrics: Optional[Callable] = None,
+    handle_signals: bool = True,
 ) -> Dict[str, list]:
     """Meta-train ``learner`` for ``num_iterations`` meta-iterations.
 
@@ -136,6 +209,8 @@ def fit(
         ``metrics`` if it has one, else regression's.
     :param stop_after: stop (after checkpointing) once this iteration count is reached, as if
         interrupted; used to test resumption.
+    :param handle_signals: stop gracefully on SIGINT / SIGTERM (see the module's docstring
+        and :class:`TrainingInterrupted`); only in the main thread.
     Tasks are moved to the learner's device (``learner.to("cuda")`` trains on the GPU).
     In a :mod:`torch.distributed` process group (see :mod:`pyro_bmaml.meta.distributed`) each
     rank adapts its share of every meta-batch (``meta_batch_size`` must be a multiple of the
@@ -150,6 +225,10 @@ def fit(
     :raises FloatingPointError: naming the meta-iteration whose adaptation, meta-loss,
         meta-gradient or update was non-finite and the likely cause (the adaptation step size
         or the meta learning rate); nothing non-finite is stepped or saved.
+    :raises TrainingInterrupted: after a SIGINT / SIGTERM, once the meta-step in progress is
+        done and saved.
+    :raises ~pyro_bmaml.meta.checkpoint.CheckpointWriteError: when a checkpoint cannot be
+        written (full disk, read-only folder); the previous one is left intact.
     """
     num_iterations = check_int("num_iterations", num_iterations, 1)
     meta_batch_size = check_int("meta_batch_size", meta_batch_size, 1)
@@ -248,61 +327,76 @@ def fit(
 
     step_hint = f"the adaptation step size (step_size={getattr(learner, 'step_size', '?')})"
     lr_hint = f"the meta learning rate (lr={lr})"
-    for iteration in bar:
-        # every rank draws the same batch (same generator) and keeps its shard of tasks
-        batch = distributed.shard(tasks.sample(meta_batch_size, generator)).to(device=device)
-        held_out = (None if calibration_tasks is None else distributed.shard(
-            calibration_tasks.sample(calibration_batch_size, generator),
-            "the calibration batch size").to(device=device))
-        optimizer.zero_grad()
-        args = (batch,) if held_out is None else (batch, held_out)
-        # No value checks inside the step (each is a host sync on a GPU): the loss and the
-        # gradient are checked once below, and a non-finite step is re-run with the checks
-        # on to say where it diverged.
-        with value_checks(False):
-            loss = learner.meta_loss(*args)
-            loss.backward()
-        total = distributed.all_reduce_mean(loss.detach())  # the whole batch's loss
-        distributed.average_gradients(params)  # the whole batch's meta-gradient
-        terms = dict(getattr(learner, "loss_terms", {}))
-        grads = [p.grad for p in params if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else total.new_ones(())
-        values = torch.stack([total.reshape(()), finite.to(total.dtype)]
-                             + [v.detach().reshape(()).to(total) for v in terms.values()]).tolist()
-        total, grads_finite = values[0], bool(values[1])
-        if not math.isfinite(total):
-            try:  # the same step with the value checks on names the diverging step
-                with torch.no_grad():
-                    learner.meta_loss(*args)
-            except FloatingPointError as err:
-                raise diverged(iteration, str(err), step_hint) from err
-            raise diverged(iteration, f"non-finite meta-loss ({total})",
-                           f"{step_hint} or {lr_hint}")
-        # checked before the optimizer moves anything, so no bad state is stepped or saved
-        if not grads_finite:
-            raise diverged(iteration, "non-finite meta-gradient", f"{lr_hint} or {step_hint}")
-        optimizer.step()
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-            raise diverged(iteration, "the meta-update made the initial particles non-finite",
-                           lr_hint)
-        scheduler.step()
-        history["iteration"].append(iteration + 1)
-        history["loss"].append(total)
-        history["lr"].append(optimizer.param_groups[0]["lr"])
-        history.setdefault("terms", []).append(dict(zip(terms, values[2:])))
-        done = iteration + 1
-        if eval_tasks is not None and eval_every and done % eval_every == 0 and done < num_iterations:
-            entry = run_eval(done)
-            headline = next((k for k in ("mse", "accuracy", "return") if k in entry), None)
-            shown = {headline: f"{entry[headline][0]:.4g}"} if headline else {}
-            bar.set_postfix(loss=f"{total:.4g}", **shown)
-        elif done % 10 == 0:
-            bar.set_postfix(loss=f"{total:.4g}")
-        if checkpoint_every and done % checkpoint_every == 0:
-            save(done)
-    bar.close()
-    done = end
-    if done == num_iterations and eval_tasks is not None:
-        run_eval(done)
-    save(done)
+    with _StopRequest(handle_signals) as stop:
+        for iteration in bar:
+            # every rank draws the same batch (same generator) and keeps its shard of tasks
+            batch = distributed.shard(tasks.sample(meta_batch_size, generator)).to(device=device)
+            held_out = (None if calibration_tasks is None else distributed.shard(
+                calibration_tasks.sample(calibration_batch_size, generator),
+                "the calibration batch size").to(device=device))
+            optimizer.zero_grad()
+            args = (batch,) if held_out is None else (batch, held_out)
+            # No value checks inside the step (each is a host sync on a GPU): the loss and
+            # the gradient are checked once below, and a non-finite step is re-run with the
+            # checks on to say where it diverged.
+            with value_checks(False):
+                loss = learner.meta_loss(*args)
+                loss.backward()
+            # the whole batch's loss, and whether any rank was asked to stop, in one
+            # collective (the ranks then stop after the same meta-step)
+            asked = loss.new_tensor(float(stop.signum != 0))
+            total, asked = distributed.all_reduce_mean(
+                torch.stack([loss.detach().reshape(()), asked])).unbind()
+            distributed.average_gradients(params)  # the whole batch's meta-gradient
+            terms = dict(getattr(learner, "loss_terms", {}))
+            grads = [p.grad for p in params if p.grad is not None]
+            finite = (torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads
+                      else total.new_ones(()))
+            values = torch.stack([total, finite.to(total.dtype), asked]
+                                 + [v.detach().reshape(()).to(total) for v in terms.values()]
+                                 ).tolist()
+            total, grads_finite, asked = values[0], bool(values[1]), values[2] > 0
+            if not math.isfinite(total):
+                try:  # the same step with the value checks on names the diverging step
+                    with torch.no_grad():
+                        learner.meta_loss(*args)
+                except FloatingPointError as err:
+                    raise diverged(iteration, str(err), step_hint) from err
+                raise diverged(iteration, f"non-finite meta-loss ({total})",
+                               f"{step_hint} or {lr_hint}")
+            # checked before the optimizer moves anything, so no bad state is stepped or saved
+            if not grads_finite:
+                raise diverged(iteration, "non-finite meta-gradient", f"{lr_hint} or {step_hint}")
+            optimizer.step()
+            if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                raise diverged(iteration, "the meta-update made the initial particles non-finite",
+                               lr_hint)
+            scheduler.step()
+            history["iteration"].append(iteration + 1)
+            history["loss"].append(total)
+            history["lr"].append(optimizer.param_groups[0]["lr"])
+            history.setdefault("terms", []).append(dict(zip(terms, values[3:])))
+            done = iteration + 1
+            if asked:  # a signal: this step is done; save it and stop
+                bar.close()
+                save(done)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, done, num_iterations,
+                                          path, history)
+            if (eval_tasks is not None and eval_every and done % eval_every == 0
+                    and done < num_iterations):
+                entry = run_eval(done)
+                headline = next((k for k in ("mse", "accuracy", "return") if k in entry), None)
+                shown = {headline: f"{entry[headline][0]:.4g}"} if headline else {}
+                bar.set_postfix(loss=f"{total:.4g}", **shown)
+            elif done % 10 == 0:
+                bar.set_postfix(loss=f"{total:.4g}")
+            if checkpoint_every and done % checkpoint_every == 0:
+                save(done)
+        bar.close()
+        done = end
+        if done == num_iterations and eval_tasks is not None:
+            run_eval(done)
+        save(done)
+        if stop.signum:  # a signal during the last evaluation: the run is complete and saved
+            raise TrainingInterrupted(stop.signum, done, num_iterations, path, history)
     return history
