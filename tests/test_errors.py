@@ -217,3 +217,31 @@ def test_finiteness_check_is_exact_when_a_sum_overflows():
         assert not all_finite(x)
     x = torch.tensor([float("inf"), -float("inf")])  # a sum of NaN
     assert not all_finite(x)
+
+
+def test_a_model_returning_a_scalar_instead_of_its_mean_is_refused_at_setup():
+    """The convention a learner relies on (the return value is the predictive mean, one entry
+    per observed point) is checked when the learner is built, naming both shapes; SVGD alone,
+    which never reads the return value, still takes such a model (Pyro's own tests' models
+    return whatever they like)."""
+    x, y = torch.linspace(-1, 1, 6).unsqueeze(-1), torch.zeros(6)
+
+    def line(x, y=None, returned="mean"):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        mean = a * x[:, 0] + b
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(mean, 0.1), obs=y)
+        return {"mean": mean, "scalar": a, "column": mean.unsqueeze(0)}[returned]
+
+    learner = pb.BMAML(line, num_particles=2, example_args=(x, y))
+    assert learner.adapt(x, y).predict(x)["mean"].shape == (6,)
+    for returned, shape in (("scalar", r"\(\)"), ("column", r"\(1, 6\)")):
+        model = lambda x, y=None, r=returned: line(x, y, r)  # noqa: E731
+        for cls in (pb.BMAML, pb.EMAML, pb.MAML):
+            kwargs = {} if cls is pb.MAML else {"num_particles": 2}
+            with pytest.raises(ValueError, match=rf"returns a tensor of shape {shape}, but its "
+                                                 r"observed site 'y' has shape \(6,\)"):
+                cls(model, example_args=(x, y), **kwargs)
+        svgd = pb.SVGD(model, pb.RBFSteinKernel(), Adam({"lr": 0.01}), 3)
+        assert set(svgd.step(x, y)) == {"a", "b"}

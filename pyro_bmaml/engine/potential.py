@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
@@ -252,6 +253,13 @@ class ModelPotential:
         self.observation_discrete = self.observation_site is not None and bool(
             trace.nodes[self.observation_site]["fn"].support.is_discrete)
         self._check_observed_shapes(trace)
+        returned = trace.nodes["_RETURN"]["value"]
+        #: the shape of the model's return value at setup (``None``: not a tensor), and of
+        #: its first observed site's value (``None``: no observed site)
+        self.returned_shape = tuple(returned.shape) if isinstance(returned, torch.Tensor) else None
+        observed = None if self.observation_site is None else trace.nodes[self.observation_site]
+        self.observation_shape = (None if observed is None or isinstance(observed["fn"], dist.Unit)
+                                  else tuple(observed["value"].shape))  # (a factor has no data)
         #: a model that reads pyro.param values is never recorded (they change between calls)
         self.reads_params = any(site["type"] == "param" for site in trace.nodes.values())
         for name, site in trace.nodes.items():
@@ -278,6 +286,27 @@ class ModelPotential:
             )
         self.sites = sites
         return self
+
+    def check_returned_mean(self) -> None:
+        """Check the task-model convention that the model returns its predictive mean, one
+        entry (or row) per observed point: the returned tensor's leading dims must be the
+        observed site's shape, as set up. A model returning a scalar (``return a`` instead of
+        ``return a * x[:, 0] + b``) would otherwise meta-train and predict a mean of shape
+        ``()``. Models that return no tensor, or were set up without observations, pass.
+
+        :raises ValueError: naming both shapes.
+        """
+        self._require_sites()
+        returned, observed = self.returned_shape, self.observation_shape
+        if returned is None or observed is None:
+            return
+        if returned[:len(observed)] != observed:
+            raise ValueError(
+                f"the model returns a tensor of shape {returned}, but its observed site "
+                f"'{self.observation_site}' has shape {observed}: a task model returns its "
+                f"predictive mean with one entry per observed point (leading dims {observed}; "
+                "e.g. `return a * x[:, 0] + b`, not `return a`), which predict() and the "
+                "metrics read")
 
     @staticmethod
     def _check_observed_shapes(trace) -> None:

@@ -207,6 +207,7 @@ class MetaLearner(nn.Module):
                 )
             example_args = model.example_args()
         self.potential.setup(*example_args)
+        self.potential.check_returned_mean()
         #: one point's input and target shapes, from the example task (for input checks)
         self.input_shape, self.target_shape = (
             tuple(a.shape[1:]) if isinstance(a, torch.Tensor) and a.dim() else None
