@@ -46,6 +46,14 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
 
+def check_has_data(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a ``meta`` tensor (a shape and dtype without values), which no computation
+    here can read."""
+    if tensor.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shape {tuple(tensor.shape)} without "
+                         "values); pass a tensor that holds data")
+
+
 def check_int(name: str, value: Any, minimum: int) -> int:
     """Return ``value`` as ``int`` if it is an integer ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -78,7 +86,10 @@ def check_nonnegative_float(name: str, value: Any) -> float:
 def check_step_size(value: Any, dim: int, name: str = "step_size"):
     """A step size: a finite float ``> 0`` or a ``(dim,)`` tensor of them (per coordinate)."""
     if isinstance(value, torch.Tensor):
+        check_has_data(name, value)
         if value.dim() == 0:
+            if not value.is_floating_point():
+                raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
             return check_positive_float(name, value.item())
         if tuple(value.shape) != (dim,) or not value.is_floating_point():
             raise ValueError(
@@ -107,6 +118,7 @@ def check_particles(
             f"{name} must be a torch.Tensor of shape (M, {dim}) or (T, M, {dim}), "
             f"got {type(particles).__name__}"
         )
+    check_has_data(name, particles)
     if not particles.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {particles.dtype}")
     if particles.dim() not in (2, 3) or particles.size(-1) != dim:
@@ -132,6 +144,7 @@ def check_finite_data(args: tuple, kwargs: dict, dtype: Optional[torch.dtype] = 
     for i, leaf in enumerate(tree_leaves((args, kwargs))):
         if not isinstance(leaf, torch.Tensor):
             continue
+        check_has_data(f"model argument {_leaf_name(args, kwargs, i)}", leaf)
         if leaf.dim() > 0 and leaf.numel() == 0:
             raise ValueError(f"model argument {_leaf_name(args, kwargs, i)} is empty (shape "
                              f"{tuple(leaf.shape)}); give at least one data point")
@@ -145,6 +158,18 @@ def check_finite_data(args: tuple, kwargs: dict, dtype: Optional[torch.dtype] = 
                     f"model argument {_leaf_name(args, kwargs, i)} contains non-finite values "
                     "(NaN or inf); data passed to the model must be finite"
                 )
+
+
+def describe_arguments(args: tuple, kwargs: dict) -> str:
+    """``args[0] (shape (5, 1), float32), y=None``: each argument of a model call, tensors by
+    shape and dtype (for error messages)."""
+    def one(value):
+        if isinstance(value, torch.Tensor):
+            return f"(shape {tuple(value.shape)}, {str(value.dtype).replace('torch.', '')})"
+        return f"= {type(value).__name__}" if value is not None else "= None"
+    parts = [f"args[{i}] {one(a)}" for i, a in enumerate(args)]
+    parts += [f"{k} {one(v)}" for k, v in kwargs.items()]
+    return ", ".join(parts) or "(none)"
 
 
 def _leaf_name(args: tuple, kwargs: dict, index: int) -> str:

@@ -23,7 +23,7 @@ from pyro import poutine
 from torch.distributions import constraints
 from pyro.infer import Predictive
 
-from .._checks import check_finite_data, check_int
+from .._checks import check_finite_data, check_has_data, check_int
 from .potential import ModelPotential
 
 __all__ = ["ParticlePosterior", "mixture_log_likelihood", "particle_prior", "model_with_prior"]
@@ -91,7 +91,7 @@ class ParticlePosterior:
             asked, ``"samples": ((T,) M * num_samples, N, ...)``.
         """
         num_samples = check_int("num_samples", num_samples, 0)
-        check_finite_data((x,), {})
+        self._check_inputs(x)
         particle_dim = 1 if self.batched else 0
         try:
             particle_means = self.potential.model_output(self.particles, x)
@@ -112,6 +112,32 @@ class ParticlePosterior:
         if num_samples:
             out["samples"] = self._sample_y(x, num_samples)
         return out
+
+    def _check_inputs(self, x) -> None:
+        """``x`` must be a finite floating tensor shaped like the support inputs (same
+        dtype, same per-point shape, the same number of tasks), so that nothing broadcasts
+        silently against the particles."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_has_data("x", x)
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}")
+        like = self.x_support
+        if like is not None:
+            lead = (like.size(0),) if self.batched else ()
+            if (x.dim() != like.dim() or tuple(x.shape[:len(lead)]) != lead
+                    or x.shape[len(lead) + 1:] != like.shape[len(lead) + 1:]):
+                expected = ", ".join(["T=%d" % like.size(0)] * self.batched + ["N"]
+                                     + [str(d) for d in like.shape[len(lead) + 1:]])
+                raise ValueError(f"x must have shape ({expected}) like the support inputs "
+                                 f"{tuple(like.shape)}, got {tuple(x.shape)}")
+            if x.dtype != like.dtype:
+                raise TypeError(f"x is {x.dtype} but the support inputs were {like.dtype}")
+        points = (1 if self.batched else 0) if like is not None else 0
+        if x.dim() > points and x.size(points) == 0:
+            raise ValueError(f"x has no points (shape {tuple(x.shape)})")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains non-finite values (NaN or inf)")
 
     #: draws per particle that estimate the mean of a model that returns none
     FALLBACK_DRAWS = 100

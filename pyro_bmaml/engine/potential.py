@@ -37,7 +37,7 @@ from torch.distributions.transforms import Transform
 from torch.utils._pytree import (keystr, tree_flatten, tree_flatten_with_path, tree_leaves,
                                  tree_map, tree_unflatten)
 
-from .._checks import check_int, check_particles
+from .._checks import check_int, check_particles, describe_arguments
 from .capture import GraphCache
 
 __all__ = ["LatentSite", "ModelPotential", "PerParticle"]
@@ -244,7 +244,14 @@ class ModelPotential:
                 raise TypeError(f"the model cannot be called with these arguments ({err}); "
                                 f"its signature is {signature}") from None
         with torch.no_grad():
-            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+            try:
+                trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+            except Exception as err:  # the model cannot run on these arguments: say which
+                kind = TypeError if isinstance(err, TypeError) else ValueError
+                raise kind(
+                    f"the model raised {type(err).__name__} when traced with its arguments "
+                    f"{describe_arguments(args, kwargs)}: {str(err).splitlines()[0][:300]}"
+                ) from err
         sites, offset = [], 0
         self.observation_site = next(
             (name for name, site in trace.nodes.items()
@@ -319,8 +326,15 @@ class ModelPotential:
                 continue
             plates = [f for f in site["cond_indep_stack"] if f.vectorized and f.size is not None]
             expected = math.prod(f.size for f in plates)
-            with torch.no_grad():
-                log_prob = site["fn"].log_prob(site["value"])
+            value = site["value"]
+            try:
+                with torch.no_grad():
+                    log_prob = site["fn"].log_prob(value)
+            except (RuntimeError, IndexError, ValueError) as err:
+                raise ValueError(
+                    f"observed site '{name}': its {type(site['fn']).__name__} likelihood cannot "
+                    f"be evaluated at the data (shape {tuple(value.shape)}, {value.dtype}): "
+                    f"{str(err).splitlines()[0][:200]}") from err
             if log_prob.numel() != expected:
                 sizes = ", ".join(f"{f.name}={f.size}" for f in plates) or "none"
                 raise ValueError(
@@ -331,6 +345,14 @@ class ModelPotential:
                     f"{tuple(site['value'].shape)}. Likely cause: a mean computed from x of shape "
                     "(N, in), e.g. (N, 1), against y of shape (N,): use x[:, 0] or "
                     ".squeeze(-1), or declare extra dims with .to_event()")
+            fn_shape = tuple(site["fn"].shape())
+            value_shape = tuple(site["value"].shape)
+            if value_shape != fn_shape and not isinstance(site["fn"], dist.Unit):
+                raise ValueError(
+                    f"observed site '{name}': the data have shape {value_shape} but the "
+                    f"likelihood has shape {fn_shape} (its plates and event dims): the data "
+                    "would be broadcast, one value standing for several points. Pass one "
+                    f"observation per point, shape {fn_shape}")
 
     def setup_from(self, particles: torch.Tensor, args: tuple, kwargs: dict) -> None:
         """Set up lazily from a (possibly task-batched) call."""

@@ -36,11 +36,11 @@ import pyro.infer
 import pyro.optim
 import torch
 
-from .._checks import (all_finite, check_choice, check_finite_data, check_int,
+from .._checks import (all_finite, check_choice, check_finite_data, check_has_data, check_int,
                       check_nonnegative_float, check_particles, check_step_size, value_checks,
                       value_checks_enabled)
 from .kernels import SteinKernel, as_differentiable_kernel
-from .potential import ModelPotential
+from .potential import ModelPotential, check_task_batched
 
 __all__ = ["svgd_direction", "transport", "SVGD", "MODES"]
 
@@ -127,6 +127,10 @@ def transport(
     temperature = check_nonnegative_float("temperature", temperature)
     check_finite_data(args, kwargs, particles.dtype if isinstance(particles, torch.Tensor)
                       and particles.is_floating_point() else None)
+    if isinstance(particles, torch.Tensor):
+        check_has_data("particles", particles)
+    if isinstance(particles, torch.Tensor) and particles.dim() == 3:
+        check_task_batched(particles.size(0), args, kwargs)  # before set-up slices task 0
     potential.setup_from(particles, args, kwargs)
     check_particles(particles, potential.dim)  # one particle: only with a fixed bandwidth
     warn_if_identical(particles)

@@ -85,7 +85,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .._checks import (all_finite, check_choice, check_int, check_nonnegative_float,
+from .._checks import (all_finite, check_choice, check_has_data, check_int, check_nonnegative_float,
                        check_positive_float, value_checks_enabled)
 from ..engine.kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from ..engine.ksd import ksd_trajectory
@@ -507,7 +507,7 @@ class MetaLearner(nn.Module):
         if not self.has_calibration_term:
             return loss
         if calibration_batch is not None:
-            batch = calibration_batch.validate()
+            batch = self.check_tasks(calibration_batch)
             with torch.no_grad():
                 adapted, shared = self.adapt_on(batch, "support",
                                                 self._expand(batch.num_tasks).detach(),
@@ -516,6 +516,26 @@ class MetaLearner(nn.Module):
             term = self.calibration_loss(adapted, batch)
         self.loss_terms["calibration_nll"] = term.detach()
         return loss + term
+
+    def check_tasks(self, tasks):
+        """Validate a batch of tasks (:meth:`TaskBatch.validate`) and check it against the
+        model's example task: inputs ``(T, K, *input_shape)`` in the particles' dtype,
+        targets ``(T, K, *target_shape)``; raises naming the field. Other batch protocols
+        (e.g. meta-RL's rollouts) validate themselves."""
+        tasks = tasks.validate()
+        if not isinstance(tasks, TaskBatch):
+            return tasks
+        for name in tasks._fields:
+            t = getattr(tasks, name)
+            shape = self.input_shape if name.startswith("x") else self.target_shape
+            if shape is not None and tuple(t.shape[2:]) != shape:
+                raise ValueError(
+                    f"{name} must have shape (T, K, *{shape}) like the model's example task, "
+                    f"got {tuple(t.shape)}")
+            if name.startswith("x") and t.dtype != self.theta0.dtype:
+                raise TypeError(f"{name} is {t.dtype} but the particles are {self.theta0.dtype}: "
+                                f"cast the tasks (e.g. tasks.to({self.theta0.dtype}))")
+        return tasks
 
     def _check_xy(self, x, y):
         """``(x, y, batched)``: one task ``(N, *input_shape)``, ``(N, *target_shape)`` or
@@ -527,6 +547,7 @@ class MetaLearner(nn.Module):
             raise TypeError(f"y must be a floating or integer torch.Tensor, got "
                             f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
         for name, t in (("x", x), ("y", y)):
+            check_has_data(name, t)
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains non-finite values (NaN or inf)")
         inp, tgt = self.input_shape, self.target_shape
@@ -545,7 +566,7 @@ class MetaLearner(nn.Module):
                 f"input_shape={inp} and target_shape={tgt} (from the model's example task); "
                 f"got x {tuple(x.shape)} and y {tuple(y.shape)}")
         if x.size(1 if batched else 0) == 0:
-            raise ValueError("the support set is empty (N = 0)")
+            raise ValueError(f"x has no points (the support set is empty: x {tuple(x.shape)})")
         return x, y, batched
 
     def adapt(
@@ -841,7 +862,7 @@ class BMAML(MetaLearner):
         )
 
     def meta_loss(self, batch: TaskBatch, calibration_batch: Optional[TaskBatch] = None):
-        batch = batch.validate()
+        batch = self.check_tasks(batch)
         chaser, shared = self.adapt_on(batch, "support",
                                        self._initial_for_adaptation(batch.num_tasks),
                                        self.inner_steps)
@@ -988,7 +1009,7 @@ class EMAML(MetaLearner):
         return theta
 
     def meta_loss(self, batch: TaskBatch, calibration_batch: Optional[TaskBatch] = None):
-        batch = batch.validate()
+        batch = self.check_tasks(batch)
         adapted, shared = self.adapt_on(batch, "support",
                                         self._initial_for_adaptation(batch.num_tasks),
                                         self.inner_steps)

@@ -45,7 +45,8 @@ def evaluate(learner, tasks: TaskBatch, num_steps: Optional[int] = None,
         (Normal likelihoods) coverage, reliability and PIT; ``kwargs`` such as ``crps=True``
         go to it).
     """
-    tasks = tasks.validate().to(device=_device(learner))
+    checked = getattr(learner, "check_tasks", None)
+    tasks = (checked(tasks) if checked is not None else tasks.validate()).to(device=_device(learner))
     if hasattr(tasks, "evaluate"):  # a family that scores learners itself (meta-RL returns)
         return tasks.evaluate(learner, num_steps=num_steps, metrics=metrics)
     posterior = learner.adapt(tasks.x_support, tasks.y_support, num_steps=num_steps)

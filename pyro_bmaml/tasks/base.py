@@ -32,7 +32,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._checks import check_choice, check_int
+from .._checks import check_choice, check_has_data, check_int
 
 __all__ = ["TaskBatch", "TaskPool", "Sinusoid"]
 
@@ -105,6 +105,7 @@ class TaskBatch(NamedTuple):
         for name, t in zip(names, self):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            check_has_data(name, t)
             if name.startswith("x") and not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
             if t.dtype == torch.bool or t.is_complex():
@@ -118,7 +119,11 @@ class TaskBatch(NamedTuple):
                     f"{name} must have a leading task dim {T} and a points dim, "
                     f"got {tuple(t.shape)}")
         if self.x_support.size(1) == 0:
-            raise ValueError("the support set is empty (K = 0); give at least one example")
+            raise ValueError(f"x_support has no points (K = 0, shape "
+                             f"{tuple(self.x_support.shape)}); give at least one example")
+        if self.x_query.size(1) == 0:
+            raise ValueError(f"x_query has no points (shape {tuple(self.x_query.shape)}); a "
+                             "task needs query points to be scored on")
         for which in ("support", "query"):
             x, y = getattr(self, f"x_{which}"), getattr(self, f"y_{which}")
             if y.shape[:2] != x.shape[:2]:
