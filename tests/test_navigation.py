@@ -214,3 +214,20 @@ def test_a_shard_of_a_batch_rolls_out_what_the_whole_batch_does():
         rollout(source.policy_fn(theta), batch.goals, 5, 1, [torch.Generator()], horizon=3)
     with pytest.raises(ValueError, match="task_seeds"):
         type(batch)(batch.goals, source, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cls", [pb.MAML, pb.EMAML])
+def test_the_baselines_defaults_take_the_policy_gradient_surrogate(cls):
+    """``objective="auto"`` on a policy (a pyro.factor of advantage-weighted actions, no
+    target) is the surrogate ("nll"), not the squared error of the mean action (which failed
+    with a TypeError); written as a README reader would, it meta-trains."""
+    from pyro_bmaml.tasks.navigation import NavigationTasks
+
+    policy = GaussianMLPPolicy(hidden=(8,), init_std=0.1)
+    kwargs = {} if cls is pb.MAML else {"num_particles": 2}
+    learner = cls(policy, init="paper", step_size=0.1, **kwargs)
+    assert learner.objective == "nll" and learner.calibration == "none"
+    history = learner.fit(NavigationTasks(policy, episodes=2), 2, meta_batch_size=2,
+                          progress=False)
+    assert len(history["loss"]) == 2 and all(math.isfinite(v) for v in history["loss"])
+    assert torch.isfinite(learner.theta0).all()

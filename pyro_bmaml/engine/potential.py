@@ -265,7 +265,10 @@ class ModelPotential:
         #: its first observed site's value (``None``: no observed site)
         self.returned_shape = tuple(returned.shape) if isinstance(returned, torch.Tensor) else None
         observed = None if self.observation_site is None else trace.nodes[self.observation_site]
-        self.observation_shape = (None if observed is None or isinstance(observed["fn"], dist.Unit)
+        #: whether the first observed site is a ``pyro.factor`` (a weighted log-likelihood of
+        #: data with no target, e.g. a policy's advantage-weighted actions)
+        self.observation_factor = observed is not None and isinstance(observed["fn"], dist.Unit)
+        self.observation_shape = (None if observed is None or self.observation_factor
                                   else tuple(observed["value"].shape))  # (a factor has no data)
         #: a model that reads pyro.param values is never recorded (they change between calls)
         self.reads_params = any(site["type"] == "param" for site in trace.nodes.values())

@@ -928,7 +928,8 @@ class EMAML(MetaLearner):
     kernel, no interaction.
 
     :param objective: ``"auto"`` (default): ``"nll"`` for a likelihood over discrete values
-        (classification), else ``"mse"``. ``"mse"`` (as the papers' regression): inner steps
+        (classification) or a ``pyro.factor`` of weighted data (a policy's rollouts: the
+        policy-gradient surrogate), else ``"mse"``. ``"mse"`` (as the papers' regression): inner steps
         :math:`\theta \leftarrow \theta - \alpha \nabla_\theta \frac1N \sum_n
         (f_\theta(x_n) - y_n)^2` on the model's predictive mean, meta-loss the query MSE
         summed over particles (the official EMAML code), averaged over tasks; ``"nll"`` (as
@@ -960,8 +961,9 @@ class EMAML(MetaLearner):
                          noise_sites, calibration, calibration_lr=calibration_lr,
                          shared_step_size=shared_step_size, learn_step_size=learn_step_size,
                          step_size_lr=step_size_lr)
-        if self.objective == "auto":
-            self.objective = "nll" if self.potential.observation_discrete else "mse"
+        if self.objective == "auto":  # no target to take a squared error to: the NLL
+            self.objective = ("nll" if self.potential.observation_discrete
+                              or self.potential.observation_factor else "mse")
         if self.objective == "log_joint" and self.calibration != "none":
             raise ValueError(
                 "objective='log_joint' meta-learns the noise through its query NLL already; "
