@@ -280,6 +280,11 @@ def parser() -> argparse.ArgumentParser:
                    help="bmaml: let the chaser's meta-gradient reach the initial noise "
                         "coordinates, as the official code (unstable at large --lr); None: the "
                         "family's choice (on for sinusoid), else off")
+    t.add_argument("--meta-optimizer", choices=("adam", "trpo"), default=None,
+                   help="the meta-update: adam (--lr) or trpo (MAML-RL's trust region, "
+                        "--max-kl; maml and emaml on point-nav, one process); None: adam")
+    t.add_argument("--max-kl", type=_positive(float), default=None,
+                   help="trpo: the trust region's mean KL (MAML-RL's 0.01 when not given)")
     t.add_argument("--leader-steps", type=_positive(int), default=1)
     t.add_argument("--lr", type=_positive(float), default=1e-3)
     t.add_argument("--schedule-iterations", type=_positive(int), default=100_000,
@@ -363,8 +368,11 @@ def train(args) -> int:
                         ("--step-size-objective", args.step_size_objective)):
         if value is not None and args.method != "bmaml":
             raise ValueError(f"{flag} is a bmaml option")
+    if args.max_kl is not None and args.meta_optimizer != "trpo":
+        raise ValueError("--max-kl is a --meta-optimizer trpo option")
     config.update({key: getattr(args, key) for key in
-                   ("learn_step_size", "chaser_trains_noise", "step_size_objective")
+                   ("learn_step_size", "chaser_trains_noise", "step_size_objective",
+                    "meta_optimizer", "max_kl")
                    if getattr(args, key) is not None})
     if args.imports:
         config["imports"] = list(args.imports)
@@ -408,6 +416,8 @@ def train(args) -> int:
             checkpoint_every=args.checkpoint_every or max(1, args.iterations // 10),
             seed=args.seed, progress=not args.no_progress, extra={"config": config},
             calibration_tasks=calibration_tasks,
+            meta_optimizer=config.get("meta_optimizer", "adam"),
+            max_kl=config.get("max_kl") or 1e-2,
         )
     except TrainingInterrupted as stop:
         if multi:  # every rank stopped after the same step; rank 0 saved it

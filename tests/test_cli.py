@@ -248,6 +248,8 @@ def test_bmaml_only_options_are_refused_for_the_baselines(tmp_path, capsys):
     for flag in (["--chaser-trains-noise"], ["--step-size-objective", "query_nll"]):
         assert main(["train", "--method", "emaml", *flag, "--out", str(tmp_path / "r")]) == 2
         assert "is a bmaml option" in capsys.readouterr().err
+    assert main(["train", "--max-kl", "0.1", "--out", str(tmp_path / "r")]) == 2
+    assert "--max-kl is a --meta-optimizer trpo option" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a torch without CUDA")

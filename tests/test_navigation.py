@@ -186,7 +186,10 @@ def test_cli_point_nav_train_and_evaluate(tmp_path, capsys):
 
     out = tmp_path / "nav"
     assert main(["train", "--task", "point-nav", "--method", "maml", "--iterations", "3",
-                 "--eval-tasks", "4", "--no-progress", "--out", str(out)]) == 0
+                 "--eval-tasks", "4", "--no-progress", "--out", str(out),
+                 "--meta-optimizer", "trpo", "--max-kl", "0.02"]) == 0
+    config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert (config["meta_optimizer"], config["max_kl"]) == ("trpo", 0.02)
     assert "average return per episode after adaptation" in capsys.readouterr().out
     assert (out / "evaluation" / "metrics.json").is_file()
     assert main(["evaluate", str(out / "checkpoint.pt"), "--out", str(tmp_path / "ev"),
@@ -231,3 +234,40 @@ def test_the_baselines_defaults_take_the_policy_gradient_surrogate(cls):
                           progress=False)
     assert len(history["loss"]) == 2 and all(math.isfinite(v) for v in history["loss"])
     assert torch.isfinite(learner.theta0).all()
+
+
+def test_the_trust_region_meta_update_steps_within_its_region(tmp_path):
+    """fit(meta_optimizer="trpo") on MAML: every step's KL between the adapted policies
+    before and after it is within max_kl, the surrogate it accepted improved (a step that
+    does not improve is not taken), the configuration records it, and a learner without a
+    trust-region objective is refused."""
+    from pyro_bmaml.tasks.navigation import NavigationTasks
+
+    pyro_seed = 0
+    import pyro
+
+    pyro.set_rng_seed(pyro_seed)
+    policy = GaussianMLPPolicy(hidden=(8,), init_std=1.0)
+    learner = pb.MAML(policy, init="paper", step_size=0.1)
+    start = learner.theta0.detach().clone()
+    history = learner.fit(NavigationTasks(policy, episodes=4), 3, meta_batch_size=4,
+                          progress=False, meta_optimizer="trpo", max_kl=0.01,
+                          checkpoint=str(tmp_path / "run.pt"))
+    for loss, terms in zip(history["loss"], history["terms"]):
+        assert terms["kl"] <= 0.01 and math.isfinite(loss)
+        assert (loss < terms["surrogate_before"]) == (terms["step_fraction"] > 0)
+    assert any(t["step_fraction"] > 0 for t in history["terms"])
+    assert not torch.equal(learner.theta0.detach(), start)
+    state = torch.load(tmp_path / "run.pt", weights_only=True)
+    assert state["config"]["meta_optimizer"] == "trpo" and state["config"]["max_kl"] == 0.01
+    bmaml = pb.BMAML(policy, num_particles=2, init="paper", step_size=1e-4,
+                     learn_step_size=False)
+    with pytest.raises(ValueError, match="trust-region objective"):
+        bmaml.fit(NavigationTasks(policy, episodes=2), 1, meta_batch_size=2, progress=False,
+                  meta_optimizer="trpo")
+    with pytest.raises(ValueError, match="meta_optimizer must be one of"):
+        learner.fit(NavigationTasks(policy, episodes=2), 1, progress=False, meta_optimizer="sgd")
+    regression = pb.MAML(pb.BayesianMLP(hidden=(4,)), init="paper", calibration="none")
+    with pytest.raises(ValueError, match="needs a policy"):
+        regression.fit(pb.Sinusoid(num_tasks=10, num_support=5), 1, meta_batch_size=2,
+                       progress=False, meta_optimizer="trpo")

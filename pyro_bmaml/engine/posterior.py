@@ -23,7 +23,7 @@ from pyro import poutine
 from torch.distributions import constraints
 from pyro.infer import Predictive
 
-from .._checks import check_finite_data, check_has_data, check_int
+from .._checks import check_has_data, check_int
 from .potential import ModelPotential
 
 __all__ = ["ParticlePosterior", "mixture_log_likelihood", "particle_prior", "model_with_prior"]

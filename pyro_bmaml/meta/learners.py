@@ -1026,6 +1026,51 @@ class EMAML(MetaLearner):
         self.loss_terms = {f"query_{self.objective}": loss.detach()}
         return self.add_calibration_loss(loss, adapted, batch, calibration_batch, shared)
 
+    def trust_region_objective(self, batch):
+        r"""``(loss_fn, kl_fn)`` for MAML-RL's trust-region meta-update
+        (:class:`~pyro_bmaml.meta.trpo.TrustRegion`, ``fit(meta_optimizer="trpo")``), for a
+        policy model (a ``pyro.factor`` of weighted actions, the ``"nll"`` objective, and a
+        ``distribution(weights, observations)`` method).
+
+        The data are drawn once: support rollouts of the initial policies, then query
+        rollouts of the policies adapted on them, :math:`\theta'_{old}`. As functions of
+        ``theta0`` (the adaptation re-run on the same support data, so :math:`\theta'` moves
+        with it), ``loss_fn`` is the importance-weighted surrogate
+        :math:`-\frac1{TMN} \sum \frac{\pi_{\theta'}(a \mid s)}{\pi_{\theta'_{old}}(a
+        \mid s)} A` on the query rollouts, and ``kl_fn`` the mean
+        :math:`\mathrm{KL}(\pi_{\theta'_{old}}(\cdot \mid s) \,\|\, \pi_{\theta'}(\cdot
+        \mid s))` over their states (Finn et al. 2017; Schulman et al. 2015).
+        """
+        if not (self.objective == "nll" and self.potential.observation_factor
+                and hasattr(self.model, "distribution")):
+            raise ValueError(
+                "the trust-region meta-update needs a policy: a model whose data are a "
+                "pyro.factor of weighted actions (objective 'nll') and that has a "
+                "distribution(weights, observations) method, e.g. GaussianMLPPolicy")
+        tasks = batch.num_tasks
+        support = batch.adaptation_data("support", self._initial_for_adaptation(tasks).detach())
+        with torch.no_grad():
+            old = self.adapt_particles(self._initial_for_adaptation(tasks).detach(), support,
+                                       self.inner_steps)
+        observations, actions, advantages = (
+            getattr(q, "tensor", q) for q in batch.adaptation_data("query", old))
+        old_policy = self.model.distribution(self.potential.unpack(old), observations)
+        old_log_prob = old_policy.log_prob(actions)
+
+        def new_policy():
+            adapted = self.adapt_particles(self._initial_for_adaptation(tasks), support,
+                                           self.inner_steps)
+            return self.model.distribution(self.potential.unpack(adapted), observations)
+
+        def loss_fn():
+            ratio = torch.exp(new_policy().log_prob(actions) - old_log_prob)
+            return -(ratio * advantages).mean()
+
+        def kl_fn():
+            return torch.distributions.kl_divergence(old_policy, new_policy()).mean()
+
+        return loss_fn, kl_fn
+
     def describe(self, steps=None):
         info = super().describe(steps)
         info["objective"] = self.objective

@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .._checks import check_int, check_positive_float, value_checks
+from .._checks import check_choice, check_int, check_positive_float, value_checks
 from .checkpoint import load_checkpoint, save_checkpoint
+from .trpo import TrustRegion
 from ..evaluation.metrics import regression_metrics
 from ..tasks.base import TaskBatch
 
@@ -181,6 +182,8 @@ def fit(
     calibration_tasks=None,
     metrics: Optional[Callable] = None,
     handle_signals: bool = True,
+    meta_optimizer: str = "adam",
+    max_kl: float = 1e-2,
 ) -> Dict[str, list]:
     """Meta-train ``learner`` for ``num_iterations`` meta-iterations.
 
@@ -212,6 +215,10 @@ def fit(
         interrupted; used to test resumption.
     :param handle_signals: stop gracefully on SIGINT / SIGTERM (see the module's docstring
         and :class:`TrainingInterrupted`); only in the main thread.
+    :param meta_optimizer: ``"adam"`` (default; ``lr`` and its decay) or ``"trpo"``:
+        MAML-RL's trust-region meta-update (:class:`~pyro_bmaml.meta.trpo.TrustRegion` on
+        the learner's ``trust_region_objective``: policies, MAML and EMAML; one process;
+        ``lr`` unused), each step within mean KL ``max_kl`` of the adapted policies.
     Tasks are moved to the learner's device (``learner.to("cuda")`` trains on the GPU).
     In a :mod:`torch.distributed` process group (see :mod:`pyro_bmaml.meta.distributed`) each
     rank adapts its share of every meta-batch (``meta_batch_size`` must be a multiple of the
@@ -251,6 +258,19 @@ def fit(
                          f"{getattr(learner, 'calibration', None)!r}")
     calibration_batch_size = min(meta_batch_size, getattr(calibration_tasks, "num_tasks", None)
                                  or meta_batch_size)
+    check_choice("meta_optimizer", meta_optimizer, ("adam", "trpo"))
+    region = None
+    if meta_optimizer == "trpo":
+        if not hasattr(learner, "trust_region_objective"):
+            raise ValueError(f"meta_optimizer='trpo' needs a learner with a trust-region "
+                             f"objective (MAML, EMAML on a policy), got {learner.method}")
+        if calibration_tasks is not None or getattr(learner, "has_calibration_term", False):
+            raise ValueError("meta_optimizer='trpo' takes no calibration term (a policy has "
+                             "no noise to calibrate): calibration='none'")
+        if distributed.is_distributed():
+            raise ValueError("meta_optimizer='trpo' runs in one process (its conjugate "
+                             "gradient is not reduced across ranks); use adam under torchrun")
+        region = TrustRegion([learner.theta0], max_kl=max_kl)
 
     groups = learner.optimizer_groups(lr) if hasattr(learner, "optimizer_groups") else learner.parameters()
     optimizer = torch.optim.Adam(groups, lr=lr)
@@ -265,6 +285,8 @@ def fit(
         "decay_every": decay_every, "schedule_iterations": schedule_iterations, "seed": seed,
         "calibration_tasks": calibration_tasks is not None,
     }
+    if region is not None:  # (absent for adam: earlier checkpoints stay resumable)
+        config.update(meta_optimizer=meta_optimizer, max_kl=region.max_kl)
     if path is not None and resume and path.is_file():
         state = load_checkpoint(path)
         if state["iteration"] > num_iterations:
@@ -328,6 +350,67 @@ def fit(
 
     step_hint = f"the adaptation step size (step_size={getattr(learner, 'step_size', '?')})"
     lr_hint = f"the meta learning rate (lr={lr})"
+
+    def adam_step(iteration, batch, held_out, stop):
+        """Adam on the meta-loss's gradient (averaged over the ranks); records the step in
+        the history and returns ``(loss, whether any rank was asked to stop)``."""
+        optimizer.zero_grad()
+        args = (batch,) if held_out is None else (batch, held_out)
+        # No value checks inside the step (each is a host sync on a GPU): the loss and
+        # the gradient are checked once below, and a non-finite step is re-run with the
+        # checks on to say where it diverged.
+        with value_checks(False):
+            loss = learner.meta_loss(*args)
+            loss.backward()
+        # the whole batch's loss, and whether any rank was asked to stop, in one
+        # collective (the ranks then stop after the same meta-step)
+        asked = loss.new_tensor(float(stop.signum != 0))
+        total, asked = distributed.all_reduce_mean(
+            torch.stack([loss.detach().reshape(()), asked])).unbind()
+        distributed.average_gradients(params)  # the whole batch's meta-gradient
+        terms = dict(getattr(learner, "loss_terms", {}))
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = (torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads
+                  else total.new_ones(()))
+        values = torch.stack([total, finite.to(total.dtype), asked]
+                             + [v.detach().reshape(()).to(total) for v in terms.values()]
+                             ).tolist()
+        total, grads_finite, asked = values[0], bool(values[1]), values[2] > 0
+        if not math.isfinite(total):
+            try:  # the same step with the value checks on names the diverging step
+                with torch.no_grad():
+                    learner.meta_loss(*args)
+            except FloatingPointError as err:
+                raise diverged(iteration, str(err), step_hint) from err
+            raise diverged(iteration, f"non-finite meta-loss ({total})",
+                           f"{step_hint} or {lr_hint}")
+        # checked before the optimizer moves anything, so no bad state is stepped or saved
+        if not grads_finite:
+            raise diverged(iteration, "non-finite meta-gradient", f"{lr_hint} or {step_hint}")
+        optimizer.step()
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            raise diverged(iteration, "the meta-update made the initial particles non-finite",
+                           lr_hint)
+        scheduler.step()
+        history["iteration"].append(iteration + 1)
+        history["loss"].append(total)
+        history["lr"].append(optimizer.param_groups[0]["lr"])
+        history.setdefault("terms", []).append(dict(zip(terms, values[3:])))
+        return total, asked
+
+    def trust_region_step(iteration, batch, stop):
+        """MAML-RL's trust-region meta-update in place of Adam's (one process)."""
+        stepped = region.step(*learner.trust_region_objective(batch))
+        if not bool(torch.isfinite(learner.theta0).all()):
+            raise diverged(iteration, "the trust-region step made the initial particles "
+                           "non-finite", f"the trust region (max_kl={region.max_kl})")
+        history["iteration"].append(iteration + 1)
+        history["loss"].append(stepped["loss_after"])
+        history["lr"].append(0.0)
+        history["terms"].append({"surrogate_before": stepped["loss_before"],
+                                 "kl": stepped["kl"], "step_fraction": stepped["step_fraction"]})
+        return stepped["loss_after"], stop.signum != 0
+
     with _StopRequest(handle_signals) as stop:
         for iteration in bar:
             # every rank draws the same batch (same generator) and keeps its shard of tasks
@@ -335,48 +418,10 @@ def fit(
             held_out = (None if calibration_tasks is None else distributed.shard(
                 calibration_tasks.sample(calibration_batch_size, generator),
                 "the calibration batch size").to(device=device))
-            optimizer.zero_grad()
-            args = (batch,) if held_out is None else (batch, held_out)
-            # No value checks inside the step (each is a host sync on a GPU): the loss and
-            # the gradient are checked once below, and a non-finite step is re-run with the
-            # checks on to say where it diverged.
-            with value_checks(False):
-                loss = learner.meta_loss(*args)
-                loss.backward()
-            # the whole batch's loss, and whether any rank was asked to stop, in one
-            # collective (the ranks then stop after the same meta-step)
-            asked = loss.new_tensor(float(stop.signum != 0))
-            total, asked = distributed.all_reduce_mean(
-                torch.stack([loss.detach().reshape(()), asked])).unbind()
-            distributed.average_gradients(params)  # the whole batch's meta-gradient
-            terms = dict(getattr(learner, "loss_terms", {}))
-            grads = [p.grad for p in params if p.grad is not None]
-            finite = (torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads
-                      else total.new_ones(()))
-            values = torch.stack([total, finite.to(total.dtype), asked]
-                                 + [v.detach().reshape(()).to(total) for v in terms.values()]
-                                 ).tolist()
-            total, grads_finite, asked = values[0], bool(values[1]), values[2] > 0
-            if not math.isfinite(total):
-                try:  # the same step with the value checks on names the diverging step
-                    with torch.no_grad():
-                        learner.meta_loss(*args)
-                except FloatingPointError as err:
-                    raise diverged(iteration, str(err), step_hint) from err
-                raise diverged(iteration, f"non-finite meta-loss ({total})",
-                               f"{step_hint} or {lr_hint}")
-            # checked before the optimizer moves anything, so no bad state is stepped or saved
-            if not grads_finite:
-                raise diverged(iteration, "non-finite meta-gradient", f"{lr_hint} or {step_hint}")
-            optimizer.step()
-            if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-                raise diverged(iteration, "the meta-update made the initial particles non-finite",
-                               lr_hint)
-            scheduler.step()
-            history["iteration"].append(iteration + 1)
-            history["loss"].append(total)
-            history["lr"].append(optimizer.param_groups[0]["lr"])
-            history.setdefault("terms", []).append(dict(zip(terms, values[3:])))
+            if region is not None:
+                total, asked = trust_region_step(iteration, batch, stop)
+            else:
+                total, asked = adam_step(iteration, batch, held_out, stop)
             done = iteration + 1
             if asked:  # a signal: this step is done; save it and stop
                 bar.close()
@@ -401,3 +446,4 @@ def fit(
         if stop.signum:  # a signal during the last evaluation: the run is complete and saved
             raise TrainingInterrupted(stop.signum, done, num_iterations, path, history)
     return history
+

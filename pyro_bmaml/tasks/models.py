@@ -399,6 +399,13 @@ class GaussianMLPPolicy:
                 h = torch.relu(h)
         return h, weights["log_std"].exp().unsqueeze(-2)
 
+    def distribution(self, weights: Dict[str, torch.Tensor],
+                     observations: torch.Tensor) -> dist.Distribution:
+        """The action distribution at ``observations`` (batch shape ``(..., N)``, event
+        ``(act_dim,)``): what TRPO's KL is taken between."""
+        mean, std = self.forward(weights, observations)
+        return dist.Normal(mean, std.expand_as(mean)).to_event(1)
+
     def __call__(self, observations: torch.Tensor, actions: Optional[torch.Tensor] = None,
                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         o = observations
