@@ -15,7 +15,6 @@ import math
 import re
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -25,6 +24,7 @@ from pyro.optim import Adam
 import pyro_bmaml as pb
 from pyro_bmaml.meta.training import evaluate
 from pyro_bmaml.tasks.models import BayesianMLP
+from models_for_tests import linear_regression
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -204,13 +204,7 @@ def test_evaluate_on_fuzzed_tasks(learner, fields):
 
 
 # ---------------------------------------------------------------- the engine
-def regression(x, y=None):
-    w = pyro.sample("w", dist.Normal(0.0, 1.0))
-    tau = pyro.sample("tau", dist.Gamma(2.0, 1.0))
-    mean = w * x[:, 0]
-    with pyro.plate("data", x.shape[0]):
-        pyro.sample("y", dist.Normal(mean, tau.rsqrt()), obs=y)
-    return mean
+regression = linear_regression  # w (2,), tau: D = 3
 
 
 @FUZZ
@@ -233,8 +227,8 @@ BAD_NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integ
 
 
 @FUZZ
-@given(particles=st.one_of(tensors(shape=(3, 2), dtypes=(torch.float32,)),
-                           tensors(shape=(2, 3, 2), dtypes=(torch.float32,)),
+@given(particles=st.one_of(tensors(shape=(3, 3), dtypes=(torch.float32,)),
+                           tensors(shape=(2, 3, 3), dtypes=(torch.float32,)),
                            tensors(min_dims=1, max_dims=4, sizes=(0, 1, 2, 3))),
        steps=st.one_of(st.integers(0, 3), BAD_NUMBERS),
        step_size=st.one_of(st.floats(1e-4, 0.5), BAD_NUMBERS,
