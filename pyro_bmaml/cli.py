@@ -251,6 +251,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--episodes", type=_positive(int), default=10,
                    help="point-nav: episodes per particle and task for adaptation (and as "
                         "many for the leader's step, or the baselines' query loss)")
+    t.add_argument("--init-std", type=_positive(float), default=None,
+                   help="point-nav: the policies' initial action sd (the prior mean of their "
+                        "log-std); None: 0.1, as the meta-RL record; MAML-RL's is 1.0")
     t.add_argument("--temperature", type=float, default=1.0,
                    help="point-nav: SVPG's temperature (the prior's weight and the repulsion's)")
     t.add_argument("--num-tasks", type=_positive(int), default=100,

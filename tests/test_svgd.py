@@ -307,3 +307,31 @@ def test_matches_pyro_from_the_same_initial_particles_with_an_annealed_pyro_kern
     finally:
         torch.set_default_dtype(default)
     torch.testing.assert_close(z_ours, z_pyro, atol=1e-8, rtol=1e-6)
+
+
+def test_pyros_own_conjugate_test_model_steps_as_pyros_class():
+    """The model of Pyro's test_conjugate (Gamma rates in a plate, Poisson data in a nested
+    plate, max_plate_nesting=2) with Pyro's stock RBF kernel and an annealed factor, univariate
+    mode: from the same particles one step of each class moves them alike (float32
+    rounding), the drop-in claim benchmarks/pyro_drop_in.py measures over Pyro's whole test."""
+    data = torch.tensor([1.0, 2.0, 3.0, 3.0, 5.0]).unsqueeze(-1).expand(5, 3)
+    alpha0, beta0 = torch.tensor([1.0, 1.8, 2.3]), torch.tensor([2.3, 1.5, 1.2])
+
+    def model():
+        with pyro.plate("rates", 3):
+            rate = pyro.sample("latent", dist.Gamma(alpha0, beta0))
+            with pyro.plate("data", 5):
+                pyro.sample("obs", dist.Poisson(rate), obs=data)
+
+    init = torch.randn(40, 3, generator=torch.Generator().manual_seed(0)) * 0.5
+    moved = []
+    for cls, layout in ((pyro.infer.SVGD, (-1,)), (pb.SVGD, (40, 3))):
+        pyro.clear_param_store()
+        kernel = pyro.infer.RBFSteinKernel()
+        kernel.bandwidth_factor = 2.5
+        svgd = cls(model, kernel, pyro.optim.SGD({"lr": 1.0}), 40, 2, mode="univariate")
+        pyro.param("svgd_particles", init.reshape(layout).clone())
+        svgd.step()
+        moved.append(pyro.param("svgd_particles").detach().reshape(40, 3) - init)
+    assert moved[0].abs().max() > 0.1
+    torch.testing.assert_close(moved[1], moved[0], rtol=0, atol=2e-6)

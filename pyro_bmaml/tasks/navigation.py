@@ -341,7 +341,10 @@ class NavigationFamily(TaskFamily):
     inner_steps = 1  # the paper's n
 
     def configure(self, task, args) -> dict:
-        return {"episodes": args.episodes, "temperature": args.temperature}
+        out = {"episodes": args.episodes, "temperature": args.temperature}
+        if args.init_std is not None:  # (absent: the records' 0.1, earlier runs resumable)
+            out["init_std"] = args.init_std
+        return out
 
     def method_defaults(self, method: str, config: dict) -> dict:
         """MAML-RL's inner step 0.1 on the surrogate averaged over steps (MAML and EMAML's
@@ -364,7 +367,8 @@ class NavigationFamily(TaskFamily):
     def model(self, config):
         from .models import GaussianMLPPolicy
 
-        return GaussianMLPPolicy(hidden=tuple(config["hidden"]), init_std=0.1,
+        return GaussianMLPPolicy(hidden=tuple(config["hidden"]),
+                                 init_std=config.get("init_std", 0.1),
                                  temperature=config.get("temperature", 1.0))
 
     def sources(self, config, learner=None):
