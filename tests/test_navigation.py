@@ -237,10 +237,10 @@ def test_the_baselines_defaults_take_the_policy_gradient_surrogate(cls):
 
 
 def test_the_trust_region_meta_update_steps_within_its_region(tmp_path):
-    """fit(meta_optimizer="trpo") on MAML: every step's KL between the adapted policies
-    before and after it is within max_kl, the surrogate it accepted improved (a step that
-    does not improve is not taken), the configuration records it, and a learner without a
-    trust-region objective is refused."""
+    """fit(meta_optimizer="trpo") on MAML and BMAML's chaser: every step's KL between the
+    adapted policies before and after it is within max_kl, the loss it accepted improved (a
+    step that does not improve is not taken), the configuration records it; objectives
+    without a trust-region form and models that are not policies are refused."""
     from pyro_bmaml.tasks.navigation import NavigationTasks
 
     pyro_seed = 0
@@ -261,10 +261,16 @@ def test_the_trust_region_meta_update_steps_within_its_region(tmp_path):
     state = torch.load(tmp_path / "run.pt", weights_only=True)
     assert state["config"]["meta_optimizer"] == "trpo" and state["config"]["max_kl"] == 0.01
     bmaml = pb.BMAML(policy, num_particles=2, init="paper", step_size=1e-4,
-                     learn_step_size=False)
-    with pytest.raises(ValueError, match="trust-region objective"):
-        bmaml.fit(NavigationTasks(policy, episodes=2), 1, meta_batch_size=2, progress=False,
-                  meta_optimizer="trpo")
+                     learn_step_size=False, inner_steps=1)  # the chaser, in its region
+    history = bmaml.fit(NavigationTasks(policy, episodes=2), 2, meta_batch_size=2,
+                        progress=False, meta_optimizer="trpo", max_kl=0.01)
+    assert all(t["kl"] <= 0.01 for t in history["terms"])
+    assert all((loss < t["surrogate_before"]) == (t["step_fraction"] > 0)
+               for loss, t in zip(history["loss"], history["terms"]))
+    with pytest.raises(ValueError, match="takes the chaser objective"):
+        pb.BMAML(policy, num_particles=2, init="paper", objective="bfa").fit(
+            NavigationTasks(policy, episodes=2), 1, meta_batch_size=2, progress=False,
+            meta_optimizer="trpo")
     with pytest.raises(ValueError, match="meta_optimizer must be one of"):
         learner.fit(NavigationTasks(policy, episodes=2), 1, progress=False, meta_optimizer="sgd")
     regression = pb.MAML(pb.BayesianMLP(hidden=(4,)), init="paper", calibration="none")

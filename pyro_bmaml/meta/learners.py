@@ -714,6 +714,46 @@ class MetaLearner(nn.Module):
         """``learner(batch)`` is the meta-loss (so ``torch.func.functional_call`` works)."""
         return self.meta_loss(batch, calibration_batch)
 
+    def _require_policy(self) -> None:
+        if not (self.potential.observation_factor and hasattr(self.model, "distribution")):
+            raise ValueError(
+                "the trust-region meta-update needs a policy: a model whose data are a "
+                "pyro.factor of weighted actions and that has a "
+                "distribution(weights, observations) method, e.g. GaussianMLPPolicy")
+
+    def policy_trust_region(self, batch, loss_of: Callable):
+        r"""``(loss_fn, kl_fn)`` of a trust-region meta-update on a policy: a model whose data
+        are a ``pyro.factor`` of weighted actions and that has a
+        ``distribution(weights, observations)`` method (e.g.
+        :class:`~pyro_bmaml.tasks.models.GaussianMLPPolicy`).
+
+        The data are drawn once: support rollouts of the initial policies, then query
+        rollouts of the policies adapted on them, :math:`\theta'_{old}`. ``adapted()``
+        re-runs the adaptation from ``theta0`` on the same support data, so that
+        :math:`\theta'` moves with ``theta0``; ``kl_fn`` is the mean
+        :math:`\mathrm{KL}(\pi_{\theta'_{old}}(\cdot \mid s) \,\|\, \pi_{\theta'}(\cdot
+        \mid s))` over the query states, and ``loss_fn = loss_of(adapted, old_policy,
+        query)`` the method's meta-loss (``query``: observations, actions, advantages).
+        """
+        self._require_policy()
+        tasks = batch.num_tasks
+        support = batch.adaptation_data("support", self._initial_for_adaptation(tasks).detach())
+
+        def adapted():
+            return self.adapt_particles(self._initial_for_adaptation(tasks), support,
+                                        self.inner_steps)
+
+        with torch.no_grad():
+            old = adapted()
+        query = tuple(getattr(q, "tensor", q) for q in batch.adaptation_data("query", old))
+        old_policy = self.model.distribution(self.potential.unpack(old), query[0])
+
+        def kl_fn():
+            new = self.model.distribution(self.potential.unpack(adapted()), query[0])
+            return torch.distributions.kl_divergence(old_policy, new).mean()
+
+        return loss_of(adapted, old_policy, query), kl_fn
+
     def fit(self, tasks, num_iterations: int, **kwargs):
         """Meta-train on a task source (Adam on ``theta0``, the noise calibration and the
         model's shared parameters); returns the history. The full argument list is
@@ -885,6 +925,29 @@ class BMAML(MetaLearner):
             loss = self._steps_by_query_nll(loss, chaser, batch, shared)
         return self.add_calibration_loss(loss, chaser, batch, calibration_batch, shared)
 
+    def trust_region_objective(self, batch):
+        r"""``(loss_fn, kl_fn)`` for a trust-region meta-update of the chaser on a policy (the
+        official BMAML RL code pairs its chaser with TRPO; see
+        :meth:`MetaLearner.policy_trust_region`): ``loss_fn`` is the chaser distance from
+        the particles adapted on the fixed support rollouts to the leader (computed once,
+        from the old chaser, a stop-gradient target as in :meth:`meta_loss`). With more
+        than one inner step the support rollouts are the first step's for every step."""
+        self._require_policy()
+        if self.objective != "chaser":
+            raise ValueError(f"the trust-region meta-update of BMAML takes the chaser "
+                             f"objective, got {self.objective!r}")
+
+        def chaser_distance(adapted, old_policy, query):
+            with torch.no_grad():
+                leader, _ = self.adapt_on(batch, "leader", adapted(), self.leader_steps)
+
+            def loss_fn():
+                return ((adapted() - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
+
+            return loss_fn
+
+        return self.policy_trust_region(batch, chaser_distance)
+
     def _steps_by_query_nll(self, loss, chaser, batch, shared):
         r"""``loss`` whose gradient in the learned log-steps is that of the chaser's query
         mixture NLL per point (calibrated) instead of the chaser distance's, and unchanged
@@ -1028,48 +1091,27 @@ class EMAML(MetaLearner):
 
     def trust_region_objective(self, batch):
         r"""``(loss_fn, kl_fn)`` for MAML-RL's trust-region meta-update
-        (:class:`~pyro_bmaml.meta.trpo.TrustRegion`, ``fit(meta_optimizer="trpo")``), for a
-        policy model (a ``pyro.factor`` of weighted actions, the ``"nll"`` objective, and a
-        ``distribution(weights, observations)`` method).
+        (:class:`~pyro_bmaml.meta.trpo.TrustRegion`, ``fit(meta_optimizer="trpo")``) on a
+        policy (see :meth:`MetaLearner.policy_trust_region`): ``loss_fn`` is the
+        importance-weighted surrogate :math:`-\frac1{TMN} \sum
+        \frac{\pi_{\theta'}(a \mid s)}{\pi_{\theta'_{old}}(a \mid s)} A` on the query
+        rollouts of the adapted policies (Finn et al. 2017; Schulman et al. 2015)."""
+        self._require_policy()
+        if self.objective != "nll":
+            raise ValueError("the trust-region meta-update of EMAML / MAML takes the "
+                             f"policy-gradient surrogate (objective 'nll'), got {self.objective!r}")
 
-        The data are drawn once: support rollouts of the initial policies, then query
-        rollouts of the policies adapted on them, :math:`\theta'_{old}`. As functions of
-        ``theta0`` (the adaptation re-run on the same support data, so :math:`\theta'` moves
-        with it), ``loss_fn`` is the importance-weighted surrogate
-        :math:`-\frac1{TMN} \sum \frac{\pi_{\theta'}(a \mid s)}{\pi_{\theta'_{old}}(a
-        \mid s)} A` on the query rollouts, and ``kl_fn`` the mean
-        :math:`\mathrm{KL}(\pi_{\theta'_{old}}(\cdot \mid s) \,\|\, \pi_{\theta'}(\cdot
-        \mid s))` over their states (Finn et al. 2017; Schulman et al. 2015).
-        """
-        if not (self.objective == "nll" and self.potential.observation_factor
-                and hasattr(self.model, "distribution")):
-            raise ValueError(
-                "the trust-region meta-update needs a policy: a model whose data are a "
-                "pyro.factor of weighted actions (objective 'nll') and that has a "
-                "distribution(weights, observations) method, e.g. GaussianMLPPolicy")
-        tasks = batch.num_tasks
-        support = batch.adaptation_data("support", self._initial_for_adaptation(tasks).detach())
-        with torch.no_grad():
-            old = self.adapt_particles(self._initial_for_adaptation(tasks).detach(), support,
-                                       self.inner_steps)
-        observations, actions, advantages = (
-            getattr(q, "tensor", q) for q in batch.adaptation_data("query", old))
-        old_policy = self.model.distribution(self.potential.unpack(old), observations)
-        old_log_prob = old_policy.log_prob(actions)
+        def surrogate(adapted, old_policy, query):
+            observations, actions, advantages = query
+            old_log_prob = old_policy.log_prob(actions)
 
-        def new_policy():
-            adapted = self.adapt_particles(self._initial_for_adaptation(tasks), support,
-                                           self.inner_steps)
-            return self.model.distribution(self.potential.unpack(adapted), observations)
+            def loss_fn():
+                new = self.model.distribution(self.potential.unpack(adapted()), observations)
+                return -(torch.exp(new.log_prob(actions) - old_log_prob) * advantages).mean()
 
-        def loss_fn():
-            ratio = torch.exp(new_policy().log_prob(actions) - old_log_prob)
-            return -(ratio * advantages).mean()
+            return loss_fn
 
-        def kl_fn():
-            return torch.distributions.kl_divergence(old_policy, new_policy()).mean()
-
-        return loss_fn, kl_fn
+        return self.policy_trust_region(batch, surrogate)
 
     def describe(self, steps=None):
         info = super().describe(steps)

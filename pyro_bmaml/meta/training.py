@@ -217,7 +217,7 @@ def fit(
         and :class:`TrainingInterrupted`); only in the main thread.
     :param meta_optimizer: ``"adam"`` (default; ``lr`` and its decay) or ``"trpo"``:
         MAML-RL's trust-region meta-update (:class:`~pyro_bmaml.meta.trpo.TrustRegion` on
-        the learner's ``trust_region_objective``: policies, MAML and EMAML; one process;
+        the learner's ``trust_region_objective``: policies, every method; one process;
         ``lr`` unused), each step within mean KL ``max_kl`` of the adapted policies.
     Tasks are moved to the learner's device (``learner.to("cuda")`` trains on the GPU).
     In a :mod:`torch.distributed` process group (see :mod:`pyro_bmaml.meta.distributed`) each
@@ -263,7 +263,8 @@ def fit(
     if meta_optimizer == "trpo":
         if not hasattr(learner, "trust_region_objective"):
             raise ValueError(f"meta_optimizer='trpo' needs a learner with a trust-region "
-                             f"objective (MAML, EMAML on a policy), got {learner.method}")
+                             f"objective (BMAML, EMAML, MAML on a policy), got "
+                             f"{type(learner).__name__}")
         if calibration_tasks is not None or getattr(learner, "has_calibration_term", False):
             raise ValueError("meta_optimizer='trpo' takes no calibration term (a policy has "
                              "no noise to calibrate): calibration='none'")
