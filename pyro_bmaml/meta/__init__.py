@@ -3,8 +3,8 @@
 ``learners`` (``BMAML`` with the chaser or BFA loss, ``EMAML``, ``MAML``; noise calibration;
 shared-parameter adaptation), ``training`` (``fit``: Adam on the official schedule,
 non-finite guards, checkpoints, exact resume; ``evaluate``), ``checkpoint`` (atomic,
-``weights_only`` checkpoints) and ``distributed`` (data-parallel meta-training on
-torch.distributed).
+``weights_only`` checkpoints), ``trpo`` (trust-region meta-updates, MAML-RL's) and
+``distributed`` (data-parallel meta-training on torch.distributed).
 """
 
 from .learners import BMAML, EMAML, MAML, MetaLearner
