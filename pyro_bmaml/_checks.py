@@ -144,7 +144,8 @@ def check_finite_data(args: tuple, kwargs: dict, dtype: Optional[torch.dtype] = 
     for i, leaf in enumerate(tree_leaves((args, kwargs))):
         if not isinstance(leaf, torch.Tensor):
             continue
-        check_has_data(f"model argument {_leaf_name(args, kwargs, i)}", leaf)
+        if leaf.device.type == "meta":  # (the name's path is built only for a bad argument)
+            check_has_data(f"model argument {_leaf_name(args, kwargs, i)}", leaf)
         if leaf.dim() > 0 and leaf.numel() == 0:
             raise ValueError(f"model argument {_leaf_name(args, kwargs, i)} is empty (shape "
                              f"{tuple(leaf.shape)}); give at least one data point")

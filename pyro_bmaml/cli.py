@@ -285,7 +285,7 @@ def parser() -> argparse.ArgumentParser:
                         "family's choice (on for sinusoid), else off")
     t.add_argument("--meta-optimizer", choices=("adam", "trpo"), default=None,
                    help="the meta-update: adam (--lr) or trpo (MAML-RL's trust region, "
-                        "--max-kl; maml and emaml on point-nav, one process); None: adam")
+                        "--max-kl; every method on point-nav, one process); None: adam")
     t.add_argument("--max-kl", type=_positive(float), default=None,
                    help="trpo: the trust region's mean KL (MAML-RL's 0.01 when not given)")
     t.add_argument("--leader-steps", type=_positive(int), default=1)
@@ -419,8 +419,7 @@ def train(args) -> int:
             checkpoint_every=args.checkpoint_every or max(1, args.iterations // 10),
             seed=args.seed, progress=not args.no_progress, extra={"config": config},
             calibration_tasks=calibration_tasks,
-            meta_optimizer=config.get("meta_optimizer", "adam"),
-            max_kl=config.get("max_kl") or 1e-2,
+            **{key: config[key] for key in ("meta_optimizer", "max_kl") if key in config},
         )
     except TrainingInterrupted as stop:
         if multi:  # every rank stopped after the same step; rank 0 saved it

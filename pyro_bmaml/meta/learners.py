@@ -732,8 +732,9 @@ class MetaLearner(nn.Module):
         re-runs the adaptation from ``theta0`` on the same support data, so that
         :math:`\theta'` moves with ``theta0``; ``kl_fn`` is the mean
         :math:`\mathrm{KL}(\pi_{\theta'_{old}}(\cdot \mid s) \,\|\, \pi_{\theta'}(\cdot
-        \mid s))` over the query states, and ``loss_fn = loss_of(adapted, old_policy,
-        query)`` the method's meta-loss (``query``: observations, actions, advantages).
+        \mid s))` over the query states, and ``loss_fn = loss_of(adapted, old, old_policy,
+        query)`` the method's meta-loss (``old``: the adapted particles :math:`\theta'_{old}`;
+        ``query``: observations, actions, advantages).
         """
         self._require_policy()
         tasks = batch.num_tasks
@@ -752,7 +753,7 @@ class MetaLearner(nn.Module):
             new = self.model.distribution(self.potential.unpack(adapted()), query[0])
             return torch.distributions.kl_divergence(old_policy, new).mean()
 
-        return loss_of(adapted, old_policy, query), kl_fn
+        return loss_of(adapted, old, old_policy, query), kl_fn
 
     def fit(self, tasks, num_iterations: int, **kwargs):
         """Meta-train on a task source (Adam on ``theta0``, the noise calibration and the
@@ -937,9 +938,9 @@ class BMAML(MetaLearner):
             raise ValueError(f"the trust-region meta-update of BMAML takes the chaser "
                              f"objective, got {self.objective!r}")
 
-        def chaser_distance(adapted, old_policy, query):
+        def chaser_distance(adapted, old, old_policy, query):
             with torch.no_grad():
-                leader, _ = self.adapt_on(batch, "leader", adapted(), self.leader_steps)
+                leader, _ = self.adapt_on(batch, "leader", old, self.leader_steps)
 
             def loss_fn():
                 return ((adapted() - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
@@ -1101,7 +1102,7 @@ class EMAML(MetaLearner):
             raise ValueError("the trust-region meta-update of EMAML / MAML takes the "
                              f"policy-gradient surrogate (objective 'nll'), got {self.objective!r}")
 
-        def surrogate(adapted, old_policy, query):
+        def surrogate(adapted, old, old_policy, query):
             observations, actions, advantages = query
             old_log_prob = old_policy.log_prob(actions)
 
