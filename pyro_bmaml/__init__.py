@@ -6,6 +6,7 @@ The data path, one subpackage per stage and one module per concept in it::
       -> engine: potential (flat particles, one row each; capture: its recorded graph,
                  simplified)
                  -> kernels -> svgd (SVGD step, differentiable transport) -> posterior
+                 (and empirical_bayes: a Gaussian prior fitted to many tasks' evidence)
       -> meta: learners (chaser / BFA loss, EMAML, MAML) -> training (Adam, checkpoints,
                distributed)
       -> evaluation: metrics, diagnostics (ArviZ), plots
@@ -16,6 +17,7 @@ as is ``pyro_bmaml.tasks.navigation`` (gymnasium).
 """
 
 from .evaluation.diagnostics import summary, to_inference_data
+from .engine.empirical_bayes import EmpiricalBayesFit, empirical_bayes_prior
 from .engine.kernels import IMQSteinKernel, RBFSteinKernel, SteinKernel
 from .engine.ksd import ksd, ksd_trajectory, stein_kernel_matrix
 from .meta.learners import BMAML, EMAML, MAML, MetaLearner
@@ -31,7 +33,8 @@ from .meta.training import evaluate, fit
 __version__ = "0.1.0"
 
 __all__ = [
-    "BMAML", "BayesianClassifier", "BayesianMLP", "EMAML", "FewShotClassification",
+    "BMAML", "BayesianClassifier", "BayesianMLP", "EMAML", "EmpiricalBayesFit",
+    "FewShotClassification", "empirical_bayes_prior",
     "GaussianMLPPolicy", "PerParticle",
     "TaskPool", "classification_metrics", "IMQSteinKernel", "LatentSite", "MAML", "MetaLearner",
     "ModelPotential", "ParticlePosterior", "RBFSteinKernel", "SVGD", "Sinusoid", "SteinKernel",

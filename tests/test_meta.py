@@ -576,9 +576,11 @@ def test_default_chaser_leaves_the_initial_noise_coordinates_alone():
     assert bool((official.theta0.grad[:, official.noise_mask] != 0).any())
 
 
-def test_the_aggregate_posterior_is_the_exported_prior_given_tasks():
-    """``prior_distribution(tasks=...)``: the particles adapted to each task (calibrated),
-    pooled: a mixture of T * M kernels centred on them; without tasks, theta0's M."""
+def test_the_aggregate_posterior_is_the_kde_prior_given_tasks():
+    """``prior_distribution(tasks=..., form="kde")``: the particles adapted to each task
+    (calibrated), pooled: a mixture of T * M kernels centred on them; without tasks,
+    theta0's M. (The default with tasks, the empirical-Bayes Gaussian, is tested in
+    ``test_empirical_bayes.py``.)"""
     from models_for_tests import LinearTasks, linear_regression
 
     tasks = LinearTasks(seed=0).evaluation_tasks(6)
@@ -586,12 +588,12 @@ def test_the_aggregate_posterior_is_the_exported_prior_given_tasks():
                     example_args=(tasks.x_support[0], tasks.y_support[0]))
     own = learner.prior_distribution()
     assert own.component_distribution.batch_shape == (4,)
-    pooled = learner.prior_distribution(tasks=tasks)
+    pooled = learner.prior_distribution(tasks=tasks, form="kde")
     adapted = learner.adapt(tasks.x_support, tasks.y_support).particles.reshape(-1, learner.potential.dim)
     assert pooled.component_distribution.batch_shape == (24,)
     torch.testing.assert_close(pooled.component_distribution.mean, adapted)
     torch.testing.assert_close(pooled.mean, adapted.mean(0))
-    assert callable(learner.model_with_learned_prior(tasks=tasks))
+    assert callable(learner.model_with_learned_prior(tasks=tasks, form="kde"))
     with pytest.raises(TypeError, match="TaskBatch"):
         learner.prior_distribution(tasks=(tasks.x_support, tasks.y_support))
 
@@ -621,3 +623,30 @@ def test_steps_learned_by_the_query_nll_route_the_gradients_apart():
     assert not torch.allclose(expected, plain.log_step_size.grad)  # the routing matters
     with pytest.raises(ValueError, match="step_size_objective"):
         BMAML(tiny_model(), step_size_objective="mse", **kw)
+
+
+def test_init_auto_starts_from_the_models_own_initialisation():
+    """``init="auto"`` (default) is the model's ``paper_init`` when it has one, else prior
+    draws. Prior draws of the paper's 1-40-40-40-1 network predict values of order 100 and
+    the first SVGD step on them overflows; the paper's initialisation meta-trains."""
+    from pyro_bmaml import BayesianMLP, Sinusoid
+    from models_for_tests import linear_regression
+
+    source = Sinusoid(num_tasks=20, num_support=5)
+    example = source.evaluation_tasks(1)
+    args = (example.x_support[0], example.y_support[0])
+    built = {}
+    for init in ("auto", "paper", "prior"):
+        pyro.set_rng_seed(0)
+        built[init] = BMAML(BayesianMLP(), num_particles=4, example_args=args, init=init)
+    torch.testing.assert_close(built["auto"].theta0, built["paper"].theta0)
+    built["auto"].fit(source, 2, meta_batch_size=2, progress=False)
+    assert bool(torch.isfinite(built["auto"].theta0).all())
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        built["prior"].fit(source, 2, meta_batch_size=2, progress=False)
+    plain = {}
+    for init in ("auto", "prior"):  # a model without paper_init: prior draws
+        pyro.set_rng_seed(0)
+        plain[init] = BMAML(linear_regression, num_particles=4, init=init,
+                            example_args=(torch.zeros(3, 1), torch.zeros(3)))
+    torch.testing.assert_close(plain["auto"].theta0, plain["prior"].theta0)

@@ -87,6 +87,7 @@ from torch import nn
 
 from .._checks import (all_finite, check_choice, check_has_data, check_int, check_nonnegative_float,
                        check_positive_float, value_checks_enabled)
+from ..engine.empirical_bayes import empirical_bayes_prior
 from ..engine.kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from ..engine.ksd import ksd_trajectory
 from ..engine.posterior import ParticlePosterior, mixture_log_likelihood, model_with_prior, particle_prior
@@ -112,9 +113,13 @@ class MetaLearner(nn.Module):
     :param num_particles: M.
     :param inner_steps: adaptation steps on the support set (n).
     :param step_size: adaptation step size.
-    :param init: ``"prior"`` (draws from the model's prior), ``"paper"`` (the model's
+    :param init: ``"auto"`` (default: the model's ``paper_init`` when it has one, else
+        ``"prior"``), ``"prior"`` (draws from the model's prior), ``"paper"`` (the model's
         ``paper_init``, e.g. :meth:`BayesianMLP.paper_init`), a flat ``(M, D)`` tensor or a
-        dict of constrained site values with leading dim M.
+        dict of constrained site values with leading dim M. A model that knows how its
+        weights should start says so with ``paper_init``: prior draws of the paper's
+        1-40-40-40-1 network (weight precision ~ Gamma(2, 2)) give outputs of order 100, and
+        the first SVGD step of 1e-3 on them overflows.
     :param example_args: one task's ``(x, y)`` to discover the model's sites; defaults to
         ``model.example_args()`` when the model has it.
     :param noise_sites: the latent sites that set the observation noise. ``"auto"``: the
@@ -180,7 +185,7 @@ class MetaLearner(nn.Module):
         num_particles: int,
         inner_steps: int,
         step_size: float,
-        init: InitSpec = "prior",
+        init: InitSpec = "auto",
         example_args: Optional[Sequence] = None,
         noise_sites: SiteSpec = "auto",
         calibration: Optional[str] = None,
@@ -197,6 +202,8 @@ class MetaLearner(nn.Module):
         super().__init__()
         self.model = model
         self.potential = ModelPotential(model)
+        #: the last empirical-Bayes prior fit (:meth:`prior_distribution`), or None
+        self.prior_fit = None
         self.num_particles = check_int("num_particles", num_particles, 1)
         self.inner_steps = check_int("inner_steps", inner_steps, 0)
         self.step_size = check_positive_float("step_size", step_size)
@@ -337,7 +344,9 @@ class MetaLearner(nn.Module):
     def _initial_particles(self, init: InitSpec, example_args) -> torch.Tensor:
         m, d = self.num_particles, self.potential.dim
         if isinstance(init, str):
-            check_choice("init", init, ("prior", "paper"))
+            check_choice("init", init, ("auto", "prior", "paper"))
+            if init == "auto":
+                init = "paper" if hasattr(self.model, "paper_init") else "prior"
             if init == "prior":
                 return self.potential.sample_prior(m, *example_args)
             if not hasattr(self.model, "paper_init"):
@@ -347,7 +356,7 @@ class MetaLearner(nn.Module):
             init = self.potential.pack(init)
         if not isinstance(init, torch.Tensor):
             raise TypeError(
-                f"init must be 'prior', 'paper', a ({m}, {d}) tensor or a dict of site values, "
+                f"init must be 'auto', 'prior', 'paper', a ({m}, {d}) tensor or a dict of site values, "
                 f"got {type(init).__name__}"
             )
         if tuple(init.shape) != (m, d):
@@ -660,42 +669,69 @@ class MetaLearner(nn.Module):
         leading particle dim M (e.g. ``noise_precision`` as a precision, not its log)."""
         return {k: v.detach() for k, v in self.potential.unpack(self.theta0).items()}
 
-    def prior_distribution(self, bandwidth="scott", tasks: Optional[TaskBatch] = None):
+    def prior_distribution(self, bandwidth="scott", tasks: Optional[TaskBatch] = None,
+                           form: str = "auto", **fit_options):
         r"""The meta-learned prior as a :mod:`pyro.distributions` object over the flat
-        unconstrained vector: a Gaussian kernel-density mixture of particles
-        (:func:`~pyro_bmaml.engine.posterior.particle_prior`, which documents the bandwidth).
+        unconstrained vector, for other inference on a new task (see
+        :meth:`model_with_learned_prior`).
 
-        :param tasks: ``None``: the M initial particles ``theta0``. A :class:`TaskBatch` of
-            the family's tasks (e.g. ``source.sample(200, generator)``): the *aggregate
-            posterior*, the particles adapted to each task's support set (calibrated),
-            pooled over the tasks. This is the empirical-Bayes estimate of the task prior
-            (averaged over tasks drawn from the prior, the posteriors average to the prior,
-            :math:`\mathbb E_D[p(\theta \mid D)] = p(\theta)`), and the better prior
-            for other inference: ``theta0`` is where a few SVGD steps start, not a sample
-            of the family's parameters (with learned steps the adapted particles land far
-            from it). On the families suite NUTS under the aggregate posterior closes most
-            of the gap to the Bayes-optimal predictive, under ``theta0``'s mixture it does
-            worse than the broad prior (``results/families.md``).
+        :param tasks: ``None``: a Gaussian kernel-density mixture of the M initial particles
+            ``theta0`` (:func:`~pyro_bmaml.engine.posterior.particle_prior`, which documents
+            ``bandwidth``). A :class:`TaskBatch` of the family's tasks (e.g.
+            ``source.sample(200, generator)``): a prior estimated from them, as ``form``
+            says. ``theta0`` is where a few SVGD steps start, not a sample of the family's
+            parameters, and under its mixture NUTS does worse than under the broad prior
+            (``results/families.md``): give tasks.
+        :param form: with tasks, ``"empirical_bayes"``: the Gaussian that maximises the
+            tasks' marginal likelihood, importance-sampled with proposals at the particles
+            adapted to each task
+            (:func:`~pyro_bmaml.engine.empirical_bayes.empirical_bayes_prior`;
+            ``fit_options`` go to it; the fit's diagnostics are kept as
+            ``self.prior_fit``); or ``"kde"``: the *aggregate posterior*, the adapted
+            (calibrated) particles pooled over the tasks as a kernel-density mixture.
+            ``"auto"``: the first up to D = 64 coordinates, the second above (importance
+            sampling of a task's evidence degenerates in the thousands of coordinates of a
+            neural network). The aggregate posterior is the task prior only when each
+            task's posterior is exact under the true prior; a few SVGD steps from the
+            model's broad prior leave it the prior convolved with each task's estimation
+            error, too wide: on the families suite's regression families NUTS under it
+            closed less of the gap to the Bayes-optimal predictive than under the
+            empirical-Bayes Gaussian (``results/families.md``).
         """
         if tasks is None:
+            if form not in ("auto", "kde"):
+                raise ValueError(f"form={form!r} needs tasks; without them the prior is "
+                                 f"theta0's kernel-density mixture (form='kde')")
             return particle_prior(self.theta0, bandwidth)
         if not isinstance(tasks, TaskBatch):
             raise TypeError(f"tasks must be a TaskBatch of the family's tasks, got "
                             f"{type(tasks).__name__}")
+        form = check_choice("form", form, ("auto", "empirical_bayes", "kde"))
+        if form == "auto":
+            form = "empirical_bayes" if self.potential.dim <= 64 else "kde"
         tasks = tasks.validate()
         adapted = self.adapt(tasks.x_support, tasks.y_support).particles
-        return particle_prior(adapted.reshape(-1, adapted.size(-1)), bandwidth)
+        if form == "kde":
+            return particle_prior(adapted.reshape(-1, adapted.size(-1)), bandwidth)
+        if self.shared_step_size is not None:
+            raise ValueError("form='empirical_bayes' needs a model whose likelihood is the "
+                             "same for every task; this learner adapts the model's shared "
+                             "parameters per task (shared_step_size): use form='kde'")
+        self.prior_fit = empirical_bayes_prior(self.potential, adapted,
+                                               (tasks.x_support, tasks.y_support), **fit_options)
+        return self.prior_fit.prior
 
     def model_with_learned_prior(self, bandwidth="scott", site: str = "theta",
-                                 tasks: Optional[TaskBatch] = None):
+                                 tasks: Optional[TaskBatch] = None, form: str = "auto",
+                                 **fit_options):
         """The task model with the meta-learned prior in place of its own priors, for any
         Pyro inference on a new task, e.g. ``NUTS(learner.model_with_learned_prior(tasks=
         source.sample(200, generator)))``; posterior samples of ``site`` map to named sites
         with ``learner.potential.unpack`` (see
-        :func:`~pyro_bmaml.engine.posterior.model_with_prior`). ``tasks``: see
-        :meth:`prior_distribution` (give them: the aggregate posterior is the better
-        prior)."""
-        return model_with_prior(self.potential, self.prior_distribution(bandwidth, tasks), site)
+        :func:`~pyro_bmaml.engine.posterior.model_with_prior`). ``tasks``, ``form`` and
+        ``fit_options``: see :meth:`prior_distribution` (give tasks)."""
+        prior = self.prior_distribution(bandwidth, tasks, form, **fit_options)
+        return model_with_prior(self.potential, prior, site)
 
     def load_checkpoint(self, path) -> dict:
         """Load the learned state a :func:`~pyro_bmaml.meta.training.fit` checkpoint holds into
@@ -835,7 +871,7 @@ class BMAML(MetaLearner):
         objective: str = "chaser",
         mode: str = "multivariate",
         distance_sites: Union[str, Sequence[str]] = "auto",
-        init: InitSpec = "prior",
+        init: InitSpec = "auto",
         example_args: Optional[Sequence] = None,
         noise_sites: SiteSpec = "auto",
         calibration: Optional[str] = None,
@@ -1014,7 +1050,7 @@ class EMAML(MetaLearner):
     method = "emaml"
 
     def __init__(self, model: Callable, num_particles: int = 10, inner_steps: int = 1,
-                 step_size: float = 1e-3, init: InitSpec = "prior",
+                 step_size: float = 1e-3, init: InitSpec = "auto",
                  example_args: Optional[Sequence] = None, objective: str = "auto",
                  noise_sites: SiteSpec = "auto", calibration: Optional[str] = None,
                  calibration_lr: float = 1e-2, shared_step_size: Optional[float] = None,
@@ -1132,7 +1168,7 @@ class MAML(EMAML):
     method = "maml"
 
     def __init__(self, model: Callable, inner_steps: int = 1, step_size: float = 1e-2,
-                 init: InitSpec = "prior", example_args: Optional[Sequence] = None,
+                 init: InitSpec = "auto", example_args: Optional[Sequence] = None,
                  objective: str = "auto", noise_sites: SiteSpec = "auto",
                  calibration: Optional[str] = None, calibration_lr: float = 1e-2,
                  shared_step_size: Optional[float] = None, learn_step_size: bool = False,
