@@ -4,7 +4,9 @@
     Bayesian MLP, D = 3403, chaser n = s = 1): BMAML (chaser only, the floor's math) with the
     recorded graph simplified (the default), replayed as recorded, and the traced path
     (``capture=False``), the default BMAML (with its noise calibration term),
-    EMAML, MAML, a python loop over tasks and particles (the public ports' style), and the
+    EMAML, MAML, a python loop over tasks and particles (the public ports' style), the
+    SVGD steps compiled (``BMAML(compile=True)``, :mod:`pyro_bmaml.engine.compiled`; its
+    compile time and the meta-steps that pay it back), and the
     hand-batched pure-torch floor (``floor.py``, same meta-gradient, checked). Ratios are
     divided by the floor, measured in this process, variants interleaved round by round.
 (b) Scaling of the BMAML meta-step against tasks T, particles M, support size K and the
@@ -62,13 +64,14 @@ def loop_meta_loss(learner, batch):
     return torch.stack(losses).mean()
 
 
-def make(hidden=(40, 40, 40), particles=10, tasks=10, shots=10, device="cpu", calibration="none"):
+def make(hidden=(40, 40, 40), particles=10, tasks=10, shots=10, device="cpu", calibration="none",
+         compile=False):
     pyro.set_rng_seed(0)
     # the paper's configuration, as recorded: one SVGD step of a fixed size, the chaser's
     # gradient reaching every coordinate (the official code)
     learner = BMAML(BayesianMLP(hidden=hidden), num_particles=particles, init="paper",
                     inner_steps=1, learn_step_size=False, chaser_trains_noise=True,
-                    calibration=calibration).to(device)
+                    calibration=calibration, compile=compile).to(device)
     batch = Sinusoid(num_tasks=100, num_support=shots).sample(
         tasks, torch.Generator().manual_seed(0)).to(device=device)
     return learner, batch
@@ -100,6 +103,10 @@ def paper_config(args, sync):
     unsimplified, _ = make(device=args.device)  # the same learner, graphs replayed as recorded
     for cache in unsimplified.potential._graphs.values():
         cache.simplify = False
+    compiled, _ = make(device=args.device, compile=True)
+    start = time.perf_counter()
+    step_fn(compiled, compiled.meta_loss, batch)()  # compiles the chaser's and the leader's step
+    compile_s = time.perf_counter() - start
     pyro.set_rng_seed(0)
     emaml = EMAML(BayesianMLP(), init="paper").to(args.device)
     maml = MAML(BayesianMLP(), init="paper").to(args.device)
@@ -116,6 +123,7 @@ def paper_config(args, sync):
     fns = {
         "floor (hand-batched torch)": step_fn(learner, lambda b: floor.meta_loss(learner, b), batch),
         "BMAML chaser (fast path)": step_fn(learner, learner.meta_loss, batch),
+        "BMAML chaser (compiled steps)": step_fn(compiled, compiled.meta_loss, batch),
         "BMAML chaser (recorded graph, not simplified)": step_fn(
             unsimplified, unsimplified.meta_loss, batch),
         "BMAML chaser (traced path)": no_capture(step_fn(learner, learner.meta_loss, batch)),
@@ -129,7 +137,10 @@ def paper_config(args, sync):
         sync=sync)
     base = times["floor (hand-batched torch)"]
     rows = [{"variant": k, "ms": v * 1e3, "vs_floor": v / base} for k, v in times.items()]
-    return {"D": learner.potential.dim, "rows": rows}
+    saved = times["BMAML chaser (fast path)"] - times["BMAML chaser (compiled steps)"]
+    return {"D": learner.potential.dim, "rows": rows,
+            "compile": {"first_step_s": compile_s,
+                        "pays_off_after_steps": compile_s / saved if saved > 0 else None}}
 
 
 def aten_calls(fn) -> int:
@@ -318,6 +329,9 @@ def main():
     paper = paper_config(args, sync)
     for row in paper["rows"]:
         print(f"  {row['variant']:>46}: {row['ms']:8.1f} ms  {row['vs_floor']:5.2f}x floor")
+    c = paper["compile"]
+    print(f"  compiling (first meta-step, both steps): {c['first_step_s']:.1f} s, paid back after "
+          + (f"{c['pays_off_after_steps']:.0f} meta-steps" if c["pays_off_after_steps"] else "never"))
     record = {"header": header, "paper": paper}
     print("(d) where the time goes (one meta-step, and the potential alone: log density, "
           "gradient, second-order backward)", flush=True)

@@ -136,7 +136,7 @@ def build_learner(config: dict):
     if common["inner_steps"] is None:  # the learner's own default
         del common["inner_steps"]
     if config["method"] == "bmaml":
-        extra = {k: config[k] for k in ("chaser_trains_noise", "step_size_objective")
+        extra = {k: config[k] for k in ("chaser_trains_noise", "step_size_objective", "compile")
                  if config.get(k) is not None}
         return BMAML(model, num_particles=config["particles"], leader_steps=config["leader_steps"],
                      noise_step_size=config.get("noise_step_size"), **common, **extra)
@@ -283,6 +283,10 @@ def parser() -> argparse.ArgumentParser:
                    help="bmaml: let the chaser's meta-gradient reach the initial noise "
                         "coordinates, as the official code (unstable at large --lr); None: the "
                         "family's choice (on for sinusoid), else off")
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="bmaml: take the SVGD steps as compiled code (torch.compile; the "
+                        "first step of each input shape compiles, tens of seconds; falls back "
+                        "to the replayed graph with a warning where compiling fails)")
     t.add_argument("--meta-optimizer", choices=("adam", "trpo"), default=None,
                    help="the meta-update: adam (--lr) or trpo (MAML-RL's trust region, "
                         "--max-kl; every method on point-nav, one process); None: adam")
@@ -368,14 +372,15 @@ def train(args) -> int:
         "noise_step_size": args.noise_step_size, "meta_batch": args.meta_batch,
     }
     for flag, value in (("--chaser-trains-noise", args.chaser_trains_noise),
-                        ("--step-size-objective", args.step_size_objective)):
+                        ("--step-size-objective", args.step_size_objective),
+                        ("--compile", args.compile)):
         if value is not None and args.method != "bmaml":
             raise ValueError(f"{flag} is a bmaml option")
     if args.max_kl is not None and args.meta_optimizer != "trpo":
         raise ValueError("--max-kl is a --meta-optimizer trpo option")
     config.update({key: getattr(args, key) for key in
                    ("learn_step_size", "chaser_trains_noise", "step_size_objective",
-                    "meta_optimizer", "max_kl")
+                    "meta_optimizer", "max_kl", "compile")
                    if getattr(args, key) is not None})
     if args.imports:
         config["imports"] = list(args.imports)

@@ -244,8 +244,19 @@ def test_registry_refuses_a_taken_name():
         register_family(object())
 
 
+def test_compile_reaches_the_learner():
+    from pyro_bmaml.cli import build_learner
+
+    config = {"task": "sinusoid", "method": "bmaml", "particles": 3, "hidden": [4],
+              "leader_steps": 1,
+              "compile": True}
+    assert build_learner(config).compile is True
+    assert build_learner({**config, "compile": None}).compile is False
+
+
 def test_bmaml_only_options_are_refused_for_the_baselines(tmp_path, capsys):
-    for flag in (["--chaser-trains-noise"], ["--step-size-objective", "query_nll"]):
+    for flag in (["--chaser-trains-noise"], ["--step-size-objective", "query_nll"],
+                 ["--compile"]):
         assert main(["train", "--method", "emaml", *flag, "--out", str(tmp_path / "r")]) == 2
         assert "is a bmaml option" in capsys.readouterr().err
     assert main(["train", "--max-kl", "0.1", "--out", str(tmp_path / "r")]) == 2

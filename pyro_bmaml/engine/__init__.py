@@ -2,7 +2,8 @@
 
 ``potential`` (a Pyro model's log density over ``(T, M, D)`` particles, vmapped; per-task
 module parameters; per-particle arguments), ``capture`` (its recorded-graph fast path),
-``simplify`` (exact algebraic rewrites of a recorded graph), ``kernels`` (differentiable
+``simplify`` (exact algebraic rewrites of a recorded graph), ``compiled`` (an SVGD step
+compiled with :func:`torch.compile`), ``kernels`` (differentiable
 Stein kernels), ``svgd`` (the SVGD direction, differentiable ``transport``, the ``SVGD``
 drop-in for ``pyro.infer.SVGD``), ``ksd`` (kernelized Stein discrepancy), ``posterior``
 (the particle posterior a task gets) and ``empirical_bayes`` (a Gaussian prior fitted to

@@ -10,8 +10,10 @@ replayed as an :class:`torch.fx.GraphModule`, after the exact algebraic rewrites
 :mod:`pyro_bmaml.engine.simplify` (which remove most of the full-size work a Pyro model's
 per-site densities produce). The replay is a plain sequence of ATen operators, so autograd
 differentiates it as it would the traced call, to any order (SVGD needs the score, the
-meta-gradient its derivative); :func:`torch.compile` is not used because it does not
-support double backward. Where no second derivative is needed (an SVGD step outside
+meta-gradient its derivative). :func:`torch.compile` of the replay alone would not do:
+it has no double backward. :mod:`pyro_bmaml.engine.compiled` instead compiles a whole SVGD
+step with the score taken inside it (:meth:`GraphCache.graph_for` and :func:`aten_graph`
+hand it the recorded graph), so that the meta-gradient needs one backward. Where no second derivative is needed (an SVGD step outside
 meta-learning), :meth:`GraphCache.value_and_grad` records the graph and its backward as one
 graph of their own and replays both without autograd.
 
@@ -39,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 from .simplify import simplify
 
-__all__ = ["GraphCache", "signature", "direct_calls", "operator_of"]
+__all__ = ["GraphCache", "signature", "direct_calls", "operator_of", "aten_graph"]
 
 
 def signature(*trees: Any) -> Hashable:
@@ -134,6 +136,14 @@ class GraphCache:
         with torch.no_grad():
             return graph(*inputs)
 
+    def graph_for(self, fn: Callable, *inputs) -> Optional[fx.GraphModule]:
+        """The recorded graph of ``fn`` for these inputs' signature (recorded if new), as
+        plain ATen operators (:func:`aten_graph`: what a compiler traces), or ``None`` where
+        it cannot be recorded."""
+        key = signature(*inputs)
+        graph = None if key is None else self._graph(key, lambda: self._record(fn, inputs))
+        return None if graph is None else aten_graph(graph)
+
     def _graph(self, key: Hashable, record: Callable[[], Optional[Callable]]):
         """The graph cached under ``key`` (``None``: recording failed), recorded if new."""
         if key in self._graphs:
@@ -197,6 +207,25 @@ def _direct(op: torch._ops.OpOverload) -> _DirectCall:
 def operator_of(node: fx.Node):
     """The ATen operator a node of a recorded graph calls (direct or not), else its target."""
     return node.target.operator if isinstance(node.target, _DirectCall) else node.target
+
+
+def aten_graph(module: fx.GraphModule) -> fx.GraphModule:
+    """A copy of a recorded graph whose nodes call the ATen operators themselves instead of
+    :func:`direct_calls`' callables (which :func:`torch.compile` cannot trace into); made
+    once per graph and kept on it. The tensors the graph holds are shared, not copied."""
+    copy = getattr(module, "_aten_graph", None)
+    if copy is None:
+        graph = fx.Graph()
+        graph._codegen = module.graph._codegen  # the pytree calling convention
+        env: Dict[fx.Node, fx.Node] = {}
+        for node in module.graph.nodes:
+            new = graph.node_copy(node, lambda n: env[n])
+            if new.op == "call_function":
+                new.target = operator_of(node)
+            env[node] = new
+        copy = fx.GraphModule(module, graph)
+        module._aten_graph = copy
+    return copy
 
 
 def direct_calls(module: fx.GraphModule) -> fx.GraphModule:

@@ -555,12 +555,13 @@ class ModelPotential:
 
     def _vectorized(self, fn: Callable, particles: torch.Tensor, args: tuple, kwargs: dict,
                     randomness: str = "error", graph: Optional[str] = None,
-                    with_grad: bool = False):
+                    with_grad: bool = False, graph_only: bool = False):
         """Apply ``fn(flat (D,), args, kwargs)`` to ``(M, D)`` or ``(T, M, D)`` particles;
         ``graph`` names the recorded-graph cache to replay it from (see ``capture``).
         ``with_grad=True`` returns ``(values, gradient of their sum)`` replayed from one
         recorded graph (:meth:`GraphCache.value_and_grad`), or ``None`` where no graph is
-        recorded for this call."""
+        recorded for this call. ``graph_only=True`` returns ``(graph, inputs)`` instead, with
+        ``graph(particles, *inputs)`` the replay as ATen operators, or ``None``."""
         self.setup_from(particles, args, kwargs)
         check_particles(particles, self.dim)
         params = self.parameters or {}
@@ -604,7 +605,7 @@ class ModelPotential:
         # Validation off inside only: its checks branch on tensor values, which vmap forbids.
         with pyro.validation_enabled(False):
             if cache is None or not self.capture or self.reads_params:
-                return None if with_grad else vfn(particles, args, kwargs, params)
+                return None if with_grad or graph_only else vfn(particles, args, kwargs, params)
             if isinstance(self.model, torch.nn.Module):  # recorded as inputs, not constants
                 module = dict(self.model.named_parameters())
                 module.update(self.model.named_buffers())
@@ -612,6 +613,10 @@ class ModelPotential:
                     module = {k: v.expand(particles.size(0), *v.shape) for k, v in module.items()}
                 params = {**module, **params}
             layout = tuple(d is not None for d in dim_leaves)  # part of the key
+            if graph_only:
+                recorded = cache.graph_for(lambda p, a, k, m, _layout: vfn(p, a, k, m),
+                                           particles, args, kwargs, params, layout)
+                return None if recorded is None else (recorded, (args, kwargs, params, layout))
             call = cache.value_and_grad if with_grad else cache
             return call(lambda p, a, k, m, _layout: vfn(p, a, k, m),
                         particles, args, kwargs, params, layout)
@@ -623,6 +628,16 @@ class ModelPotential:
         """
         return self._vectorized(self._log_joint_one, particles, args, kwargs,
                                 graph="log_density")
+
+    def recorded_log_density(self, particles: torch.Tensor, *args, **kwargs):
+        """``(graph, inputs)``: the log density's recorded (and simplified) graph for this
+        call's signature as plain ATen operators, ``graph(particles, *inputs)`` equal to
+        :meth:`log_density` (``inputs`` holds the arguments and the module's parameters, so
+        that the graph can be reused, and differentiated, for other values of the same
+        shapes); ``None`` where the model is not recorded (``capture=False``, ``pyro.param``,
+        data-dependent control flow). What :mod:`pyro_bmaml.engine.compiled` compiles."""
+        return self._vectorized(self._log_joint_one, particles, args, kwargs,
+                                graph="log_density", graph_only=True)
 
     def log_likelihood(self, particles: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Pointwise log likelihood of the observed sites, per particle.

@@ -39,6 +39,7 @@ import torch
 from .._checks import (all_finite, check_choice, check_finite_data, check_has_data, check_int,
                       check_nonnegative_float, check_particles, check_step_size, value_checks,
                       value_checks_enabled)
+from .compiled import compiled_svgd_step
 from .kernels import SteinKernel, as_differentiable_kernel
 from .potential import ModelPotential, check_task_batched
 
@@ -86,6 +87,15 @@ def svgd_direction(
     return (attraction + temperature * repulsion) / num_particles
 
 
+def _check_log_density(step: int, log_p: torch.Tensor) -> None:
+    if not all_finite(log_p):
+        raise FloatingPointError(
+            f"SVGD step {step}: the log density is non-finite for "
+            f"{int((~torch.isfinite(log_p)).sum())} particle(s); lower step_size or check "
+            "the model's priors"
+        )
+
+
 def transport(
     potential: ModelPotential,
     kernel: SteinKernel,
@@ -97,6 +107,7 @@ def transport(
     create_graph: Optional[bool] = None,
     callback: Optional[Callable[..., None]] = None,
     temperature: float = 1.0,
+    compile: bool = False,
     **kwargs,
 ) -> torch.Tensor:
     r"""Run ``num_steps`` SVGD steps from ``particles``; differentiable in ``particles``.
@@ -117,6 +128,11 @@ def transport(
         ``grad_log_p`` are then ``None``: they would cost one more model evaluation).
     :param temperature: scale of the kernel's repulsion (1: SVGD; SVPG's temperature, see
         :func:`svgd_direction`).
+    :param compile: take each step as compiled code
+        (:func:`~pyro_bmaml.engine.compiled.compiled_svgd_step`: the recorded log density,
+        its gradient and the update as one :func:`torch.compile` d function, its backward
+        compiled too; differentiable once, not twice), falling back to the replayed graph
+        with a warning where compiling fails; not with a ``callback``.
     :param kwargs: the model's keyword arguments.
     :returns: particles after ``num_steps`` steps, same shape as ``particles``.
     :raises FloatingPointError: naming the step at which particles or log densities became
@@ -137,20 +153,30 @@ def transport(
     step_size = check_step_size(step_size, potential.dim)
     if create_graph is None:
         create_graph = torch.is_grad_enabled() and particles.requires_grad
+    if compile and callback is not None:
+        raise ValueError("compile=True takes the steps as compiled code, which gives no "
+                         "log density or gradient to a callback; pass callback=None")
     x = particles if create_graph else particles.detach()
     for step in range(num_steps):
-        log_p, grad = potential.log_density_and_grad(x, *args, create_graph=create_graph, **kwargs)
         checks = value_checks_enabled()
-        if checks and not all_finite(log_p):
-            raise FloatingPointError(
-                f"SVGD step {step}: the log density is non-finite for "
-                f"{int((~torch.isfinite(log_p)).sum())} particle(s); lower step_size or check "
-                "the model's priors"
-            )
-        if callback is not None:
-            callback(step, x, log_p, grad)
-        with torch.set_grad_enabled(create_graph):
-            x = x + step_size * svgd_direction(x, grad, kernel, mode, temperature)
+        done = None
+        if compile:
+            with torch.set_grad_enabled(create_graph):
+                done = compiled_svgd_step(potential, kernel, x, args, kwargs, step_size, mode,
+                                          temperature)
+        if done is None:
+            log_p, grad = potential.log_density_and_grad(x, *args, create_graph=create_graph,
+                                                         **kwargs)
+            if checks:
+                _check_log_density(step, log_p)
+            if callback is not None:
+                callback(step, x, log_p, grad)
+            with torch.set_grad_enabled(create_graph):
+                x = x + step_size * svgd_direction(x, grad, kernel, mode, temperature)
+        else:
+            x, log_p = done
+            if checks:
+                _check_log_density(step, log_p)
         if checks and not all_finite(x):
             raise FloatingPointError(
                 f"SVGD step {step}: particles became non-finite; lower step_size"

@@ -1,0 +1,109 @@
+r"""The SVGD step compiled: the recorded log density, its gradient and the kernel's update
+as one :func:`torch.compile` d function.
+
+:mod:`~pyro_bmaml.engine.capture` replays a model's log density as a few hundred ATen
+operators per call; eager PyTorch then pays its per-operator overhead on each of them, and
+again on each operator of the gradient and of the meta-gradient's backward. For one
+signature of the inputs, this module compiles the whole step
+
+.. math::
+
+    x \leftarrow x + \epsilon\, \phi(x), \qquad
+    \phi(x_i) = \tfrac1M \textstyle\sum_j k(x_j, x_i)\, \nabla \log p(x_j)
+        + \alpha\, \nabla_{x_j} k(x_j, x_i),
+
+with the score taken by :func:`torch.func.grad` over the recorded graph *inside* the
+compiled function (Inductor, CPU C++ or GPU Triton code). The first derivative is then part
+of the compiled forward graph, and the meta-gradient through the step is the one backward
+AOTAutograd derives from it, compiled too; it equals the replayed graph's to rounding
+(``tests/test_compiled.py``). A second backward through a compiled step is not supported
+(``torch.compile`` has no double backward): the trust-region meta-update's Fisher-vector
+products keep the replayed path.
+
+Where compiling fails (no C++ compiler, an operator Inductor does not lower, a kernel
+Dynamo cannot trace) the step falls back to the replayed path with one warning per
+signature, exactly (the same operators, eagerly). Compiled functions are cached per recorded
+graph, that is per input signature (shapes, dtypes, strides, devices), kernel, mode and
+temperature; compiling one takes seconds to tens of seconds (reported by
+:func:`compile_seconds`), paid back after some hundreds of steps (``benchmarks/``).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from typing import Dict, Hashable, Optional, Tuple
+
+import torch
+
+from .kernels import SteinKernel
+from .potential import ModelPotential
+
+__all__ = ["compiled_svgd_step", "compile_seconds"]
+
+#: per recorded graph: {(kernel, mode, temperature): compiled step or None (failed)}
+_STEPS: "weakref.WeakKeyDictionary[torch.fx.GraphModule, Dict[Hashable, object]]" = \
+    weakref.WeakKeyDictionary()
+_SECONDS = {"compile": 0.0}
+
+
+def compile_seconds() -> float:
+    """Seconds spent so far in this process on the first call of each compiled step (tracing
+    and code generation)."""
+    return _SECONDS["compile"]
+
+
+def _direction(x, grad, kernel, mode, temperature):
+    from .svgd import svgd_direction  # svgd imports this module
+
+    return svgd_direction(x, grad, kernel, mode, temperature)
+
+
+def _make_step(graph, kernel: SteinKernel, mode: str, temperature: float):
+    def step(x, inputs, step_size):
+        def total(p):
+            log_p = graph(p, *inputs)
+            return log_p.sum(), log_p
+
+        grad, log_p = torch.func.grad(total, has_aux=True)(x)
+        return x + step_size * _direction(x, grad, kernel, mode, temperature), log_p
+
+    return torch.compile(step, dynamic=False, fullgraph=False)
+
+
+def compiled_svgd_step(potential: ModelPotential, kernel: SteinKernel, x: torch.Tensor,
+                       args: tuple, kwargs: dict, step_size, mode: str,
+                       temperature: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """One SVGD step of ``x`` ``(M, D)`` or ``(T, M, D)`` as compiled code: ``(new particles,
+    log density at x)``, differentiable once in ``x``, ``step_size`` and the model's module
+    parameters; ``None`` where the model is not recorded or compiling failed (the caller
+    takes the replayed step)."""
+    # one layout for every step (theta0 expanded over tasks has a zero stride; the steps
+    # after it are dense): one recorded graph, one compilation
+    x = x.contiguous()
+    recorded = potential.recorded_log_density(x, *args, **kwargs)
+    if recorded is None:
+        return None
+    graph, inputs = recorded
+    steps = _STEPS.setdefault(graph, {})
+    key = (id(kernel), mode, float(temperature))
+    fn = steps.get(key, False)
+    first = fn is False
+    if first:
+        fn = steps[key] = _make_step(graph, kernel, mode, temperature)
+    if fn is None:
+        return None
+    start = time.perf_counter()
+    try:
+        out = fn(x, inputs, step_size)
+    except Exception as err:  # no C++ compiler, an operator not lowered, ...
+        steps[key] = None
+        text = str(err).strip()
+        warnings.warn(f"compiled SVGD step: compiling failed ({type(err).__name__}: "
+                      f"{text.splitlines()[0][:160] if text else ''}); using the replayed "
+                      f"graph for these inputs", stacklevel=3)
+        return None
+    if first:
+        _SECONDS["compile"] += time.perf_counter() - start
+    return out
