@@ -3,6 +3,7 @@
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.nn import PyroModule, PyroSample
 
 
 def normal_gamma_regression(X, y, a0=2.0, b0=2.0):
@@ -74,3 +75,20 @@ class LinearTasks:
 
     def evaluation_tasks(self, num_tasks=100, seed=12345):
         return self._draw(num_tasks, torch.Generator().manual_seed(seed))
+
+
+class BayesianLinear(PyroModule):
+    """A PyroModule regression with PyroSample priors on a Linear layer's weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = PyroModule[torch.nn.Linear](2, 1)
+        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 2]).to_event(2))
+        self.linear.bias = PyroSample(dist.Normal(0.0, 10.0).expand([1]).to_event(1))
+
+    def forward(self, x, y=None):
+        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+        mean = self.linear(x).squeeze(-1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+        return mean

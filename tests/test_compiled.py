@@ -5,29 +5,14 @@ cache per input signature. Compiling takes seconds per signature: slow."""
 import warnings
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
-from pyro.nn import PyroModule, PyroSample
 
 from pyro_bmaml import BMAML, BayesianClassifier, BayesianMLP, TaskBatch
 from pyro_bmaml.engine import RBFSteinKernel, transport
 from pyro_bmaml.engine import compiled as compiled_module
 
-
-class BayesianLinear(PyroModule):
-    def __init__(self):
-        super().__init__()
-        self.linear = PyroModule[torch.nn.Linear](2, 1)
-        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 2]).to_event(2))
-        self.linear.bias = PyroSample(dist.Normal(0.0, 10.0).expand([1]).to_event(1))
-
-    def forward(self, x, y=None):
-        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
-        mean = self.linear(x).squeeze(-1)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
-        return mean
+from models_for_tests import BayesianLinear
 
 
 def _regression_batch(tasks, k, features, seed):

@@ -3,10 +3,9 @@
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule, PyroSample
 
 import pyro_bmaml as pb
-from models_for_tests import normal_gamma_regression, regression_data
+from models_for_tests import BayesianLinear, normal_gamma_regression, regression_data
 
 
 def test_log_density_includes_log_jacobian():
@@ -45,21 +44,6 @@ def test_pack_unpack_round_trip_and_shapes():
     assert torch.allclose(potential.pack(named), flat, atol=1e-5)
     # task-batched leading dims pass through
     assert potential.unpack(flat.expand(2, 5, 10))["m"].shape == (2, 5, 2, 2)
-
-
-class BayesianLinear(PyroModule):
-    def __init__(self):
-        super().__init__()
-        self.linear = PyroModule[torch.nn.Linear](2, 1)
-        self.linear.weight = PyroSample(dist.Normal(0.0, 1.0).expand([1, 2]).to_event(2))
-        self.linear.bias = PyroSample(dist.Normal(0.0, 10.0).expand([1]).to_event(1))
-
-    def forward(self, x, y=None):
-        sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))
-        mean = self.linear(x).squeeze(-1)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
-        return mean
 
 
 def test_pyro_module_with_pyro_sample_priors():
