@@ -3,7 +3,8 @@
 (a) ``pyro_bmaml.SVGD.step`` vs ``pyro.infer.SVGD.step`` (same model, kernel rule, optimizer),
     for N in {10, 100} data points and M in {10, 100} particles, the variants interleaved
     round by round; plus ours with the default ("auto") bandwidth, which in multivariate
-    mode is the paper's scalar rule (other math);
+    mode is the paper's scalar rule (other math), and ours with the direction compiled
+    (``SVGD(..., compile=True)``, compiled once per configuration, outside the timing);
 (a') where one step's time goes at N = M = 10 (univariate): the potential, the direction, the
     rest, and Pyro's kernel alone;
 (b) ``transport`` of 5 steps (step size 1e-2 / N) + backward to the initial particles for
@@ -55,14 +56,23 @@ def step_benchmark(model, x, y, num_particles, rounds, repeats, mode):
         "pyro_bmaml.SVGD (traced path)": (pb.SVGD, "pyro", False),
         # not the same math in multivariate mode: "auto" is the paper's scalar rule there
         "scalar rule": (pb.SVGD, "auto", True),
+        # the direction compiled (one object for every round: it compiles once, in the
+        # first round's warm-up)
+        "pyro_bmaml.SVGD (compiled)": (pb.SVGD, "pyro", "compile"),
     }
     times = {name: [] for name in variants}
+    compiled = None
     for r in range(rounds):
         for name, (cls, rule, capture) in variants.items():
             pyro.clear_param_store()
             pyro.set_rng_seed(r)
-            svgd = cls(model, pb.RBFSteinKernel(bandwidth=rule), Adam({"lr": 1e-3}),
-                       num_particles, 0, mode=mode)
+            if capture == "compile" and compiled is not None:
+                svgd = compiled
+            else:
+                svgd = cls(model, pb.RBFSteinKernel(bandwidth=rule), Adam({"lr": 1e-3}),
+                           num_particles, 0, mode=mode,
+                           **({"compile": True} if capture == "compile" else {}))
+                compiled = svgd if capture == "compile" else compiled
             if not capture:
                 svgd.potential.capture = False
             # warm-up: the param store, the recorded graphs
@@ -168,7 +178,8 @@ def main():
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, threads {torch.get_num_threads()}")
     print("(a) one SVGD step (Adam), median seconds")
     print(f"{'mode':>12} {'N':>4} {'M':>4} {'pyro.infer.SVGD':>16} {'pyro_bmaml.SVGD':>16} "
-          f"{'speed-up':>9} {'(ours, default auto rule)':>26} {'(traced path)':>14}")
+          f"{'speed-up':>9} {'(ours, default auto rule)':>26} {'(traced path)':>14} "
+          f"{'(compiled)':>11} {'speed-up':>9}")
     for mode in ("univariate", "multivariate"):
         for n in (10, 100):
             x = torch.linspace(-5, 5, n)
@@ -177,10 +188,13 @@ def main():
                 t = step_benchmark(model, x, y, m, rounds=repeats,
                                    repeats=10 if m == 10 else 2, mode=mode)
                 ratio = t["pyro.infer.SVGD"] / t["pyro_bmaml.SVGD"]
-                record["step"].append({"mode": mode, "N": n, "M": m, **t, "speedup": ratio})
+                compiled_ratio = t["pyro.infer.SVGD"] / t["pyro_bmaml.SVGD (compiled)"]
+                record["step"].append({"mode": mode, "N": n, "M": m, **t, "speedup": ratio,
+                                       "speedup_compiled": compiled_ratio})
                 print(f"{mode:>12} {n:>4} {m:>4} {t['pyro.infer.SVGD']:>16.5f} "
                       f"{t['pyro_bmaml.SVGD']:>16.5f} {ratio:>8.1f}x {t['scalar rule']:>26.5f} "
-                      f"{t['pyro_bmaml.SVGD (traced path)']:>14.5f}")
+                      f"{t['pyro_bmaml.SVGD (traced path)']:>14.5f} "
+                      f"{t['pyro_bmaml.SVGD (compiled)']:>11.5f} {compiled_ratio:>8.1f}x")
     x = torch.linspace(-5, 5, 10)
     parts = step_parts(model, x, torch.sin(x), 10, 4 * repeats)
     record["step_parts"] = parts

@@ -1,10 +1,10 @@
-r"""The SVGD step compiled: the recorded log density, its gradient and the kernel's update
-as one :func:`torch.compile` d function.
+r"""The SVGD step compiled: the recorded log density, its gradient and the kernel's
+direction as one :func:`torch.compile` d function.
 
 :mod:`~pyro_bmaml.engine.capture` replays a model's log density as a few hundred ATen
 operators per call; eager PyTorch then pays its per-operator overhead on each of them, and
 again on each operator of the gradient and of the meta-gradient's backward. For one
-signature of the inputs, this module compiles the whole step
+signature of the inputs, this module compiles the whole direction of the step
 
 .. math::
 
@@ -40,10 +40,10 @@ import torch
 from .kernels import SteinKernel
 from .potential import ModelPotential
 
-__all__ = ["compiled_svgd_step", "compile_seconds"]
+__all__ = ["compiled_svgd_direction", "compile_seconds"]
 
-#: per recorded graph: {(kernel, mode, temperature): compiled step or None (failed)}
-_STEPS: "weakref.WeakKeyDictionary[torch.fx.GraphModule, Dict[Hashable, object]]" = \
+#: per recorded graph: {(kernel, mode, temperature): compiled direction or None (failed)}
+_DIRECTIONS: "weakref.WeakKeyDictionary[torch.fx.GraphModule, Dict[Hashable, object]]" = \
     weakref.WeakKeyDictionary()
 _SECONDS = {"compile": 0.0}
 
@@ -60,25 +60,27 @@ def _direction(x, grad, kernel, mode, temperature):
     return svgd_direction(x, grad, kernel, mode, temperature)
 
 
-def _make_step(graph, kernel: SteinKernel, mode: str, temperature: float):
-    def step(x, inputs, step_size):
+def _make_direction(graph, kernel: SteinKernel, mode: str, temperature: float):
+    def direction(x, inputs):
         def total(p):
             log_p = graph(p, *inputs)
             return log_p.sum(), log_p
 
         grad, log_p = torch.func.grad(total, has_aux=True)(x)
-        return x + step_size * _direction(x, grad, kernel, mode, temperature), log_p
+        return _direction(x, grad, kernel, mode, temperature), log_p
 
-    return torch.compile(step, dynamic=False, fullgraph=False)
+    return torch.compile(direction, dynamic=False, fullgraph=False)
 
 
-def compiled_svgd_step(potential: ModelPotential, kernel: SteinKernel, x: torch.Tensor,
-                       args: tuple, kwargs: dict, step_size, mode: str,
-                       temperature: float) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """One SVGD step of ``x`` ``(M, D)`` or ``(T, M, D)`` as compiled code: ``(new particles,
-    log density at x)``, differentiable once in ``x``, ``step_size`` and the model's module
-    parameters; ``None`` where the model is not recorded or compiling failed (the caller
-    takes the replayed step)."""
+def compiled_svgd_direction(potential: ModelPotential, kernel: SteinKernel, x: torch.Tensor,
+                            args: tuple, kwargs: dict, mode: str,
+                            temperature: float = 1.0
+                            ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The SVGD direction at ``x`` ``(M, D)`` or ``(T, M, D)`` as compiled code: ``(phi, log
+    density at x)``, differentiable once in ``x`` and the model's module parameters; ``None``
+    where the model is not recorded or compiling failed (the caller takes the replayed
+    path). The step ``x + step_size * phi`` is left to the caller, so that a step size is
+    not compiled in."""
     # one layout for every step (theta0 expanded over tasks has a zero stride; the steps
     # after it are dense): one recorded graph, one compilation
     x = x.contiguous()
@@ -86,19 +88,19 @@ def compiled_svgd_step(potential: ModelPotential, kernel: SteinKernel, x: torch.
     if recorded is None:
         return None
     graph, inputs = recorded
-    steps = _STEPS.setdefault(graph, {})
+    cache = _DIRECTIONS.setdefault(graph, {})
     key = (id(kernel), mode, float(temperature))
-    fn = steps.get(key, False)
+    fn = cache.get(key, False)
     first = fn is False
     if first:
-        fn = steps[key] = _make_step(graph, kernel, mode, temperature)
+        fn = cache[key] = _make_direction(graph, kernel, mode, temperature)
     if fn is None:
         return None
     start = time.perf_counter()
     try:
-        out = fn(x, inputs, step_size)
+        out = fn(x, inputs)
     except Exception as err:  # no C++ compiler, an operator not lowered, ...
-        steps[key] = None
+        cache[key] = None
         text = str(err).strip()
         warnings.warn(f"compiled SVGD step: compiling failed ({type(err).__name__}: "
                       f"{text.splitlines()[0][:160] if text else ''}); using the replayed "

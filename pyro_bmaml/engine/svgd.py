@@ -39,7 +39,7 @@ import torch
 from .._checks import (all_finite, check_choice, check_finite_data, check_has_data, check_int,
                       check_nonnegative_float, check_particles, check_step_size, value_checks,
                       value_checks_enabled)
-from .compiled import compiled_svgd_step
+from .compiled import compiled_svgd_direction
 from .kernels import SteinKernel, as_differentiable_kernel
 from .potential import ModelPotential, check_task_batched
 
@@ -129,9 +129,9 @@ def transport(
     :param temperature: scale of the kernel's repulsion (1: SVGD; SVPG's temperature, see
         :func:`svgd_direction`).
     :param compile: take each step as compiled code
-        (:func:`~pyro_bmaml.engine.compiled.compiled_svgd_step`: the recorded log density,
-        its gradient and the update as one :func:`torch.compile` d function, its backward
-        compiled too; differentiable once, not twice), falling back to the replayed graph
+        (:func:`~pyro_bmaml.engine.compiled.compiled_svgd_direction`: the recorded log
+        density, its gradient and the SVGD direction as one :func:`torch.compile` d
+        function, its backward compiled too; differentiable once, not twice), falling back to the replayed graph
         with a warning where compiling fails; not with a ``callback``.
     :param kwargs: the model's keyword arguments.
     :returns: particles after ``num_steps`` steps, same shape as ``particles``.
@@ -162,8 +162,8 @@ def transport(
         done = None
         if compile:
             with torch.set_grad_enabled(create_graph):
-                done = compiled_svgd_step(potential, kernel, x, args, kwargs, step_size, mode,
-                                          temperature)
+                done = compiled_svgd_direction(potential, kernel, x, args, kwargs, mode,
+                                               temperature)
         if done is None:
             log_p, grad = potential.log_density_and_grad(x, *args, create_graph=create_graph,
                                                          **kwargs)
@@ -174,9 +174,11 @@ def transport(
             with torch.set_grad_enabled(create_graph):
                 x = x + step_size * svgd_direction(x, grad, kernel, mode, temperature)
         else:
-            x, log_p = done
+            phi, log_p = done
             if checks:
                 _check_log_density(step, log_p)
+            with torch.set_grad_enabled(create_graph):
+                x = x + step_size * phi
         if checks and not all_finite(x):
             raise FloatingPointError(
                 f"SVGD step {step}: particles became non-finite; lower step_size"
@@ -207,6 +209,10 @@ class SVGD(pyro.infer.SVGD):
     :param max_plate_nesting: as Pyro's: the vectorization here does not need it, but
         :meth:`get_named_particles` pads the sites' plate dims to it, as Pyro does.
     :param mode: ``"univariate"`` (Pyro's default) or ``"multivariate"``.
+    :param compile: compute each step's direction (log density, gradient, kernel terms) as
+        one compiled function (:func:`~pyro_bmaml.engine.compiled.compiled_svgd_direction`;
+        the first step compiles, seconds; the replayed graph where compiling fails). Not in
+        Pyro's class.
     """
 
     def __init__(
@@ -217,9 +223,14 @@ class SVGD(pyro.infer.SVGD):
         num_particles: int,
         max_plate_nesting: int = 0,
         mode: str = "univariate",
+        compile: bool = False,
     ):
         if not callable(model):
             raise TypeError(f"model must be callable (a Pyro model), got {type(model).__name__}")
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+        #: compute each step's direction as compiled code (see :func:`transport`)
+        self.compile = compile
         #: a Pyro stock kernel the user passed: its settings (e.g. an annealed
         #: ``bandwidth_factor``, as Pyro's own tests do) are read again at every step
         self._source_kernel = None if isinstance(kernel, SteinKernel) else kernel
@@ -269,7 +280,15 @@ class SVGD(pyro.infer.SVGD):
         with value_checks(False):  # the values were checked above: the dtypes only
             check_finite_data(args, kwargs, param.dtype)
         warn_if_identical(param.detach())
-        log_p, grad = self.potential.log_density_and_grad(param.detach(), *args, **kwargs)
+        done = None
+        if self.compile:
+            with torch.no_grad():
+                done = compiled_svgd_direction(self.potential, self.kernel, param.detach(),
+                                               args, kwargs, self.mode)
+        if done is None:
+            log_p, grad = self.potential.log_density_and_grad(param.detach(), *args, **kwargs)
+        else:
+            phi, log_p = done
         if not all_finite(log_p):  # as transport: never step on -inf / NaN
             bad = int((~torch.isfinite(log_p)).sum())
             raise FloatingPointError(
@@ -277,7 +296,8 @@ class SVGD(pyro.infer.SVGD):
                 "(outside the prior's support, or a likelihood of zero); lower the learning "
                 "rate or check the model")
         with torch.no_grad():
-            phi = svgd_direction(param.detach(), grad, self.kernel, self.mode)
+            if done is None:
+                phi = svgd_direction(param.detach(), grad, self.kernel, self.mode)
             squared = phi.pow(2).mean(0) @ self._site_means(phi)  # each site's mean square
         squared = squared.tolist()  # one transfer; finite means squares of finite values
         if not all(map(math.isfinite, squared)) and not all_finite(phi):  # (or an overflow)
