@@ -54,6 +54,13 @@ def check_has_data(name: str, tensor: torch.Tensor) -> None:
                          "values); pass a tensor that holds data")
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a ``bool`` (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_int(name: str, value: Any, minimum: int) -> int:
     """Return ``value`` as ``int`` if it is an integer ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

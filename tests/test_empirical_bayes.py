@@ -119,7 +119,7 @@ def test_bad_input_is_refused_by_name(family):
         empirical_bayes_prior(potential, particles.masked_fill(particles > 2, math.nan), (x, y))
     with pytest.raises(ValueError, match=r"data\[1\] must have a leading task dim 300"):
         empirical_bayes_prior(potential, particles, (x, y[:5]))
-    with pytest.raises(ValueError, match="flat dim is 2"):
+    with pytest.raises(ValueError, match=r"particles must have shape \(M, 2\) or \(T, M, 2\)"):
         empirical_bayes_prior(potential, particles[..., :1], (x, y))
     with pytest.raises(ValueError, match="covariance"):
         empirical_bayes_prior(potential, particles, (x, y), covariance="dense")

@@ -102,9 +102,14 @@ class GraphCache:
     def __call__(self, fn: Callable, *inputs):
         """``fn(*inputs)``, replayed from its recorded graph for this signature (recorded
         on first use), or called directly when recording it failed."""
-        key = signature(*inputs)
-        graph = None if key is None else self._graph(key, lambda: self._record(fn, inputs))
+        _, graph = self._recorded(fn, inputs)
         return fn(*inputs) if graph is None else graph(*inputs)
+
+    def _recorded(self, fn: Callable, inputs: tuple):
+        """``(key, graph)``: the inputs' signature and the graph of ``fn`` recorded under it
+        (recorded if new); the graph is ``None`` when the signature or the recording fails."""
+        key = signature(*inputs)
+        return key, None if key is None else self._graph(key, lambda: self._record(fn, inputs))
 
     def value_and_grad(self, fn: Callable, *inputs) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """``(fn(*inputs), the gradient of fn(*inputs).sum() with respect to inputs[0])``
@@ -115,10 +120,7 @@ class GraphCache:
         recorded once more by differentiating the first with :func:`torch.autograd.grad`:
         the backward then differentiates the rewritten operators, and the replay creates no
         autograd nodes. Neither output carries a graph (no second derivatives)."""
-        key = signature(*inputs)
-        if key is None:
-            return None
-        forward = self._graph(key, lambda: self._record(fn, inputs))
+        key, forward = self._recorded(fn, inputs)
         if forward is None:
             return None
 
@@ -140,8 +142,7 @@ class GraphCache:
         """The recorded graph of ``fn`` for these inputs' signature (recorded if new), as
         plain ATen operators (:func:`aten_graph`: what a compiler traces), or ``None`` where
         it cannot be recorded."""
-        key = signature(*inputs)
-        graph = None if key is None else self._graph(key, lambda: self._record(fn, inputs))
+        _, graph = self._recorded(fn, inputs)
         return None if graph is None else aten_graph(graph)
 
     def _graph(self, key: Hashable, record: Callable[[], Optional[Callable]]):

@@ -43,7 +43,7 @@ from typing import NamedTuple, Sequence
 import pyro.distributions as dist
 import torch
 
-from .._checks import check_int, check_positive_float
+from .._checks import check_int, check_particles, check_positive_float
 from .potential import ModelPotential
 
 __all__ = ["EmpiricalBayesFit", "empirical_bayes_prior"]
@@ -60,19 +60,6 @@ class EmpiricalBayesFit(NamedTuple):
     prior: dist.Distribution
     log_marginal: float
     ess: torch.Tensor
-
-
-def _check_particles(particles) -> torch.Tensor:
-    if not isinstance(particles, torch.Tensor):
-        raise TypeError(f"particles must be a (T, M, D) tensor, got {type(particles).__name__}")
-    if particles.dim() != 3 or particles.size(0) < 2 or particles.size(1) < 1:
-        raise ValueError(f"particles must be (T, M, D) with at least 2 tasks, got shape "
-                         f"{tuple(particles.shape)}")
-    if not particles.dtype.is_floating_point:
-        raise TypeError(f"particles must be floating point, got {particles.dtype}")
-    if not bool(torch.isfinite(particles).all()):
-        raise ValueError("particles contain non-finite values")
-    return particles.detach()
 
 
 def _weighted_cov(x: torch.Tensor, w) -> torch.Tensor:
@@ -138,10 +125,11 @@ def empirical_bayes_prior(potential: ModelPotential, particles: torch.Tensor,
     if not isinstance(potential, ModelPotential):
         raise TypeError(f"potential must be a ModelPotential, got {type(potential).__name__}")
     potential._require_sites()
-    particles = _check_particles(particles)
+    particles = check_particles(particles, potential.dim).detach()
+    if particles.dim() != 3 or particles.size(0) < 2:
+        raise ValueError(f"particles must be (T, M, D) with at least 2 tasks, got shape "
+                         f"{tuple(particles.shape)}")
     t, m, d = particles.shape
-    if d != potential.dim:
-        raise ValueError(f"particles have {d} coordinates, the model's flat dim is {potential.dim}")
     data = tuple(data)
     for i, a in enumerate(data):
         if isinstance(a, torch.Tensor) and (a.dim() == 0 or a.size(0) != t):
@@ -219,12 +207,8 @@ def empirical_bayes_prior(potential: ModelPotential, particles: torch.Tensor,
     with torch.no_grad():
         log_marginal = float((torch.logsumexp(lw, 1) - math.log(num_draws)).mean())
         ess = 1.0 / w.pow(2).sum(1)
-        loc_out = loc.detach().to(particles.dtype)
-        if full:
-            scale_tril = (raw[0].tril(-1) + torch.diag(raw[1].exp())).detach().to(particles.dtype)
-            prior = dist.MultivariateNormal(loc_out, scale_tril=scale_tril)
-        else:
-            prior = dist.Normal(loc_out, raw[0].exp().detach().to(particles.dtype)).to_event(1)
+        prior = prior_of(loc.detach().to(particles.dtype),
+                         [r.detach().to(particles.dtype) for r in raw])
     if float(ess.median()) < 5:
         warnings.warn(f"empirical_bayes_prior: the median effective sample size per task is "
                       f"{float(ess.median()):.1f} of {num_draws} draws; the fit rests on a few "

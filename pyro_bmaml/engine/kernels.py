@@ -44,7 +44,7 @@ import pyro.infer
 import pyro.infer.svgd
 import torch
 
-from .._checks import check_positive_float
+from .._checks import check_bool, check_positive_float
 
 __all__ = ["SteinKernel", "RBFSteinKernel", "IMQSteinKernel", "as_differentiable_kernel"]
 
@@ -140,13 +140,9 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
                 f"bandwidth must be one of {_RULES} or a positive float, "
                 f"got {type(bandwidth).__name__}"
             )
-        if not isinstance(detach_bandwidth, bool):
-            raise TypeError(
-                f"detach_bandwidth must be a bool, got {type(detach_bandwidth).__name__}"
-            )
         self.bandwidth_rule = bandwidth
         self.bandwidth_factor = bandwidth_factor
-        self.detach_bandwidth = detach_bandwidth
+        self.detach_bandwidth = check_bool("detach_bandwidth", detach_bandwidth)
 
     @property
     def bandwidth_factor(self) -> Optional[float]:

@@ -36,9 +36,9 @@ import pyro.infer
 import pyro.optim
 import torch
 
-from .._checks import (all_finite, check_choice, check_finite_data, check_has_data, check_int,
-                      check_nonnegative_float, check_particles, check_step_size, value_checks,
-                      value_checks_enabled)
+from .._checks import (all_finite, check_bool, check_choice, check_finite_data, check_has_data,
+                      check_int, check_nonnegative_float, check_particles, check_step_size,
+                      value_checks, value_checks_enabled)
 from .compiled import compiled_svgd_direction
 from .kernels import SteinKernel, as_differentiable_kernel
 from .potential import ModelPotential, check_task_batched
@@ -159,26 +159,24 @@ def transport(
     x = particles if create_graph else particles.detach()
     for step in range(num_steps):
         checks = value_checks_enabled()
-        done = None
-        if compile:
+        phi = None
+        if compile:  # the direction as compiled code (None: the replayed path)
             with torch.set_grad_enabled(create_graph):
                 done = compiled_svgd_direction(potential, kernel, x, args, kwargs, mode,
                                                temperature)
-        if done is None:
+            if done is not None:
+                phi, log_p = done
+        if phi is None:
             log_p, grad = potential.log_density_and_grad(x, *args, create_graph=create_graph,
                                                          **kwargs)
-            if checks:
-                _check_log_density(step, log_p)
-            if callback is not None:
-                callback(step, x, log_p, grad)
-            with torch.set_grad_enabled(create_graph):
-                x = x + step_size * svgd_direction(x, grad, kernel, mode, temperature)
-        else:
-            phi, log_p = done
-            if checks:
-                _check_log_density(step, log_p)
-            with torch.set_grad_enabled(create_graph):
-                x = x + step_size * phi
+        if checks:
+            _check_log_density(step, log_p)
+        if callback is not None:  # (never with compile)
+            callback(step, x, log_p, grad)
+        with torch.set_grad_enabled(create_graph):
+            if phi is None:
+                phi = svgd_direction(x, grad, kernel, mode, temperature)
+            x = x + step_size * phi
         if checks and not all_finite(x):
             raise FloatingPointError(
                 f"SVGD step {step}: particles became non-finite; lower step_size"
@@ -227,10 +225,8 @@ class SVGD(pyro.infer.SVGD):
     ):
         if not callable(model):
             raise TypeError(f"model must be callable (a Pyro model), got {type(model).__name__}")
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
         #: compute each step's direction as compiled code (see :func:`transport`)
-        self.compile = compile
+        self.compile = check_bool("compile", compile)
         #: a Pyro stock kernel the user passed: its settings (e.g. an annealed
         #: ``bandwidth_factor``, as Pyro's own tests do) are read again at every step
         self._source_kernel = None if isinstance(kernel, SteinKernel) else kernel

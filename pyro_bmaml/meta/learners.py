@@ -85,8 +85,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .._checks import (all_finite, check_choice, check_has_data, check_int, check_nonnegative_float,
-                       check_positive_float, value_checks_enabled)
+from .._checks import (all_finite, check_bool, check_choice, check_has_data, check_int,
+                       check_nonnegative_float, check_positive_float, value_checks_enabled)
 from ..engine.empirical_bayes import empirical_bayes_prior
 from ..engine.kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from ..engine.ksd import ksd_trajectory
@@ -852,8 +852,8 @@ class BMAML(MetaLearner):
 
     :param compile: take the SVGD steps (adaptation, chaser, leader) as compiled code
         (:mod:`pyro_bmaml.engine.compiled`: the recorded log density, its gradient and the
-        update compiled together by :func:`torch.compile`, and the meta-gradient's backward
-        with them), with an exact fallback to the replayed graph and a warning where
+        SVGD direction compiled together by :func:`torch.compile`, and the meta-gradient's
+        backward with them), with an exact fallback to the replayed graph and a warning where
         compiling fails. The first step of each input signature compiles (seconds to tens of
         seconds); not with the trust-region meta-update (a second derivative through the
         steps).
@@ -898,10 +898,8 @@ class BMAML(MetaLearner):
     ):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         num_particles = check_int("num_particles", num_particles, 2)
-        if not isinstance(compile, bool):
-            raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
         #: take the SVGD steps as compiled code (see the class docs)
-        self.compile = compile
+        self.compile = check_bool("compile", compile)
         self.objective = check_choice("objective", objective, ("chaser", "bfa"))
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
                          noise_sites, calibration, noise_step_size, calibration_lr,
