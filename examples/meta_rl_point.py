@@ -18,6 +18,15 @@ MAML-RL's settings (issue 20): `--init-std 1.0 --meta-batch 20 --episodes 20` (i
 action sd starts at 1; 20 goals x 20 episodes per meta-batch), `--schedule-iterations 100000`
 (Adam's rate nearly constant, as the CLI), and `--meta-optimizer trpo`
 for its trust-region meta-update (every method; slower per meta-iteration on a CPU).
+MAML-RL's and the official BMAML code's environment, not the public port's:
+`--action-scale 0.1 --goal-tolerance 0.01` (rllab's normalized actions, so that sd 1 is 0.1
+in the environment's units, and episodes that end at the goal); the official BMAML chaser
+runs used SVPG temperature 0.1 (`--temperature 0.1`, BMAML's step then 0.1 / (0.1 N)).
+The record of that configuration:
+
+    python examples/meta_rl_point.py --iterations 400 --eval-every 50 --seeds 0 1 2 3 4 \
+        --init-std 1.0 --meta-batch 20 --episodes 20 --schedule-iterations 100000 \
+        --temperature 0.1 --action-scale 0.1 --goal-tolerance 0.01 --out results/meta_rl_mamlrl
 
 (`--update-results` writes results/meta_rl.{md,json,png}; by default runs/meta_rl.*).
 """
@@ -44,7 +53,9 @@ def run_one(job):
     config = resolve_config({"task": "point-nav", "method": method,
                              "particles": args["particles"], "inner_steps": 1,
                              "leader_steps": 1, "seed": seed, "episodes": args["episodes"],
-                             "temperature": args["temperature"], "init_std": args["init_std"]})
+                             "temperature": args["temperature"], "init_std": args["init_std"],
+                             "action_scale": args.get("action_scale"),
+                             "goal_tolerance": args.get("goal_tolerance")})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
     source, tasks, _ = task_sources(config, learner)
@@ -87,18 +98,31 @@ def write_outputs(out: Path, budget: dict, rows: list):
             entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
         table.append(entry)
     save_json(out, budget, table, rows)
+    scale, tolerance = budget.get("action_scale", 1.0), budget.get("goal_tolerance")
+    env = ("MAML-RL's environment (rllab's normalized actions: the policy acts in [-1, 1], "
+           f"the point moves by clip({scale:g} a, -0.1, 0.1)"
+           + (f"; an episode ends within {tolerance:g} of the goal" if tolerance else "")
+           + f"): the policies' initial sd {budget['init_std']} is "
+           f"{budget['init_std'] * scale:g} in the environment's units"
+           ) if scale != 1.0 or tolerance else (
+           f"the public port's environment (actions clipped to 0.1, 100 steps whatever "
+           f"happens): the un-meta-trained policies are random walks of sd {budget['init_std']}")
     lines = [f"Budget: {json.dumps(budget)}", "",
              f"2-D point navigation, {budget['test_tasks']} held-out goals ({seed_note(rows)}): "
              "average return per episode (100 steps, reward = minus the distance to the goal) "
              "of the particles' policies after one adaptation step on "
              f"{budget['episodes']} episodes per particle, and before it (the meta-learned "
              "initial policies themselves). Standing still scores -38.2 per episode, the "
-             "optimal policy -0.5 (10,000 goals, exact rollouts); the un-meta-trained "
-             f"policies are random walks of sd {budget['init_std']}.", "",
-             "| method | M | step | return after adaptation | before adaptation | "
-             "improvement | diverged |", "|---" * 7 + "|"]
+             "optimal (deterministic) policy -0.5 (10,000 goals, exact rollouts); share of "
+             "the gap: (return + 38.2) / 37.7. " + env + ".", "",
+             "| method | M | step | return after adaptation | share of the gap | per seed | "
+             "before adaptation | improvement | diverged |", "|---" * 9 + "|"]
     for e in table:
+        seeds = sorted((r for r in rows if r["method"] == e["method"] and "error" not in r),
+                       key=lambda r: r["seed"])
+        per_seed = ", ".join(f"{r['return']:.1f}" for r in seeds)
         lines.append(f"| {e['method']} | {e['M']} | {e['step_size']:.3g} | {fmt(e['return'], 2)} | "
+                     f"{(e['return'][0] + 38.2) / 37.7:.0%} | {per_seed} | "
                      f"{fmt(e['return_before'], 2)} | {fmt(e['improvement'], 2)} | "
                      f"{e['diverged']}/{e['seeds']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -134,6 +158,12 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--init-std", type=float, default=0.1,
                    help="the policies' initial action sd (MAML-RL's: 1.0)")
+    p.add_argument("--action-scale", type=float, default=None,
+                   help="the point moves by clip(s * action, -0.1, 0.1): 0.1 is MAML-RL's "
+                        "normalized action space (None: 1, the PyTorch port's)")
+    p.add_argument("--goal-tolerance", type=float, default=None,
+                   help="end an episode within this distance of the goal (MAML-RL's 0.01; "
+                        "None: never, as the port)")
     p.add_argument("--meta-batch", type=int, default=10, help="goals per meta-batch")
     p.add_argument("--schedule-iterations", type=int, default=None,
                    help="the nominal budget Adam's x0.98 decay is spread over (the CLI's and "
@@ -154,6 +184,9 @@ def main():
                 "meta_batch": args.meta_batch, "meta_optimizer": args.meta_optimizer,
                 "schedule_iterations": args.schedule_iterations,
                 "max_kl": args.max_kl}
+    for key in ("action_scale", "goal_tolerance"):  # recorded when given
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     budget = settings | {"lr": 1e-3, "horizon": 100, "seeds": args.seeds,
                          "policy": "2-32-32-2"}
     if args.from_runs:

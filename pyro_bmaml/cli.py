@@ -254,6 +254,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--init-std", type=_positive(float), default=None,
                    help="point-nav: the policies' initial action sd (the prior mean of their "
                         "log-std); None: 0.1, as the meta-RL record; MAML-RL's is 1.0")
+    t.add_argument("--action-scale", type=_positive(float), default=None,
+                   help="point-nav: the point moves by clip(s * action, -0.1, 0.1); 0.1 is "
+                        "MAML-RL's normalized action space (default 1: the PyTorch port's)")
+    t.add_argument("--goal-tolerance", type=_positive(float), default=None,
+                   help="point-nav: end an episode within this distance of the goal in both "
+                        "coordinates (MAML-RL's 0.01; default: never, as the port)")
     t.add_argument("--temperature", type=float, default=1.0,
                    help="point-nav: SVPG's temperature (the prior's weight and the repulsion's)")
     t.add_argument("--num-tasks", type=_positive(int), default=100,

@@ -64,6 +64,88 @@ def test_batched_rollout_equals_stepping_the_env():
                 assert truncated
 
 
+
+def test_maml_rl_environment_scales_actions_and_ends_at_the_goal():
+    """rllab's normalized actions (the policy acts in [-1, 1], the point moves by 0.1 a) and
+    MAML-RL's arrival within 0.01 of the goal, by hand; bad settings refused by name."""
+    env = PointNavigationEnv(goal=[0.1, 0.0], horizon=5, action_scale=0.1, goal_tolerance=0.01)
+    assert env.action_space.high.tolist() == pytest.approx([1.0, 1.0])
+    env.reset(seed=0)
+    obs, reward, terminated, _, _ = env.step([0.5, 3.0])  # 0.05, clip(0.3) = 0.1
+    assert obs == pytest.approx([0.05, 0.1]) and not terminated
+    assert reward == pytest.approx(-math.hypot(0.05, 0.1))
+    obs, reward, terminated, truncated, _ = env.step([0.45, -0.95])  # to (0.095, 0.005)
+    assert obs == pytest.approx([0.095, 0.005]) and terminated and not truncated
+    assert reward == pytest.approx(-math.hypot(0.005, 0.005))
+    for bad in (dict(action_scale=0.0), dict(goal_tolerance=-0.01)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            PointNavigationEnv(**bad)
+
+
+def test_batched_rollout_ends_each_episode_where_the_env_does():
+    """With a goal tolerance, the batched rollout's rewards and its alive mask equal the env
+    stepped until it terminates (a policy heading for the goal, little noise, so that most
+    episodes arrive at different steps); no reward after arrival."""
+    g = torch.Generator().manual_seed(2)
+    goals = sample_goals(3, g, goal_range=0.2, dtype=torch.float64)
+
+    def policy(s):  # (T, M, B, 2): towards the goal, in normalized units
+        return 20 * (goals[:, None, None] - s), torch.tensor(0.3, dtype=torch.float64)
+
+    out = rollout(policy, goals, 1, 4, g, horizon=12, action_scale=0.1, goal_tolerance=0.01)
+    alive = out["alive"]
+    assert 0 < int((alive[..., -1] == 0).sum()) < alive[..., -1].numel()  # some arrive
+    for t in range(3):
+        env = PointNavigationEnv(goal=goals[t].numpy(), horizon=12, action_scale=0.1,
+                                 goal_tolerance=0.01)
+        for e in range(4):
+            obs, _ = env.reset()
+            ended = False
+            for step in range(12):
+                assert alive[t, 0, e, step].item() == (0.0 if ended else 1.0)
+                if ended:
+                    assert out["rewards"][t, 0, e, step].item() == 0.0
+                    continue
+                s = torch.from_numpy(obs)
+                action = 20 * (goals[t] - s) + 0.3 * out["noise"][step, t, 0, e]
+                obs, reward, ended, _, _ = env.step(action.numpy())
+                assert out["rewards"][t, 0, e, step].item() == pytest.approx(reward, abs=1e-12)
+
+
+def test_linear_baseline_on_the_steps_taken_only():
+    """With an alive mask the baseline is the one fit to the steps taken alone (what follows
+    an episode's end changes nothing), the advantages are 0 after it and standardized over
+    the steps taken; a mask of the wrong shape is refused."""
+    g = torch.Generator().manual_seed(3)
+    obs = torch.rand(2, 3, 8, 2, generator=g, dtype=torch.float64)
+    returns = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    alive = torch.ones(2, 3, 8, dtype=torch.float64)
+    alive[0, 1, 5:] = 0
+    alive[1, 2, 2:] = 0
+    returns = returns * alive
+    adv = linear_baseline_advantages(obs, returns, alive=alive)
+    junk = obs.clone()
+    junk[alive == 0] = 7.0  # positions after the end must not matter
+    assert torch.allclose(linear_baseline_advantages(junk, returns, alive=alive), adv)
+    assert (adv[alive == 0] == 0).all()
+    for m in range(2):
+        taken = adv[m][alive[m] == 1]
+        assert taken.mean().abs() < 1e-12 and taken.std().item() == pytest.approx(1.0, abs=1e-6)
+    raw = linear_baseline_advantages(obs, returns, ridge=1e-10, normalize=False, alive=alive)
+    # the fit on the steps taken: the ridge residuals of those steps alone
+    time = torch.arange(8, dtype=torch.float64) / 100
+    time = time.expand(obs.shape[:-1])
+    feats = torch.cat([obs, obs.pow(2), time[..., None], time.pow(2)[..., None],
+                       time.pow(3)[..., None], torch.ones_like(time)[..., None]], -1)
+    for m in range(2):
+        mask = alive[m] == 1
+        x, y = feats[m][mask], returns[m][mask]
+        w = torch.linalg.solve(x.T @ x + 1e-10 * torch.eye(8, dtype=x.dtype), x.T @ y)
+        residual = y - x @ w
+        assert torch.allclose(raw[m][mask], residual, atol=1e-6)
+    with pytest.raises(ValueError, match="alive must have the returns' shape"):
+        linear_baseline_advantages(obs, returns, alive=alive[..., :4])
+
 def test_returns_and_linear_baseline():
     rewards = torch.tensor([[1.0, 2.0, 3.0]])
     assert discounted_returns(rewards, 0.5).tolist() == [[1 + 0.5 * 2 + 0.25 * 3, 2 + 1.5, 3.0]]
@@ -164,6 +246,31 @@ def test_rollout_batches_give_per_particle_policy_data():
     assert torch.allclose(adv.tensor.mean(-1), torch.zeros(3, 5), atol=1e-5)
 
 
+
+def test_policy_data_after_arrival_weigh_nothing():
+    """MAML-RL's environment: the steps after an episode ended weigh 0, and the weights of
+    the steps taken are their standardized advantages times B*H / (steps taken), so that
+    the surrogate's average over the B*H rows is rllab's average over the steps taken."""
+    from pyro_bmaml.tasks.navigation import NavigationTasks
+
+    learner, source, _ = _navigation_learner()
+    wide = NavigationTasks(source.policy, episodes=4, action_scale=0.1, goal_tolerance=0.3)
+    batch = wide.sample(3, torch.Generator().manual_seed(1))
+    theta = learner.theta0.detach().expand(3, -1, -1)
+    out = batch.rollouts(theta, 4)
+    batch.rollouts_drawn = 0  # the same rollout again
+    _, _, weights = batch.adaptation_data("support", theta)
+    alive = out["alive"].flatten(2)  # (T, M, B*H)
+    assert 0 < int(alive.sum()) < alive.numel()  # some episodes end early
+    w = weights.tensor
+    assert (w[alive == 0] == 0).all()
+    taken = alive.sum(-1)
+    standardized = w * taken.unsqueeze(-1) / alive.size(-1)
+    for t in range(3):
+        for m in range(5):
+            kept = standardized[t, m][alive[t, m] == 1]
+            assert kept.mean().abs() < 1e-5 and kept.std().item() == pytest.approx(1.0, abs=1e-4)
+
 @pytest.mark.slow
 def test_short_meta_training_improves_the_adapted_return():
     """BMAML (SVPG chaser), 60 meta-iterations: the policies adapted to 10 held-out goals
@@ -196,6 +303,26 @@ def test_cli_point_nav_train_and_evaluate(tmp_path, capsys):
                  "--eval-tasks", "4"]) == 0
     assert "return" in (tmp_path / "ev" / "metrics.md").read_text()
 
+
+def test_cli_takes_maml_rl_environment_and_the_official_svpg_step(tmp_path):
+    """``--action-scale 0.1 --goal-tolerance 0.01`` reach the task source and the recorded
+    config (so ``evaluate`` rebuilds the same environment); at ``--temperature 0.1`` BMAML's
+    default SVPG step is the official code's drive, 0.1 / (alpha N) on the summed surrogate."""
+    from pyro_bmaml.cli import build_learner, main, resolve_config, task_sources
+
+    out = tmp_path / "nav"
+    assert main(["train", "--task", "point-nav", "--method", "bmaml", "--particles", "2",
+                 "--episodes", "2", "--iterations", "1", "--eval-tasks", "2", "--no-progress",
+                 "--out", str(out), "--action-scale", "0.1", "--goal-tolerance", "0.01",
+                 "--temperature", "0.1"]) == 0
+    config = torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["config"]
+    assert (config["action_scale"], config["goal_tolerance"]) == (0.1, 0.01)
+    assert config["step_size"] == pytest.approx(0.1 / (0.1 * 2 * 100))
+    learner = build_learner(config)
+    source = task_sources(resolve_config(config), learner)[0]
+    assert (source.action_scale, source.goal_tolerance) == (0.1, 0.01)
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--out", str(tmp_path / "ev"),
+                 "--eval-tasks", "2"]) == 0
 
 def test_a_shard_of_a_batch_rolls_out_what_the_whole_batch_does():
     """Each task's rollout noise comes from its own stream, so the tasks a process keeps

@@ -5,6 +5,18 @@ uniformly from :math:`[-r, r]^2` (``goal_range`` r = 0.5); the reward of a step 
 distance from the new position to the goal; actions are clipped to :math:`[-0.1, 0.1]^2`;
 episodes last ``horizon`` = 100 steps.
 
+Two settings choose between the benchmark's two public versions:
+
+- ``action_scale`` s: the point moves by :math:`\mathrm{clip}(s\,a, -0.1, 0.1)`. With s = 1
+  (default) the policy acts in the environment's units, as the public PyTorch port
+  (tristandeleu/pytorch-maml-rl) does; MAML-RL's and the official BMAML code wrap the
+  environment in rllab's ``normalize``, so that the policy acts in :math:`[-1, 1]` and the
+  environment receives :math:`0.1\,\mathrm{clip}(a, -1, 1)`: s = 0.1. An action sd of 1 is
+  then 0.1 in the environment's units, not 1 (mostly clipped, a random walk of +-0.1 steps).
+- ``goal_tolerance``: MAML-RL's environment ends an episode once the point is within 0.01 of
+  the goal in both coordinates (the step that arrives is rewarded, none after it); the port
+  keeps the 100 steps whatever happens (default ``None``).
+
 - :class:`PointNavigationEnv`: one task as a :class:`gymnasium.Env` (seeded, for checking
   and for users' own agents; ``pip install .[rl]`` brings gymnasium).
 - :func:`rollout`: every task, particle (policy) and episode at once: one python iteration
@@ -41,11 +53,25 @@ def sample_goals(num_tasks: int, generator: torch.Generator, goal_range: float =
     return (2 * u - 1) * check_positive_float("goal_range", goal_range)
 
 
-def _step(position: torch.Tensor, action: torch.Tensor, goal: torch.Tensor):
-    """The dynamics and reward, shared by the env and the batched rollout."""
-    position = position + action.clamp(-MAX_ACTION, MAX_ACTION)
-    reward = -(position - goal).norm(dim=-1)
-    return position, reward
+def _step(position: torch.Tensor, action: torch.Tensor, goal: torch.Tensor,
+          action_scale: float = 1.0, goal_tolerance: Optional[float] = None):
+    """The dynamics, reward and arrival (``goal_tolerance``; always ``False`` without one),
+    shared by the env and the batched rollout."""
+    position = position + (action_scale * action).clamp(-MAX_ACTION, MAX_ACTION)
+    offset = position - goal
+    reward = -offset.norm(dim=-1)
+    if goal_tolerance is None:
+        arrived = torch.zeros_like(reward, dtype=torch.bool)
+    else:
+        arrived = (offset.abs() < goal_tolerance).all(-1)
+    return position, reward, arrived
+
+
+def _check_env_settings(action_scale, goal_tolerance):
+    action_scale = check_positive_float("action_scale", action_scale)
+    if goal_tolerance is not None:
+        goal_tolerance = check_positive_float("goal_tolerance", goal_tolerance)
+    return action_scale, goal_tolerance
 
 
 class PointNavigationEnv(gymnasium.Env):
@@ -55,18 +81,26 @@ class PointNavigationEnv(gymnasium.Env):
         the env's seeded generator (``reset(options={"goal": g})`` sets one).
     :param horizon: steps per episode (then ``truncated``).
     :param goal_range: r, goals are drawn from ``[-r, r]^2``.
+    :param action_scale: s, the point moves by ``clip(s * action, -0.1, 0.1)`` (the module
+        docs: 0.1 is MAML-RL's normalized action space, whose action space is then
+        ``[-1, 1]^2``).
+    :param goal_tolerance: end the episode (``terminated``) within this distance of the goal
+        in both coordinates (MAML-RL's 0.01); ``None``: never.
     """
 
     metadata = {"render_modes": []}
 
-    def __init__(self, goal=None, horizon: int = 100, goal_range: float = 0.5):
+    def __init__(self, goal=None, horizon: int = 100, goal_range: float = 0.5,
+                 action_scale: float = 1.0, goal_tolerance: Optional[float] = None):
         self.horizon = check_int("horizon", horizon, 1)
         self.goal_range = check_positive_float("goal_range", goal_range)
+        self.action_scale, self.goal_tolerance = _check_env_settings(action_scale, goal_tolerance)
         self.fixed_goal = None if goal is None else np.asarray(goal, dtype=np.float64)
         if self.fixed_goal is not None and self.fixed_goal.shape != (2,):
             raise ValueError(f"goal must have shape (2,), got {self.fixed_goal.shape}")
         self.observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float64)
-        self.action_space = spaces.Box(-MAX_ACTION, MAX_ACTION, (2,), np.float64)
+        bound = MAX_ACTION / self.action_scale
+        self.action_space = spaces.Box(-bound, bound, (2,), np.float64)
         self.goal = self.fixed_goal
         self.position = np.zeros(2)
         self.steps = 0
@@ -87,17 +121,20 @@ class PointNavigationEnv(gymnasium.Env):
             raise ValueError(f"action must have shape (2,), got {action.shape}")
         if self.goal is None:
             raise RuntimeError("call reset() before step()")
-        position, reward = _step(torch.from_numpy(self.position), torch.from_numpy(action),
-                                 torch.from_numpy(self.goal))
+        position, reward, arrived = _step(torch.from_numpy(self.position),
+                                          torch.from_numpy(action), torch.from_numpy(self.goal),
+                                          self.action_scale, self.goal_tolerance)
         self.position = position.numpy()
         self.steps += 1
-        return self.position.copy(), float(reward), False, self.steps >= self.horizon, {}
+        return (self.position.copy(), float(reward), bool(arrived), self.steps >= self.horizon,
+                {})
 
 
 def rollout(policy: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
             goals: torch.Tensor, num_particles: int, num_episodes: int,
             generator: Union[torch.Generator, Sequence[torch.Generator]],
-            horizon: int = 100) -> Dict[str, torch.Tensor]:
+            horizon: int = 100, action_scale: float = 1.0,
+            goal_tolerance: Optional[float] = None) -> Dict[str, torch.Tensor]:
     r"""Run ``num_episodes`` episodes of every particle's policy on every task at once.
 
     :param policy: ``policy(observations) -> (mean, std)`` for observations of shape
@@ -107,12 +144,16 @@ def rollout(policy: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
     :param generator: the noise's source: one generator for every task, or a sequence of
         ``T``, one per task (each task's noise then depends on its own generator only, so
         any subset of the tasks, e.g. a process's shard, gets the same draws).
+    :param action_scale, goal_tolerance: the environment's settings (the module docs).
     :returns: ``observations``, ``actions`` (the sampled, unclipped actions whose log
         probabilities the policy gradient needs; the env clips them), ``rewards``, with
-        shapes ``(T, M, B, H, 2)``, ``(T, M, B, H, 2)`` and ``(T, M, B, H)``, and the noise
-        used, ``noise`` ``(H, T, M, B, 2)`` (drawn in that order from ``generator``, or
-        ``(H, M, B, 2)`` from each task's).
+        shapes ``(T, M, B, H, 2)``, ``(T, M, B, H, 2)`` and ``(T, M, B, H)``, ``alive``
+        ``(T, M, B, H)`` (1 for the steps an episode took, its arriving step included, 0
+        after it has ended; rewards are 0 there), and the noise used, ``noise``
+        ``(H, T, M, B, 2)`` (drawn in that order from ``generator``, or ``(H, M, B, 2)``
+        from each task's).
     """
+    action_scale, goal_tolerance = _check_env_settings(action_scale, goal_tolerance)
     if goals.dim() != 2 or goals.size(-1) != 2:
         raise ValueError(f"goals must have shape (T, 2), got {tuple(goals.shape)}")
     m = check_int("num_particles", num_particles, 1)
@@ -131,17 +172,21 @@ def rollout(policy: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
     noise = noise.to(goals.device)
     position = goals.new_zeros(t, m, b, 2)
     goal = goals[:, None, None, :]
-    observations, actions, rewards = [], [], []
+    running = goals.new_ones(t, m, b)
+    observations, actions, rewards, alive = [], [], [], []
     with torch.no_grad():
         for step in range(h):
             mean, std = policy(position)
             action = mean + std * noise[step]
             observations.append(position)
             actions.append(action)
-            position, reward = _step(position, action, goal)
-            rewards.append(reward)
+            alive.append(running)
+            position, reward, arrived = _step(position, action, goal, action_scale, goal_tolerance)
+            rewards.append(reward * running)
+            running = running * (~arrived).to(running.dtype)
     return {"observations": torch.stack(observations, -2), "actions": torch.stack(actions, -2),
-            "rewards": torch.stack(rewards, -1), "noise": noise}
+            "rewards": torch.stack(rewards, -1), "alive": torch.stack(alive, -1),
+            "noise": noise}
 
 
 def discounted_returns(rewards: torch.Tensor, discount: float = 0.99) -> torch.Tensor:
@@ -155,7 +200,8 @@ def discounted_returns(rewards: torch.Tensor, discount: float = 0.99) -> torch.T
 
 
 def linear_baseline_advantages(observations: torch.Tensor, returns: torch.Tensor,
-                               ridge: float = 1e-5, normalize: bool = True) -> torch.Tensor:
+                               ridge: float = 1e-5, normalize: bool = True,
+                               alive: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Advantages :math:`G_t - b(s_t, t)` over MAML-RL's linear feature baseline.
 
     Features :math:`[s, s^2, t/100, (t/100)^2, (t/100)^3, 1]`, with the weights fit by
@@ -164,8 +210,14 @@ def linear_baseline_advantages(observations: torch.Tensor, returns: torch.Tensor
     particle (MAML-RL's default).
 
     :param observations: ``(..., B, H, 2)``; :param returns: ``(..., B, H)``.
+    :param alive: ``(..., B, H)`` 0/1, the steps the episodes took (:func:`rollout`'s); the
+        baseline is fit and the advantages standardized on those steps only, and the
+        advantages are 0 after an episode has ended. ``None``: every step.
     :returns: ``(..., B, H)``.
     """
+    if alive is not None and alive.shape != returns.shape:
+        raise ValueError(f"alive must have the returns' shape {tuple(returns.shape)}, got "
+                         f"{tuple(alive.shape)}")
     h = observations.size(-2)
     time = torch.arange(h, dtype=observations.dtype, device=observations.device) / 100.0
     time = time.expand(observations.shape[:-1])
@@ -173,15 +225,27 @@ def linear_baseline_advantages(observations: torch.Tensor, returns: torch.Tensor
                           time.pow(2).unsqueeze(-1), time.pow(3).unsqueeze(-1),
                           torch.ones_like(time).unsqueeze(-1)], -1)  # (..., B, H, F)
     flat = features.flatten(-3, -2)  # (..., B*H, F)
+    if alive is not None:  # the ended steps' rows drop out of the fit
+        flat = flat * alive.flatten(-2).unsqueeze(-1)
     target = returns.flatten(-2).unsqueeze(-1)
+    if alive is not None:  # an episode ended at its first steps leaves a near-singular
+        flat, target = flat.double(), target.double()  # system: solved in float64
     gram = flat.transpose(-1, -2) @ flat
     eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
     weights = torch.linalg.solve(gram + ridge * eye, flat.transpose(-1, -2) @ target)
-    advantages = returns - (features @ weights.unsqueeze(-3)).squeeze(-1)
-    if normalize:
-        dims = (-2, -1)
-        advantages = (advantages - advantages.mean(dims, keepdim=True)) / (
-            advantages.std(dims, keepdim=True) + 1e-8)
+    advantages = returns - (features @ weights.to(features.dtype).unsqueeze(-3)).squeeze(-1)
+    dims = (-2, -1)
+    if alive is None:
+        if normalize:
+            advantages = (advantages - advantages.mean(dims, keepdim=True)) / (
+                advantages.std(dims, keepdim=True) + 1e-8)
+        return advantages
+    advantages = advantages * alive
+    if normalize:  # moments over the steps taken (unbiased variance, as torch.std)
+        count = alive.sum(dims, keepdim=True)
+        mean = advantages.sum(dims, keepdim=True) / count
+        var = ((advantages - mean).pow(2) * alive).sum(dims, keepdim=True) / (count - 1).clamp_min(1)
+        advantages = (advantages - mean) * alive / (var.sqrt() + 1e-8)
     return advantages
 
 
@@ -204,11 +268,15 @@ class NavigationTasks:
     :param horizon: steps per episode.
     :param discount: gamma of the returns-to-go.
     :param goal_range: goals uniform in ``[-goal_range, goal_range]^2``.
+    :param action_scale, goal_tolerance: the environment's settings (the module docs);
+        MAML-RL's and the official BMAML code's environment is ``action_scale=0.1,
+        goal_tolerance=0.01``, the public PyTorch port's the defaults.
     """
 
     def __init__(self, policy, episodes: int = 10, leader_episodes: int = 20,
                  query_episodes: int = 10, horizon: int = 100, discount: float = 0.99,
-                 goal_range: float = 0.5):
+                 goal_range: float = 0.5, action_scale: float = 1.0,
+                 goal_tolerance: Optional[float] = None):
         from ..engine.potential import ModelPotential
 
         self.policy = policy
@@ -220,6 +288,7 @@ class NavigationTasks:
             raise ValueError(f"discount must be in (0, 1], got {discount}")
         self.discount = float(discount)
         self.goal_range = check_positive_float("goal_range", goal_range)
+        self.action_scale, self.goal_tolerance = _check_env_settings(action_scale, goal_tolerance)
         self.potential = ModelPotential(policy).setup(*policy.example_args())
 
     def sample(self, batch_size: int, generator: torch.Generator) -> "NavigationBatch":
@@ -292,12 +361,16 @@ class NavigationBatch:
         """Rollouts of the particles ``(T, M, D)`` on the batch's goals."""
         src = self.source
         return rollout(src.policy_fn(particles), self.goals.to(particles), particles.size(1),
-                       episodes, self.generators(), src.horizon)
+                       episodes, self.generators(), src.horizon, src.action_scale,
+                       src.goal_tolerance)
 
     def adaptation_data(self, phase: str, particles: torch.Tensor) -> tuple:
         """``(observations, actions, advantages)`` per particle from fresh rollouts of
         ``particles`` (``episodes``, ``leader_episodes`` or ``query_episodes`` of them by
-        phase), flattened over episodes and steps: each ``PerParticle`` ``(T, M, B*H, ...)``."""
+        phase), flattened over episodes and steps: each ``PerParticle`` ``(T, M, B*H, ...)``.
+        With a ``goal_tolerance`` the steps after an episode ended weigh 0 and the others
+        B*H / (steps taken), so that an average over the B*H rows is rllab's average over
+        the steps taken (MAML-RL's surrogate)."""
         from ..engine.potential import PerParticle
 
         src = self.source
@@ -307,7 +380,13 @@ class NavigationBatch:
             raise ValueError(f"phase must be 'support', 'leader' or 'query', got {phase!r}")
         out = self.rollouts(particles, episodes)
         returns = discounted_returns(out["rewards"], src.discount)
-        advantages = linear_baseline_advantages(out["observations"], returns)
+        if src.goal_tolerance is None:
+            advantages = linear_baseline_advantages(out["observations"], returns)
+        else:
+            alive = out["alive"]
+            advantages = linear_baseline_advantages(out["observations"], returns, alive=alive)
+            rows = alive.size(-2) * alive.size(-1)  # B * H
+            advantages = advantages * rows / alive.sum((-2, -1), keepdim=True)
         return (PerParticle(out["observations"].flatten(2, 3)),
                 PerParticle(out["actions"].flatten(2, 3)), PerParticle(advantages.flatten(2)))
 
@@ -344,19 +423,28 @@ class NavigationFamily(TaskFamily):
         out = {"episodes": args.episodes, "temperature": args.temperature}
         if args.init_std is not None:  # (absent: the records' 0.1, earlier runs resumable)
             out["init_std"] = args.init_std
+        # the environment's settings, recorded only when given (the port's environment
+        # otherwise, as the records before them, whose checkpoints stay resumable)
+        if args.action_scale is not None:
+            out["action_scale"] = args.action_scale
+        if args.goal_tolerance is not None:
+            out["goal_tolerance"] = args.goal_tolerance
         return out
 
     def method_defaults(self, method: str, config: dict) -> dict:
         """MAML-RL's inner step 0.1 on the surrogate averaged over steps (MAML and EMAML's
-        ``"nll"`` objective is that average); BMAML's SVPG step is on the sum over the
-        ``episodes * horizon`` steps, so the same move takes 0.1 / (episodes * horizon).
-        The SVPG step stays fixed (``learn_step_size=False``): the meta-RL record
-        (``results/meta_rl.md``) was measured with it, and a learned step has not been
-        measured on this family yet."""
+        ``"nll"`` objective is that average). BMAML's SVPG step is on the sum over the
+        N = ``episodes * horizon`` steps, and the official BMAML code's SVPG step 0.1 is on
+        the average scaled by 1 / alpha (the target exp(J / alpha)): the same drive takes
+        0.1 / (alpha N) here (0.1 / N at alpha = 1 or 0). The official chaser runs on this
+        environment used alpha = 0.1 (``--temperature 0.1``). The SVPG step stays fixed
+        (``learn_step_size=False``): the meta-RL records (``results/meta_rl*.md``) were
+        measured with it, and a learned step has not been measured on this family."""
         steps = config.get("episodes", 10) * 100
+        alpha = config.get("temperature") or 1.0
         return {
-            "bmaml": {"step_size": 0.1 / steps, "objective": "chaser", "noise_step_size": None,
-                      "learn_step_size": False},
+            "bmaml": {"step_size": 0.1 / (alpha * steps), "objective": "chaser",
+                      "noise_step_size": None, "learn_step_size": False},
             "emaml": {"step_size": 0.1, "objective": "nll"},
             "maml": {"step_size": 0.1, "objective": "nll"},
         }[method]
@@ -377,7 +465,10 @@ class NavigationFamily(TaskFamily):
         # every method sees the same rollouts per meta-iteration (2 x episodes)
         source = NavigationTasks(policy, episodes=config["episodes"],
                                  leader_episodes=config["episodes"],
-                                 query_episodes=config["episodes"])
+                                 query_episodes=config["episodes"],
+                                 action_scale=(1.0 if config.get("action_scale") is None
+                                               else config["action_scale"]),
+                                 goal_tolerance=config.get("goal_tolerance"))
         return source, source, None
 
     metrics = None  # the batch scores the learner itself (returns before / after)
