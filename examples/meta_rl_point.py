@@ -21,12 +21,16 @@ for its trust-region meta-update (every method; slower per meta-iteration on a C
 MAML-RL's and the official BMAML code's environment, not the public port's:
 `--action-scale 0.1 --goal-tolerance 0.01` (rllab's normalized actions, so that sd 1 is 0.1
 in the environment's units, and episodes that end at the goal); the official BMAML chaser
-runs used SVPG temperature 0.1 (`--temperature 0.1`, BMAML's step then 0.1 / (0.1 N)).
+runs used SVPG's alpha 0.1 with step 0.1 on the averaged surrogate, the drive of a step
+1 / N on the summed one (`--bmaml-step 5e-4` at N = 20 x 100). `--temperature` weighs the
+repulsion and the prior against the summed surrogate, where the official alpha amounts to
+alpha N = 200; the record keeps 0.1, a far weaker repulsion.
 The record of that configuration:
 
     python examples/meta_rl_point.py --iterations 400 --eval-every 50 --seeds 0 1 2 3 4 \
         --init-std 1.0 --meta-batch 20 --episodes 20 --schedule-iterations 100000 \
-        --temperature 0.1 --action-scale 0.1 --goal-tolerance 0.01 --out results/meta_rl_mamlrl
+        --temperature 0.1 --bmaml-step 5e-4 --action-scale 0.1 --goal-tolerance 0.01 \
+        --out results/meta_rl_mamlrl
 
 (`--update-results` writes results/meta_rl.{md,json,png}; by default runs/meta_rl.*).
 """
@@ -55,7 +59,8 @@ def run_one(job):
                              "leader_steps": 1, "seed": seed, "episodes": args["episodes"],
                              "temperature": args["temperature"], "init_std": args["init_std"],
                              "action_scale": args.get("action_scale"),
-                             "goal_tolerance": args.get("goal_tolerance")})
+                             "goal_tolerance": args.get("goal_tolerance"),
+                             "step_size": args.get("bmaml_step") if method == "bmaml" else None})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
     source, tasks, _ = task_sources(config, learner)
@@ -156,6 +161,9 @@ def main():
     p.add_argument("--particles", type=int, default=5)
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--bmaml-step", type=float, default=None,
+                   help="BMAML's SVPG step on the summed surrogate (None: the family's 0.1 / N; "
+                        "the official chaser's fast_lr 0.1 at alpha 0.1 is 1 / N)")
     p.add_argument("--init-std", type=float, default=0.1,
                    help="the policies' initial action sd (MAML-RL's: 1.0)")
     p.add_argument("--action-scale", type=float, default=None,
@@ -184,7 +192,7 @@ def main():
                 "meta_batch": args.meta_batch, "meta_optimizer": args.meta_optimizer,
                 "schedule_iterations": args.schedule_iterations,
                 "max_kl": args.max_kl}
-    for key in ("action_scale", "goal_tolerance"):  # recorded when given
+    for key in ("action_scale", "goal_tolerance", "bmaml_step"):  # recorded when given
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     budget = settings | {"lr": 1e-3, "horizon": 100, "seeds": args.seeds,

@@ -304,10 +304,10 @@ def test_cli_point_nav_train_and_evaluate(tmp_path, capsys):
     assert "return" in (tmp_path / "ev" / "metrics.md").read_text()
 
 
-def test_cli_takes_maml_rl_environment_and_the_official_svpg_step(tmp_path):
+def test_cli_takes_maml_rl_environment(tmp_path):
     """``--action-scale 0.1 --goal-tolerance 0.01`` reach the task source and the recorded
-    config (so ``evaluate`` rebuilds the same environment); at ``--temperature 0.1`` BMAML's
-    default SVPG step is the official code's drive, 0.1 / (alpha N) on the summed surrogate."""
+    config (so ``evaluate`` rebuilds the same environment); BMAML's default SVPG step is
+    MAML-RL's 0.1 on the summed surrogate, 0.1 / N."""
     from pyro_bmaml.cli import build_learner, main, resolve_config, task_sources
 
     out = tmp_path / "nav"
@@ -317,7 +317,7 @@ def test_cli_takes_maml_rl_environment_and_the_official_svpg_step(tmp_path):
                  "--temperature", "0.1"]) == 0
     config = torch.load(out / "checkpoint.pt", weights_only=True)["extra"]["config"]
     assert (config["action_scale"], config["goal_tolerance"]) == (0.1, 0.01)
-    assert config["step_size"] == pytest.approx(0.1 / (0.1 * 2 * 100))
+    assert config["step_size"] == pytest.approx(0.1 / (2 * 100))
     learner = build_learner(config)
     source = task_sources(resolve_config(config), learner)[0]
     assert (source.action_scale, source.goal_tolerance) == (0.1, 0.01)

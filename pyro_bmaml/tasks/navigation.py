@@ -433,18 +433,20 @@ class NavigationFamily(TaskFamily):
 
     def method_defaults(self, method: str, config: dict) -> dict:
         """MAML-RL's inner step 0.1 on the surrogate averaged over steps (MAML and EMAML's
-        ``"nll"`` objective is that average). BMAML's SVPG step is on the sum over the
-        N = ``episodes * horizon`` steps, and the official BMAML code's SVPG step 0.1 is on
-        the average scaled by 1 / alpha (the target exp(J / alpha)): the same drive takes
-        0.1 / (alpha N) here (0.1 / N at alpha = 1 or 0). The official chaser runs on this
-        environment used alpha = 0.1 (``--temperature 0.1``). The SVPG step stays fixed
-        (``learn_step_size=False``): the meta-RL records (``results/meta_rl*.md``) were
-        measured with it, and a learned step has not been measured on this family."""
+        ``"nll"`` objective is that average); BMAML's SVPG step is on the sum over the
+        N = ``episodes * horizon`` steps, so the same move takes 0.1 / N.
+
+        The official BMAML code's SVPG step is ``fast_lr * ((1/alpha) K grad J_mean +
+        grad K) / M`` on the average surrogate J_mean; in this parameterization (the summed
+        surrogate, the repulsion and the prior weighted by ``temperature``) that is the step
+        ``fast_lr / (alpha N)`` at temperature ``alpha N``. Its chaser runs on point
+        navigation used fast_lr 0.1, alpha 0.1: a step 1 / N (``--step-size``), 10x the
+        default's drive. The SVPG step stays fixed (``learn_step_size=False``): the meta-RL
+        records (``results/meta_rl*.md``) were measured with it."""
         steps = config.get("episodes", 10) * 100
-        alpha = config.get("temperature") or 1.0
         return {
-            "bmaml": {"step_size": 0.1 / (alpha * steps), "objective": "chaser",
-                      "noise_step_size": None, "learn_step_size": False},
+            "bmaml": {"step_size": 0.1 / steps, "objective": "chaser", "noise_step_size": None,
+                      "learn_step_size": False},
             "emaml": {"step_size": 0.1, "objective": "nll"},
             "maml": {"step_size": 0.1, "objective": "nll"},
         }[method]
