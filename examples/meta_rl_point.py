@@ -60,7 +60,8 @@ def run_one(job):
                              "temperature": args["temperature"], "init_std": args["init_std"],
                              "action_scale": args.get("action_scale"),
                              "goal_tolerance": args.get("goal_tolerance"),
-                             "step_size": args.get("bmaml_step") if method == "bmaml" else None})
+                             "step_size": args.get("bmaml_step") if method == "bmaml"
+                             else args.get("baseline_step")})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
     source, tasks, _ = task_sources(config, learner)
@@ -164,6 +165,9 @@ def main():
     p.add_argument("--bmaml-step", type=float, default=None,
                    help="BMAML's SVPG step on the summed surrogate (None: the family's 0.1 / N; "
                         "the official chaser's fast_lr 0.1 at alpha 0.1 is 1 / N)")
+    p.add_argument("--baseline-step", type=float, default=None,
+                   help="MAML's and EMAML's policy-gradient step (None: 0.1, MAML-RL's paper "
+                        "and the port; MAML-RL's own point-navigation script used 0.5)")
     p.add_argument("--init-std", type=float, default=0.1,
                    help="the policies' initial action sd (MAML-RL's: 1.0)")
     p.add_argument("--action-scale", type=float, default=None,
@@ -192,7 +196,7 @@ def main():
                 "meta_batch": args.meta_batch, "meta_optimizer": args.meta_optimizer,
                 "schedule_iterations": args.schedule_iterations,
                 "max_kl": args.max_kl}
-    for key in ("action_scale", "goal_tolerance", "bmaml_step"):  # recorded when given
+    for key in ("action_scale", "goal_tolerance", "bmaml_step", "baseline_step"):  # when given
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     budget = settings | {"lr": 1e-3, "horizon": 100, "seeds": args.seeds,
