@@ -162,20 +162,20 @@ def main():
     p.add_argument("--particles", type=int, default=5)
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--bmaml-step", type=float, default=None,
-                   help="BMAML's SVPG step on the summed surrogate (None: the family's 0.1 / N; "
-                        "the official chaser's fast_lr 0.1 at alpha 0.1 is 1 / N)")
-    p.add_argument("--baseline-step", type=float, default=None,
-                   help="MAML's and EMAML's policy-gradient step (None: 0.1, MAML-RL's paper "
-                        "and the port; MAML-RL's own point-navigation script used 0.5)")
     p.add_argument("--init-std", type=float, default=0.1,
                    help="the policies' initial action sd (MAML-RL's: 1.0)")
-    p.add_argument("--action-scale", type=float, default=None,
-                   help="the point moves by clip(s * action, -0.1, 0.1): 0.1 is MAML-RL's "
-                        "normalized action space (None: 1, the PyTorch port's)")
-    p.add_argument("--goal-tolerance", type=float, default=None,
-                   help="end an episode within this distance of the goal (MAML-RL's 0.01; "
-                        "None: never, as the port)")
+    optional = {  # float settings whose absence means the family's (or the port's) default
+        "--bmaml-step": "BMAML's SVPG step on the summed surrogate (None: the family's 0.1 / N; "
+                        "the official chaser's fast_lr 0.1 at alpha 0.1 is 1 / N)",
+        "--baseline-step": "MAML's and EMAML's policy-gradient step (None: 0.1, MAML-RL's paper "
+                           "and the port; MAML-RL's own point-navigation script used 0.5)",
+        "--action-scale": "the point moves by clip(s * action, -0.1, 0.1): 0.1 is MAML-RL's "
+                          "normalized action space (None: 1, the PyTorch port's)",
+        "--goal-tolerance": "end an episode within this distance of the goal (MAML-RL's 0.01; "
+                            "None: never, as the port)",
+    }
+    for flag, text in optional.items():
+        p.add_argument(flag, type=float, default=None, help=text)
     p.add_argument("--meta-batch", type=int, default=10, help="goals per meta-batch")
     p.add_argument("--schedule-iterations", type=int, default=None,
                    help="the nominal budget Adam's x0.98 decay is spread over (the CLI's and "
