@@ -57,12 +57,14 @@ def seed_note(rows) -> str:
             else "one seed: no s.e.")
 
 
-def add_comparison_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """The options every method-comparison script shares: ``--methods``, ``--workers``,
-    ``--from-runs`` (rebuild the outputs from logged runs), ``--out`` and
-    ``--update-results`` (see :func:`output_prefix`)."""
+def add_comparison_arguments(parser: argparse.ArgumentParser, name: str,
+                             extra_methods: tuple = ()) -> None:
+    """The options every method-comparison script shares: ``--methods`` (BMAML, EMAML, MAML
+    by default; ``extra_methods`` the script also knows), ``--workers``, ``--from-runs``
+    (rebuild the outputs from logged runs), ``--out`` and ``--update-results`` (see
+    :func:`output_prefix`)."""
     parser.add_argument("--methods", nargs="+", default=["bmaml", "emaml", "maml"],
-                        choices=["bmaml", "emaml", "maml"])
+                        choices=["bmaml", "emaml", "maml", *extra_methods])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--from-runs", type=Path, nargs="+", default=None,
                         help="build the tables and figures from logged runs (*.runs.jsonl)")

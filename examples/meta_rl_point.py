@@ -53,20 +53,22 @@ from pyro_bmaml.meta.training import evaluate
 
 def run_one(job):
     torch.set_num_threads(1)
-    method, seed, args = job
-    config = resolve_config({"task": "point-nav", "method": method,
+    label, seed, args = job
+    # "bmaml-bfa": BMAML with the post-update surrogate, the official code's BMAMLTRPO
+    method, objective = ("bmaml", "bfa") if label == "bmaml-bfa" else (label, None)
+    config = resolve_config({"task": "point-nav", "method": method, "objective": objective,
                              "particles": args["particles"], "inner_steps": 1,
                              "leader_steps": 1, "seed": seed, "episodes": args["episodes"],
                              "temperature": args["temperature"], "init_std": args["init_std"],
                              "action_scale": args.get("action_scale"),
                              "goal_tolerance": args.get("goal_tolerance"),
-                             "step_size": args.get("bmaml_step") if method == "bmaml"
+                             "step_size": args.get("bmaml_step") if label == "bmaml"
                              else args.get("baseline_step")})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
     source, tasks, _ = task_sources(config, learner)
     held_out = source.evaluation_tasks(args["eval_tasks"], seed=777)
-    row = {"method": method, "seed": seed, "M": learner.num_particles,
+    row = {"method": label, "seed": seed, "M": learner.num_particles,
            "step_size": learner.step_size}
     start = evaluate(learner, held_out)
     t0 = time.time()
@@ -165,8 +167,9 @@ def main():
     p.add_argument("--init-std", type=float, default=0.1,
                    help="the policies' initial action sd (MAML-RL's: 1.0)")
     optional = {  # float settings whose absence means the family's (or the port's) default
-        "--bmaml-step": "BMAML's SVPG step on the summed surrogate (None: the family's 0.1 / N; "
-                        "the official chaser's fast_lr 0.1 at alpha 0.1 is 1 / N)",
+        "--bmaml-step": "the BMAML chaser's SVPG step on the summed surrogate (None: the "
+                        "family's 0.1 / N; the official chaser's fast_lr 0.1 at alpha 0.1 is "
+                        "1 / N); bmaml-bfa keeps 0.1 / N, the official BMAMLTRPO's at alpha 1",
         "--baseline-step": "MAML's and EMAML's policy-gradient step (None: 0.1, MAML-RL's paper "
                            "and the port; MAML-RL's own point-navigation script used 0.5)",
         "--action-scale": "the point moves by clip(s * action, -0.1, 0.1): 0.1 is MAML-RL's "
@@ -185,7 +188,7 @@ def main():
     p.add_argument("--max-kl", type=float, default=0.01, help="trpo's trust region")
     p.add_argument("--eval-tasks", type=int, default=20, help="goals of the learning curve")
     p.add_argument("--test-tasks", type=int, default=40, help="goals of the final table")
-    add_comparison_arguments(p, "meta_rl")
+    add_comparison_arguments(p, "meta_rl", extra_methods=("bmaml-bfa",))
     args = p.parse_args()
     out = output_prefix(args, "meta_rl")
     settings = {"iterations": args.iterations,
@@ -204,7 +207,7 @@ def main():
     if args.from_runs:
         write_outputs(out, budget, read_runs(args.from_runs))
         return
-    cost = {"bmaml": 3, "emaml": 2, "maml": 1}
+    cost = {"bmaml": 3, "bmaml-bfa": 3, "emaml": 2, "maml": 1}
     jobs = sorted([(m, s, settings) for m in args.methods for s in args.seeds],
                   key=lambda j: (j[1], -cost[j[0]]))
     rows = run_jobs(run_one, jobs, args.workers, out.parent / f"{out.name}.runs.jsonl")

@@ -791,6 +791,20 @@ class MetaLearner(nn.Module):
 
         return loss_of(adapted, old, old_policy, query), kl_fn
 
+    def policy_surrogate(self, adapted, old, old_policy, query):
+        r"""MAML-RL's post-update loss for :meth:`policy_trust_region`: the
+        importance-weighted surrogate :math:`-\frac1{TMN} \sum \frac{\pi_{\theta'}(a \mid
+        s)}{\pi_{\theta'_{old}}(a \mid s)} A` on the query rollouts of the adapted policies
+        (Finn et al. 2017; Schulman et al. 2015), every particle's its own."""
+        observations, actions, advantages = query
+        old_log_prob = old_policy.log_prob(actions)
+
+        def loss_fn():
+            new = self.model.distribution(self.potential.unpack(adapted()), observations)
+            return -(torch.exp(new.log_prob(actions) - old_log_prob) * advantages).mean()
+
+        return loss_fn
+
     def fit(self, tasks, num_iterations: int, **kwargs):
         """Meta-train on a task source (Adam on ``theta0``, the noise calibration and the
         model's shared parameters); returns the history. The full argument list is
@@ -975,20 +989,28 @@ class BMAML(MetaLearner):
         return self.add_calibration_loss(loss, chaser, batch, calibration_batch, shared)
 
     def trust_region_objective(self, batch):
-        r"""``(loss_fn, kl_fn)`` for a trust-region meta-update of the chaser on a policy (the
-        official BMAML RL code pairs its chaser with TRPO; see
-        :meth:`MetaLearner.policy_trust_region`): ``loss_fn`` is the chaser distance from
-        the particles adapted on the fixed support rollouts to the leader (computed once,
-        from the old chaser, a stop-gradient target as in :meth:`meta_loss`). With more
-        than one inner step the support rollouts are the first step's for every step."""
+        r"""``(loss_fn, kl_fn)`` for a trust-region meta-update on a policy (see
+        :meth:`MetaLearner.policy_trust_region`), by ``objective``:
+
+        - ``"bfa"``: MAML-RL's post-update surrogate of the SVPG-adapted particles
+          (:meth:`MetaLearner.policy_surrogate`), the official BMAML RL code's ``BMAMLTRPO``;
+        - ``"chaser"``: the chaser distance from the particles adapted on the fixed support
+          rollouts to the leader (computed once, from the old chaser, a stop-gradient target
+          as in :meth:`meta_loss`). The official code meta-trains its chaser with Adam (a
+          first-order optimizer), not TRPO: a trust-region step moves to the KL boundary
+          along the natural gradient, which overshoots the chaser's small distance, and on
+          point navigation no step was accepted in 100 meta-iterations
+          (``results/meta_rl_mamlrl_trpo.md``).
+
+        With more than one inner step the support rollouts are the first step's for every
+        step."""
         self._require_policy()
-        if self.objective != "chaser":
-            raise ValueError(f"the trust-region meta-update of BMAML takes the chaser "
-                             f"objective, got {self.objective!r}")
         if self.compile:
             raise ValueError("the trust-region meta-update differentiates the adaptation "
                              "twice, which compiled steps do not support; build the learner "
                              "with compile=False")
+        if self.objective == "bfa":
+            return self.policy_trust_region(batch, self.policy_surrogate)
 
         def chaser_distance(adapted, old, old_policy, query):
             with torch.no_grad():
@@ -1145,26 +1167,15 @@ class EMAML(MetaLearner):
     def trust_region_objective(self, batch):
         r"""``(loss_fn, kl_fn)`` for MAML-RL's trust-region meta-update
         (:class:`~pyro_bmaml.meta.trpo.TrustRegion`, ``fit(meta_optimizer="trpo")``) on a
-        policy (see :meth:`MetaLearner.policy_trust_region`): ``loss_fn`` is the
-        importance-weighted surrogate :math:`-\frac1{TMN} \sum
-        \frac{\pi_{\theta'}(a \mid s)}{\pi_{\theta'_{old}}(a \mid s)} A` on the query
-        rollouts of the adapted policies (Finn et al. 2017; Schulman et al. 2015)."""
+        policy (see :meth:`MetaLearner.policy_trust_region`): ``loss_fn`` is
+        :meth:`MetaLearner.policy_surrogate`, the importance-weighted surrogate on the query
+        rollouts of the adapted policies."""
         self._require_policy()
         if self.objective != "nll":
             raise ValueError("the trust-region meta-update of EMAML / MAML takes the "
                              f"policy-gradient surrogate (objective 'nll'), got {self.objective!r}")
 
-        def surrogate(adapted, old, old_policy, query):
-            observations, actions, advantages = query
-            old_log_prob = old_policy.log_prob(actions)
-
-            def loss_fn():
-                new = self.model.distribution(self.potential.unpack(adapted()), observations)
-                return -(torch.exp(new.log_prob(actions) - old_log_prob) * advantages).mean()
-
-            return loss_fn
-
-        return self.policy_trust_region(batch, surrogate)
+        return self.policy_trust_region(batch, self.policy_surrogate)
 
     def describe(self, steps=None):
         info = super().describe(steps)
