@@ -44,6 +44,7 @@ def _worker(rank, world, folder):
         torch.save({"theta0": learner.theta0.detach(), "offset": learner.noise_offset.detach(),
                     "loss": history["loss"], "evals": len(history["eval"])},
                    folder / f"rank{rank}.pt")
+        dist.barrier()  # both ranks done before teardown (a rank leaving early aborted once)
     finally:
         dist.destroy_process_group()
 
@@ -85,6 +86,7 @@ def _navigation_worker(rank, world, folder):
         history = learner.fit(tasks, 3, meta_batch_size=4, seed=3, progress=False)
         torch.save({"theta0": learner.theta0.detach(), "loss": history["loss"]},
                    folder / f"rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
