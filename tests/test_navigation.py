@@ -406,6 +406,8 @@ def test_the_trust_region_meta_update_steps_within_its_region(tmp_path):
             terms["step_fraction"] > 0)
     assert any(t["step_fraction"] > 0 for t in history["terms"])
     assert not torch.equal(surrogate.theta0.detach(), start)
+    with pytest.raises(ValueError, match="meta_optimizer='trpo'"):  # not the mixture NLL
+        surrogate.fit(NavigationTasks(policy, episodes=2), 1, meta_batch_size=2, progress=False)
     with pytest.raises(ValueError, match="meta_optimizer must be one of"):
         learner.fit(NavigationTasks(policy, episodes=2), 1, progress=False, meta_optimizer="sgd")
     regression = pb.MAML(pb.BayesianMLP(hidden=(4,)), init="paper", calibration="none")

@@ -750,8 +750,11 @@ class MetaLearner(nn.Module):
         """``learner(batch)`` is the meta-loss (so ``torch.func.functional_call`` works)."""
         return self.meta_loss(batch, calibration_batch)
 
+    def _is_policy(self) -> bool:
+        return bool(self.potential.observation_factor and hasattr(self.model, "distribution"))
+
     def _require_policy(self) -> None:
-        if not (self.potential.observation_factor and hasattr(self.model, "distribution")):
+        if not self._is_policy():
             raise ValueError(
                 "the trust-region meta-update needs a policy: a model whose data are a "
                 "pyro.factor of weighted actions and that has a "
@@ -970,6 +973,12 @@ class BMAML(MetaLearner):
                                        self._initial_for_adaptation(batch.num_tasks),
                                        self.inner_steps)
         if self.objective == "bfa":
+            if self._is_policy():  # a mixture of signed, advantage-weighted log-probabilities
+                raise ValueError(
+                    "objective='bfa' on a policy is MAML-RL's post-update surrogate, which the "
+                    "trust-region meta-update takes: fit(..., meta_optimizer='trpo') (the "
+                    "official BMAML code's BMAMLTRPO); the predictive-mixture NLL has no "
+                    "meaning for rollouts")
             with self.adapted_model(shared):
                 loss = self.bfa_loss(chaser, batch)
             self.loss_terms = {"bfa": loss.detach()}
