@@ -968,17 +968,17 @@ class BMAML(MetaLearner):
         )
 
     def meta_loss(self, batch: TaskBatch, calibration_batch: Optional[TaskBatch] = None):
+        if self.objective == "bfa" and self._is_policy():  # before any rollout or step:
+            raise ValueError(  # a mixture of signed, advantage-weighted log-probabilities
+                "objective='bfa' on a policy is MAML-RL's post-update surrogate, which the "
+                "trust-region meta-update takes: fit(..., meta_optimizer='trpo') (the "
+                "official BMAML code's BMAMLTRPO); the predictive-mixture NLL has no "
+                "meaning for rollouts")
         batch = self.check_tasks(batch)
         chaser, shared = self.adapt_on(batch, "support",
                                        self._initial_for_adaptation(batch.num_tasks),
                                        self.inner_steps)
         if self.objective == "bfa":
-            if self._is_policy():  # a mixture of signed, advantage-weighted log-probabilities
-                raise ValueError(
-                    "objective='bfa' on a policy is MAML-RL's post-update surrogate, which the "
-                    "trust-region meta-update takes: fit(..., meta_optimizer='trpo') (the "
-                    "official BMAML code's BMAMLTRPO); the predictive-mixture NLL has no "
-                    "meaning for rollouts")
             with self.adapted_model(shared):
                 loss = self.bfa_loss(chaser, batch)
             self.loss_terms = {"bfa": loss.detach()}

@@ -225,11 +225,11 @@ def linear_baseline_advantages(observations: torch.Tensor, returns: torch.Tensor
                           time.pow(2).unsqueeze(-1), time.pow(3).unsqueeze(-1),
                           torch.ones_like(time).unsqueeze(-1)], -1)  # (..., B, H, F)
     flat = features.flatten(-3, -2)  # (..., B*H, F)
-    if alive is not None:  # the ended steps' rows drop out of the fit
-        flat = flat * alive.flatten(-2).unsqueeze(-1)
     target = returns.flatten(-2).unsqueeze(-1)
-    if alive is not None:  # an episode ended at its first steps leaves a near-singular
-        flat, target = flat.double(), target.double()  # system: solved in float64
+    if alive is not None:  # the ended steps' rows drop out of the fit; an episode ended at
+        # its first steps leaves a near-singular system, solved in float64
+        flat = (flat * alive.flatten(-2).unsqueeze(-1)).double()
+        target = target.double()
     gram = flat.transpose(-1, -2) @ flat
     eye = torch.eye(gram.size(-1), dtype=gram.dtype, device=gram.device)
     weights = torch.linalg.solve(gram + ridge * eye, flat.transpose(-1, -2) @ target)
