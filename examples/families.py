@@ -25,7 +25,6 @@ Writes ``OUT.md``, ``OUT.json`` and ``OUT.runs.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -33,19 +32,23 @@ import pyro
 import torch
 
 from _runs import fmt, mean_se, output_prefix, read_runs, run_jobs, save_json
-from pyro_bmaml import BMAML, EMAML, MAML, evaluate
+from pyro_bmaml import BMAML, EMAML, MAML
 from pyro_bmaml.tasks.synthetic import FAMILIES, gap_closed
 
 METHODS = ("bmaml", "bmaml-bfa", "emaml", "maml")
 
 
-def build(method, family, seed):
+def build(method, family, seed, step_size_objective=None, inner_steps=None):
+    """The learner with its defaults; BMAML's ``inner_steps`` and (chaser) ``step_size_objective``
+    as given, where given."""
     pyro.set_rng_seed(seed)
     common = dict(example_args=family.example_args())
+    steps = {} if inner_steps is None else {"inner_steps": inner_steps}
     if method == "bmaml":
-        return BMAML(family.model, num_particles=10, **common)
+        given = {} if step_size_objective is None else {"step_size_objective": step_size_objective}
+        return BMAML(family.model, num_particles=10, **common, **given, **steps)
     if method == "bmaml-bfa":
-        return BMAML(family.model, num_particles=10, objective="bfa", **common)
+        return BMAML(family.model, num_particles=10, objective="bfa", **common, **steps)
     # the baselines' classification steps are their papers' (the digits family's: EMAML
     # 0.4 and MAML 1.0 on the mean cross-entropy); their regression defaults are the papers'
     classify = {"step_size": 0.4 if method == "emaml" else 1.0} if family.kind == "classification" else {}
@@ -108,7 +111,7 @@ def run_one(job):
     family = FAMILIES[name]()
     tasks = family.evaluation_tasks(args["eval_tasks"])
     refs = family.references(tasks)
-    learner = build(method, family, seed)
+    learner = build(method, family, seed, args.get("step_size_objective"), args.get("inner_steps"))
     before = scores(family, learner, tasks, refs)
     start = time.time()
     stopped = None
@@ -167,16 +170,35 @@ def summarize(rows):
     return table
 
 
-def markdown(table, budget):
+def command_options(table, budget) -> str:
+    """The command line's options that made ``table`` (those left at their defaults omitted)."""
+    words = [f"--iterations {budget['iterations']}",
+             "--seeds " + " ".join(map(str, budget["seeds"]))]
+    methods = [m for m in METHODS if any(e["method"] == m for e in table)]
+    if methods != list(METHODS):
+        words.append("--methods " + " ".join(methods))
+    if sorted(budget["lrs"]) != [1e-3, 1e-2, 5e-2]:
+        words.append("--lrs " + " ".join(f"{lr:g}" for lr in budget["lrs"]))
+    if not budget["nuts_tasks"]:
+        words.append("--nuts-tasks 0")
+    for key in ("inner_steps", "step_size_objective"):
+        if key in budget:
+            words.append(f"--{key.replace('_', '-')} {budget[key]}")
+    return " ".join(words)
+
+
+def markdown(table, budget, out=Path("results/families")):
+    given = [f"{k}={budget[k]!r}" for k in ("inner_steps", "step_size_objective") if k in budget]
+    settings = f" (BMAML given {', '.join(given)})" if given else ""
     lines = [
         "# Families suite: defaults on five task families with exact references",
         "",
-        f"`python examples/families.py --iterations {budget['iterations']} --seeds "
-        f"{' '.join(map(str, budget['seeds']))} --update-results` "
+        f"`python examples/families.py {command_options(table, budget)} "
+        f"{'--update-results' if Path(out) == Path('results/families') else f'--out {out}'}` "
         f"({budget['iterations']} meta-iterations on fresh tasks, meta-batch 10, Adam at each "
         f"lr with the x0.98 decay over the run, M = 10 (MAML 1), every learner with its "
-        f"defaults, the baselines with their papers' classification steps on the N-way "
-        f"family; {budget['eval_tasks']} held-out tasks; mean +- s.e. over seeds).",
+        f"defaults{settings}, the baselines with their papers' classification steps on the "
+        f"N-way family; {budget['eval_tasks']} held-out tasks; mean +- s.e. over seeds).",
         "",
         "Gap closed: (NLL of the broad-prior reference - NLL) / (broad - Bayes-optimal), per "
         "query point; 1 is Bayes-optimal, 0 is exact inference under a prior that knows "
@@ -243,6 +265,10 @@ def main():
     p.add_argument("--prior-tasks", type=int, default=500,
                    help="tasks the exported prior is fitted to")
     p.add_argument("--nuts-lr", type=float, default=5e-2)
+    p.add_argument("--step-size-objective", choices=("chaser", "query_nll"), default=None,
+                   help="what trains BMAML's (chaser) learned steps (default: the learner's)")
+    p.add_argument("--inner-steps", type=int, default=None,
+                   help="BMAML's (chaser and BFA) SVGD steps (default: the learner's)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--from-runs", type=Path, nargs="+", default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -253,6 +279,9 @@ def main():
               "eval_tasks": args.eval_tasks, "nuts_tasks": args.nuts_tasks,
               "nuts_samples": args.nuts_samples, "prior_tasks": args.prior_tasks,
               "meta_batch": 10, "particles": 10}
+    for key in ("step_size_objective", "inner_steps"):
+        if getattr(args, key) is not None:
+            budget[key] = getattr(args, key)
     if args.from_runs:
         rows = read_runs(args.from_runs)
     else:
@@ -262,7 +291,7 @@ def main():
         rows = run_jobs(run_one, jobs, args.workers, out.with_suffix(".runs.jsonl"))
     table = summarize(rows)
     save_json(out, budget, table, rows)
-    out.with_suffix(".md").write_text(markdown(table, budget))
+    out.with_suffix(".md").write_text(markdown(table, budget, out))
     print(out.with_suffix(".md").read_text())
 
 

@@ -284,7 +284,8 @@ def parser() -> argparse.ArgumentParser:
                         "family's choice (off on sinusoid, digits and point-nav, as their "
                         "records were run), else the learner's (bmaml: on)")
     t.add_argument("--step-size-objective", choices=("chaser", "query_nll"), default=None,
-                   help="bmaml with learned steps: what trains them (default: chaser)")
+                   help="bmaml with learned steps: what trains them (default: the learner's, "
+                        "the query NLL; the chaser distance on a policy)")
     t.add_argument("--chaser-trains-noise", action=argparse.BooleanOptionalAction, default=None,
                    help="bmaml: let the chaser's meta-gradient reach the initial noise "
                         "coordinates, as the official code (unstable at large --lr); None: the "

@@ -515,12 +515,14 @@ def test_resume_refuses_another_configuration_and_load_api(tmp_path):
 
 
 def test_learned_step_sizes_get_the_meta_gradient_of_the_chaser():
-    """Meta-SGD's per-site steps (``learn_step_size``, BMAML's default): one log-step per
+    """Meta-SGD's per-site steps (``learn_step_size``, BMAML's default) trained by the chaser
+    distance (``step_size_objective="chaser"``): one log-step per
     non-noise site, the step of every coordinate of a site equal, the noise sites' step
     fixed, and the chaser loss's gradient in the log-steps equal to finite differences."""
     torch.set_default_dtype(torch.float64)
     learner = BMAML(tiny_model(), num_particles=3, step_size=1e-2, init="paper", inner_steps=1,
-                    calibration="none", kernel=pb.RBFSteinKernel(detach_bandwidth=False))
+                    calibration="none", kernel=pb.RBFSteinKernel(detach_bandwidth=False),
+                    step_size_objective="chaser")
     learner.theta0.data = learner.theta0.data.double()
     assert learner.learned_step_sites == [n for n in learner.potential.site_names
                                           if n not in learner.noise_sites]
@@ -606,7 +608,7 @@ def test_steps_learned_by_the_query_nll_route_the_gradients_apart():
     kw = dict(num_particles=3, step_size=1e-2, init="paper", calibration="none",
               kernel=pb.RBFSteinKernel(detach_bandwidth=False))
     routed = BMAML(tiny_model(), step_size_objective="query_nll", **kw)
-    plain = BMAML(tiny_model(), **kw)
+    plain = BMAML(tiny_model(), step_size_objective="chaser", **kw)
     plain.load_state_dict(routed.state_dict())
     batch = tiny_batch()
     loss = routed.meta_loss(batch)
@@ -623,6 +625,21 @@ def test_steps_learned_by_the_query_nll_route_the_gradients_apart():
     assert not torch.allclose(expected, plain.log_step_size.grad)  # the routing matters
     with pytest.raises(ValueError, match="step_size_objective"):
         BMAML(tiny_model(), step_size_objective="mse", **kw)
+
+
+def test_steps_are_learned_by_the_query_nll_by_default_except_on_a_policy():
+    """``step_size_objective="auto"`` (default) is the query NLL where the model observes its
+    data, and the chaser distance on a policy (its data are a factor of weighted rollouts,
+    with no NLL); the resolved objective is what the learner records."""
+    from pyro_bmaml.tasks.models import GaussianMLPPolicy
+
+    learner = BMAML(tiny_model(), num_particles=3, init="paper")
+    assert learner.step_size_objective == "query_nll"
+    assert learner.config()["step_size_objective"] == "query_nll"
+    policy = BMAML(GaussianMLPPolicy(hidden=(4,)), num_particles=2, init="paper")
+    assert policy.step_size_objective == "chaser"
+    assert BMAML(tiny_model(), num_particles=3, init="paper",
+                 step_size_objective="chaser").step_size_objective == "chaser"
 
 
 def test_init_auto_starts_from_the_models_own_initialisation():
