@@ -30,6 +30,9 @@ def _classification_batch(tasks, seed):
 
 
 def _pair(model_fn, batch, **options):
+    # compiled steps take the chaser's step objective by default (their backward runs once);
+    # the replayed learner takes the same
+    options.setdefault("step_size_objective", "chaser")
     learners = []
     for compile in (False, True):
         pyro.set_rng_seed(0)

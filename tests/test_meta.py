@@ -601,14 +601,16 @@ def test_the_aggregate_posterior_is_the_kde_prior_given_tasks():
 
 
 def test_steps_learned_by_the_query_nll_route_the_gradients_apart():
-    """``step_size_objective="query_nll"``: the log-steps get the gradient of the chaser
-    particles' calibrated query NLL, ``theta0`` that of the chaser distance alone, and the
-    loss's value is the chaser's (the rerouting adds zero)."""
+    """``step_size_objective="query_nll"``: the log-steps and ``theta0``'s noise coordinates
+    (the initial precision scales each particle's steps) get the gradient of the chaser
+    particles' calibrated query NLL, the rest of ``theta0`` that of the chaser distance
+    alone, and the loss's value is the chaser's (the rerouting adds zero)."""
     torch.set_default_dtype(torch.float64)
     kw = dict(num_particles=3, step_size=1e-2, init="paper", calibration="none",
               kernel=pb.RBFSteinKernel(detach_bandwidth=False))
     routed = BMAML(tiny_model(), step_size_objective="query_nll", **kw)
     plain = BMAML(tiny_model(), step_size_objective="chaser", **kw)
+    assert routed.initial_noise_in_graph and not plain.initial_noise_in_graph
     plain.load_state_dict(routed.state_dict())
     batch = tiny_batch()
     loss = routed.meta_loss(batch)
@@ -616,12 +618,18 @@ def test_steps_learned_by_the_query_nll_route_the_gradients_apart():
     reference = plain.meta_loss(batch)
     reference.backward()
     torch.testing.assert_close(loss, reference)
-    torch.testing.assert_close(routed.theta0.grad, plain.theta0.grad)
-    # the query NLL's gradient in the log-steps, computed directly
-    chaser, _ = plain.adapt_on(batch, "support", plain._initial_for_adaptation(2), plain.inner_steps)
-    nll = plain.mixture_nll(chaser, *batch.adaptation_data("query", chaser)).mean()
-    (expected,) = torch.autograd.grad(nll, plain.log_step_size)
+    noise = routed.noise_mask
+    assert bool(noise.any()) and bool((~noise).any())
+    torch.testing.assert_close(routed.theta0.grad[:, ~noise], plain.theta0.grad[:, ~noise])
+    assert bool((plain.theta0.grad[:, noise] == 0).all())  # the chaser never reaches them
+    # the query NLL's gradients, computed directly from the chaser with theta0's noise in graph
+    chaser, _ = routed.adapt_on(batch, "support", routed._initial_for_adaptation(2),
+                                routed.inner_steps)
+    nll = routed.mixture_nll(chaser, *batch.adaptation_data("query", chaser)).mean()
+    expected, expected_theta0 = torch.autograd.grad(nll, (routed.log_step_size, routed.theta0))
     torch.testing.assert_close(routed.log_step_size.grad, expected)
+    torch.testing.assert_close(routed.theta0.grad[:, noise], expected_theta0[:, noise])
+    assert bool((expected_theta0[:, noise] != 0).all())
     assert not torch.allclose(expected, plain.log_step_size.grad)  # the routing matters
     with pytest.raises(ValueError, match="step_size_objective"):
         BMAML(tiny_model(), step_size_objective="mse", **kw)
@@ -630,7 +638,8 @@ def test_steps_learned_by_the_query_nll_route_the_gradients_apart():
 def test_steps_are_learned_by_the_query_nll_by_default_except_on_a_policy():
     """``step_size_objective="auto"`` (default) is the query NLL where the model observes its
     data, and the chaser distance on a policy (its data are a factor of weighted rollouts,
-    with no NLL); the resolved objective is what the learner records."""
+    with no NLL) and with compiled steps; the resolved objective is what the learner
+    records."""
     from pyro_bmaml.tasks.models import GaussianMLPPolicy
 
     learner = BMAML(tiny_model(), num_particles=3, init="paper")
@@ -640,6 +649,12 @@ def test_steps_are_learned_by_the_query_nll_by_default_except_on_a_policy():
     assert policy.step_size_objective == "chaser"
     assert BMAML(tiny_model(), num_particles=3, init="paper",
                  step_size_objective="chaser").step_size_objective == "chaser"
+    # compiled steps run their backward once; the query NLL's routing takes three passes
+    assert BMAML(tiny_model(), num_particles=3, init="paper",
+                 compile=True).step_size_objective == "chaser"
+    with pytest.raises(ValueError, match="compile=False or step_size_objective='chaser'"):
+        BMAML(tiny_model(), num_particles=3, init="paper", compile=True,
+              step_size_objective="query_nll")
 
 
 def test_init_auto_starts_from_the_models_own_initialisation():

@@ -236,6 +236,9 @@ class MetaLearner(nn.Module):
                                 else check_positive_float("noise_step_size", noise_step_size))
         self.calibration_lr = check_positive_float("calibration_lr", calibration_lr)
         self.chaser_trains_noise = bool(chaser_trains_noise)
+        #: theta0's noise coordinates keep their graph for a meta-loss term other than the
+        #: chaser's to train them (BMAML's step-size objective "query_nll" sets it)
+        self.initial_noise_in_graph = False
         #: meta-learned shift of the adapted noise coordinates ("noise_offset"), (D_noise,)
         width = int(self.noise_mask.sum()) if self.calibration == "noise_offset" else 0
         self.offset_per_particle = bool(offset_per_particle)
@@ -466,9 +469,11 @@ class MetaLearner(nn.Module):
         """``theta0`` expanded to ``(T, M, D)``. Its noise coordinates are cut from the graph
         here (so the meta-loss of the adapted particles never reaches them) with
         ``calibration="initial_noise"`` (the calibration term trains them) or
-        ``chaser_trains_noise=False``."""
+        ``chaser_trains_noise=False``, unless ``initial_noise_in_graph`` (another term of the
+        meta-loss routes its own gradient to them, see BMAML's ``step_size_objective``)."""
         theta = self.theta0
-        if self.calibration == "initial_noise" or not self.chaser_trains_noise:
+        if self.calibration == "initial_noise" or not (self.chaser_trains_noise
+                                                       or self.initial_noise_in_graph):
             theta = torch.where(self.noise_mask, theta.detach(), theta)
         return theta.unsqueeze(0).expand(num_tasks, -1, -1)
 
@@ -856,21 +861,25 @@ class BMAML(MetaLearner):
         (:class:`~pyro_bmaml.tasks.models.GaussianMLPPolicy` scales its prior by it), else 1.
     :param step_size_objective: what trains the learned steps (``learn_step_size``) with the
         chaser objective: ``"query_nll"`` (the chaser particles' calibrated query mixture NLL
-        per point, a proper scoring rule; ``theta0`` still follows the chaser distance alone),
-        ``"chaser"`` (the chaser distance, like ``theta0``) or ``"auto"`` (default:
-        ``"query_nll"``, and ``"chaser"`` on a policy, whose rollouts have no NLL). The leader
-        is a fixed target one leader step past the chaser, so the chaser distance's gradient
-        in a step moves the chaser toward it: it lengthens a step wherever the adaptation
-        keeps moving one way and shortens it where it turns. On the suite's N-way family,
-        whose softmax keeps sharpening on separable support points, it grew the weights' step
-        from 0.57 after 1,000 meta-iterations to 2.3-2.6 after 3,000, and held-out accuracy
-        fell from 0.56 to 0.33-0.37 on all three seeds
-        (``results/families_3000_chaser.md``); on sinusoid it shrank the steps 3-10x and
-        cost MSE. The query NLL kept N-way accuracy at 0.57 and was better on three of the
-        five families after 3,000 iterations, worse on Normal-Gamma (gap closed -0.58 +-
-        0.35 against -0.22) and hierarchical (0.84 against 0.90); after 1,000 (lr 5e-2) its
-        held-out NLL was as low or lower on all five (``results/families.md``, against the
-        chaser's previous record). It costs two more partial backward passes per meta-step.
+        per point, a proper scoring rule; it also trains ``theta0``'s noise coordinates, whose
+        precision scales every SVGD step of its particle and which the chaser distance never
+        reaches with ``chaser_trains_noise=False``; the rest of ``theta0`` follows the chaser
+        distance alone), ``"chaser"`` (the chaser distance, like ``theta0``; the initial noise
+        stays where it started) or ``"auto"`` (default: ``"query_nll"``, and ``"chaser"`` on a
+        policy, whose rollouts have no NLL, and with ``compile=True``, whose compiled steps'
+        backward runs once: Inductor's backward may reuse the buffers it saved, so a second
+        pass through it fails, and the query NLL's routing takes three). The leader is a fixed target one leader step past
+        the chaser, so the chaser distance's gradient in a step moves the chaser toward it: it
+        lengthens a step wherever the adaptation keeps moving one way and shortens it where
+        it turns. On the suite's N-way family, whose softmax keeps sharpening on separable
+        support points, it grew the weights' step from 0.57 after 1,000 meta-iterations to
+        2.3-2.6 after 3,000, and held-out accuracy fell from 0.56 to 0.33-0.37 on all three
+        seeds (``results/families_3000_chaser.md``); on sinusoid it shrank the steps 3-10x
+        and cost MSE. After 3,000 iterations the query NLL kept N-way accuracy at 0.57 and
+        closed as much of the gap or more on four of the five families, less on
+        Normal-Gamma (-0.31 +- 0.36 against -0.22 +- 0.03;
+        ``results/families_3000_query_nll.md``); after 1,000, see ``results/families.md``
+        and the README. It costs two more partial backward passes per meta-step.
     :param inner_steps: n, SVGD steps of the chaser and of adaptation. Default 3: on the
         families suite (``results/families.md``) three steps lowered the held-out NLL on
         every regression family (by 0.05 to 0.18 per point) and stayed within 0.05 of one
@@ -889,7 +898,8 @@ class BMAML(MetaLearner):
 
     Defaults that differ from the paper's configuration (M = 10, n = s = 1, a fixed
     eps = 1e-3, the chaser's gradient reaching the noise precision): ``inner_steps=3``,
-    ``learn_step_size=True`` trained by the query NLL (``step_size_objective="auto"``),
+    ``learn_step_size=True`` trained, with the initial noise, by the query NLL
+    (``step_size_objective="auto"``),
     ``chaser_trains_noise=False``; pass ``inner_steps=1,
     learn_step_size=False, chaser_trains_noise=True, calibration="none"`` for the official
     code's learner. See :class:`MetaLearner` for the other arguments.
@@ -943,7 +953,19 @@ class BMAML(MetaLearner):
         self.step_size_objective = check_choice("step_size_objective", step_size_objective,
                                                 ("auto", "query_nll", "chaser"))
         if self.step_size_objective == "auto":  # no query NLL for rollouts' weighted factor
-            self.step_size_objective = "chaser" if self._is_policy() else "query_nll"
+            self.step_size_objective = ("chaser" if self._is_policy() or self.compile
+                                        else "query_nll")
+        elif self.step_size_objective == "query_nll" and self.compile and self.learn_step_size:
+            raise ValueError(
+                "step_size_objective='query_nll' takes three backward passes through the "
+                "adaptation, and the compiled steps' backward runs once (Inductor reuses the "
+                "buffers it saved); build the learner with compile=False or "
+                "step_size_objective='chaser'")
+        # the initial noise precision scales each particle's steps: trained like the steps
+        self.initial_noise_in_graph = bool(
+            self.objective == "chaser" and self.step_size_objective == "query_nll"
+            and self.learn_step_size and self.noise_mask.any() and not self.chaser_trains_noise
+            and self.calibration != "initial_noise")
         self.distance_sites = self._resolve_distance_sites(distance_sites)
         weights = self.potential.columns_of(self.distance_sites).to(self.theta0.dtype)
         if self.calibration == "distance":
@@ -1048,24 +1070,33 @@ class BMAML(MetaLearner):
         return self.policy_trust_region(batch, chaser_distance)
 
     def _steps_by_query_nll(self, loss, chaser, batch, shared):
-        r"""``loss`` whose gradient in the learned log-steps is that of the chaser's query
+        r"""``loss`` whose gradient in the learned log-steps, and in ``theta0``'s noise
+        coordinates (``initial_noise_in_graph``: the initial noise precision scales every
+        SVGD step of its particle, a step size of its own), is that of the chaser's query
         mixture NLL per point (calibrated) instead of the chaser distance's, and unchanged
         elsewhere: ``loss + <s - sg(s), sg(g_nll - g_loss)>``, which adds zero to the value.
         The chaser distance rewards a step that lands one SVGD step near the leader's
         stationary point; the query NLL, a proper scoring rule on held-out points, rewards
         the step that predicts best (on sinusoid the first shrank the steps 3-10x and cost
         MSE)."""
-        steps = self.log_step_size
-        if not steps.numel() or not torch.is_grad_enabled() or not steps.requires_grad:
+        routed = [(p, None) for p in (self.log_step_size,) if p.numel() and p.requires_grad]
+        if self.initial_noise_in_graph and self.theta0.requires_grad:
+            routed.append((self.theta0, self.noise_mask))
+        if not routed or not torch.is_grad_enabled():
             return loss
         with self.adapted_model(shared):
             particles = self.calibrate(chaser)
             nll = self.mixture_nll(particles, *batch.adaptation_data("query", particles)).mean()
-        grads = [torch.autograd.grad(t, steps, retain_graph=True, allow_unused=True)[0]
-                 for t in (nll, loss)]
-        g_nll, g_loss = (torch.zeros_like(steps) if g is None else g for g in grads)
         self.loss_terms["step_nll"] = nll.detach()
-        return loss + ((steps - steps.detach()) * (g_nll - g_loss).detach()).sum()
+        for param, mask in routed:
+            grads = [torch.autograd.grad(t, param, retain_graph=True, allow_unused=True)[0]
+                     for t in (nll, loss)]
+            g_nll, g_loss = (torch.zeros_like(param) if g is None else g for g in grads)
+            change = g_nll - g_loss
+            if mask is not None:
+                change = change * mask
+            loss = loss + ((param - param.detach()) * change.detach()).sum()
+        return loss
 
     def bfa_loss(self, chaser: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
         """BFA's meta-loss: the query mixture NLL summed over points, averaged over tasks."""
