@@ -236,9 +236,6 @@ class MetaLearner(nn.Module):
                                 else check_positive_float("noise_step_size", noise_step_size))
         self.calibration_lr = check_positive_float("calibration_lr", calibration_lr)
         self.chaser_trains_noise = bool(chaser_trains_noise)
-        #: theta0's noise coordinates keep their graph for a meta-loss term other than the
-        #: chaser's to train them (BMAML's step-size objective "query_nll" sets it)
-        self.initial_noise_in_graph = False
         #: meta-learned shift of the adapted noise coordinates ("noise_offset"), (D_noise,)
         width = int(self.noise_mask.sum()) if self.calibration == "noise_offset" else 0
         self.offset_per_particle = bool(offset_per_particle)
@@ -464,6 +461,12 @@ class MetaLearner(nn.Module):
         if self.noise_step_size is None and not self.log_step_size.numel():
             return scale * self.step_size
         return scale * self.step_sizes
+
+    @property
+    def initial_noise_in_graph(self) -> bool:
+        """Whether ``theta0``'s noise coordinates keep their graph for a meta-loss term other
+        than the chaser's to train them (BMAML's step objective ``"query_nll"``)."""
+        return False
 
     def _initial_for_adaptation(self, num_tasks: int) -> torch.Tensor:
         """``theta0`` expanded to ``(T, M, D)``. Its noise coordinates are cut from the graph
@@ -868,10 +871,10 @@ class BMAML(MetaLearner):
         stays where it started) or ``"auto"`` (default: ``"query_nll"``, and ``"chaser"`` on a
         policy, whose rollouts have no NLL, and with ``compile=True``, whose compiled steps'
         backward runs once: Inductor's backward may reuse the buffers it saved, so a second
-        pass through it fails, and the query NLL's routing takes three). The leader is a fixed target one leader step past
-        the chaser, so the chaser distance's gradient in a step moves the chaser toward it: it
-        lengthens a step wherever the adaptation keeps moving one way and shortens it where
-        it turns. On the suite's N-way family, whose softmax keeps sharpening on separable
+        pass through it fails, and the query NLL's routing takes three). The leader is a
+        fixed target one leader step past the chaser, so the chaser distance's gradient in a
+        step moves the chaser toward it: it lengthens a step wherever the adaptation keeps
+        moving one way and shortens it where it turns. On the suite's N-way family, whose softmax keeps sharpening on separable
         support points, it grew the weights' step from 0.57 after 1,000 meta-iterations to
         2.3-2.6 after 3,000, and held-out accuracy fell from 0.56 to 0.33-0.37 on all three
         seeds (``results/families_3000_chaser.md``); on sinusoid it shrank the steps 3-10x
@@ -961,11 +964,6 @@ class BMAML(MetaLearner):
                 "adaptation, and the compiled steps' backward runs once (Inductor reuses the "
                 "buffers it saved); build the learner with compile=False or "
                 "step_size_objective='chaser'")
-        # the initial noise precision scales each particle's steps: trained like the steps
-        self.initial_noise_in_graph = bool(
-            self.objective == "chaser" and self.step_size_objective == "query_nll"
-            and self.learn_step_size and self.noise_mask.any() and not self.chaser_trains_noise
-            and self.calibration != "initial_noise")
         self.distance_sites = self._resolve_distance_sites(distance_sites)
         weights = self.potential.columns_of(self.distance_sites).to(self.theta0.dtype)
         if self.calibration == "distance":
@@ -1069,6 +1067,15 @@ class BMAML(MetaLearner):
 
         return self.policy_trust_region(batch, chaser_distance)
 
+    @property
+    def initial_noise_in_graph(self) -> bool:
+        """The initial noise precision scales each particle's steps: with the query-NLL step
+        objective it is trained like the steps (unless the chaser or the calibration term
+        trains it)."""
+        return bool(self.objective == "chaser" and self.step_size_objective == "query_nll"
+                    and self.learn_step_size and self.noise_sites
+                    and not self.chaser_trains_noise and self.calibration != "initial_noise")
+
     def _steps_by_query_nll(self, loss, chaser, batch, shared):
         r"""``loss`` whose gradient in the learned log-steps, and in ``theta0``'s noise
         coordinates (``initial_noise_in_graph``: the initial noise precision scales every
@@ -1088,13 +1095,12 @@ class BMAML(MetaLearner):
             particles = self.calibrate(chaser)
             nll = self.mixture_nll(particles, *batch.adaptation_data("query", particles)).mean()
         self.loss_terms["step_nll"] = nll.detach()
-        for param, mask in routed:
-            grads = [torch.autograd.grad(t, param, retain_graph=True, allow_unused=True)[0]
-                     for t in (nll, loss)]
-            g_nll, g_loss = (torch.zeros_like(param) if g is None else g for g in grads)
-            change = g_nll - g_loss
-            if mask is not None:
-                change = change * mask
+        params = [param for param, _ in routed]
+        g_nll, g_loss = (torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+                         for t in (nll, loss))
+        for (param, mask), a, b in zip(routed, g_nll, g_loss):
+            a, b = (torch.zeros_like(param) if g is None else g for g in (a, b))
+            change = a - b if mask is None else (a - b) * mask
             loss = loss + ((param - param.detach()) * change.detach()).sum()
         return loss
 
