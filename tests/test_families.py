@@ -189,3 +189,47 @@ def test_default_bmaml_coverage_lands_in_the_band():
     m = evaluate(learner, family.evaluation_tasks(200), metrics=family.metrics)
     c50, c90 = m["coverage"][0.5][0], m["coverage"][0.9][0]
     assert 0.80 <= c90 <= 0.95 and 0.40 <= c50 <= 0.60, (c50, c90)
+
+
+def _ceilings_script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))  # its helpers (_runs)
+    try:
+        spec = importlib.util.spec_from_file_location("families_ceilings",
+                                                      examples / "families_ceilings.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(examples))
+    return module
+
+
+def test_ceilings_script_reproduces_the_references_and_draws_the_true_prior():
+    """``examples/families_ceilings.py``: its generative N-way classifier (class scores with
+    the norm term) is the family's own reference under either prior, to rounding; dropping
+    the norm term changes the predictions; its Normal-Gamma draws have the family's prior
+    moments (tolerance 5 s.e. of the Monte Carlo mean); zero SVGD steps leave the draws as
+    they are, whatever the step size."""
+    ceilings = _ceilings_script()
+    family = SubspaceClassification()
+    result = ceilings.subspace_ceiling(300)
+    tasks = family.evaluation_tasks(300)
+    for prior in ("true", "broad"):
+        reference = family.reference_metrics(tasks, prior)["accuracy"]
+        assert result[prior]["with_norm_term"] == pytest.approx(reference, abs=1e-12)
+        assert result[prior]["without_norm_term"] != pytest.approx(reference, abs=1e-3)
+    ng = NormalGammaRegression()
+    draws = ceilings.true_prior_draws(ng, 20000, seed=0)
+    tau = draws[:, 2].exp()
+    mean_tau, sd_tau = ng.a0 / ng.b0, math.sqrt(ng.a0) / ng.b0
+    assert abs(float(tau.mean()) - mean_tau) < 5 * sd_tau / math.sqrt(20000)
+    slope_sd = float((draws[:, 0] - ng.m0[0]).std())
+    expected_sd = math.sqrt(float((1.0 / (tau * ng.lambda0[0, 0])).mean()))
+    assert slope_sd == pytest.approx(expected_sd, rel=0.03)  # s.e. of an sd: 1 / sqrt(2n)
+    table = ceilings.normal_gamma_ceiling([0], [0.01, 0.04], [1], particles=4, eval_tasks=10)
+    gaps = table["rows"][0]["gap_by_step"]
+    assert math.isfinite(gaps[0.01]) and gaps[0.01] == gaps[0.04]
