@@ -223,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--calibration", default=None,
                    choices=BMAML.calibrations,
                    help="how the noise level is meta-learned; None: noise_offset (none with "
-                        "--objective bfa or log_joint, or a model without a noise site)")
+                        "--objective log_joint, or a model without a noise site)")
     t.add_argument("--calibration-holdout", type=float, default=0.1,
                    help="sinusoid: fraction of the |T| tasks held out of meta-training, on "
                         "which the noise offset is learned (0: the training batches)")

@@ -543,9 +543,11 @@ def test_learned_step_sizes_get_the_meta_gradient_of_the_chaser():
                                 batch.y_support, num_steps=1, step_size=learner.step_sizes)
 
     start = learner.log_step_size.detach().clone()
-    # the leader is a constant target (stop-gradient), adapted with the current steps
+    # the leader is a constant target (stop-gradient), adapted with the current steps scaled
+    # by the support's share of its points (leader_step_scale="auto" with learned steps)
+    share = batch.x_support.shape[1] / xa.shape[1]
     leader = pb.transport(learner.potential, learner.kernel, chaser(start), xa, ya,
-                          num_steps=1, step_size=learner.step_sizes.detach())
+                          num_steps=1, step_size=learner.step_sizes.detach() * share)
 
     def loss(log_step):
         return ((chaser(log_step) - leader).pow(2) * learner.distance_weights).sum((-1, -2)).mean()
@@ -561,6 +563,69 @@ def test_learned_step_sizes_get_the_meta_gradient_of_the_chaser():
     assert bool((grad[torch.tensor(trained)] != 0).all()), grad
     fixed = BMAML(tiny_model(), num_particles=3, init="paper", learn_step_size=False)
     assert fixed.log_step_size.numel() == 0 and "learned_step_sizes" not in fixed.describe()
+
+
+def test_the_leaders_step_is_scaled_to_its_points_with_learned_steps():
+    """``leader_step_scale="auto"`` (default): with learned steps the leader steps by the
+    chaser's steps times K / (K + Q) (the log likelihood's gradient grows with the points),
+    with fixed steps (the paper's) and on rollouts by the chaser's own; a float scales
+    them; the chaser distance is taken to that leader."""
+    from pyro_bmaml.tasks.models import GaussianMLPPolicy
+
+    torch.set_default_dtype(torch.float64)
+    batch = tiny_batch()  # K = 4 support, Q query points per task
+    k, n = batch.x_support.shape[1], batch.x_support.shape[1] + batch.x_query.shape[1]
+    assert n > k
+    kw = dict(num_particles=3, step_size=1e-2, init="paper", calibration="none",
+              step_size_objective="chaser")
+    learned = BMAML(tiny_model(), **kw)
+    assert learned.leader_step_size(batch) == pytest.approx(1e-2 * k / n)
+    assert learned.config()["leader_step_scale"] == "auto"
+    assert BMAML(tiny_model(), learn_step_size=False, **kw).leader_step_size(batch) is None
+    assert BMAML(tiny_model(), leader_step_scale=0.5, **kw).leader_step_size(batch) == pytest.approx(5e-3)
+    assert BMAML(tiny_model(), leader_step_scale=1.0, **kw).leader_step_size(batch) is None
+
+    class Rollouts:  # a batch whose data depend on the particles: no points to count
+        resample_each_step = True
+
+    policy = BMAML(GaussianMLPPolicy(hidden=(4,)), num_particles=2, init="paper")
+    assert policy.leader_step_size(Rollouts()) is None
+    for bad in (0.0, -1.0, "half", float("nan")):
+        with pytest.raises((ValueError, TypeError), match="leader_step_scale"):
+            BMAML(tiny_model(), leader_step_scale=bad, **kw)
+    # the meta-loss's chaser distance is to the scaled leader, not to the unscaled one
+    learned.theta0.data = learned.theta0.data.double()
+    loss = learned.meta_loss(batch)
+    with torch.no_grad():
+        chaser, _ = learned.adapt_on(batch, "support", learned._expand(2), learned.inner_steps)
+        distances = {}
+        for name, share in (("scaled", k / n), ("unscaled", 1.0)):
+            leader, _ = learned.adapt_on(batch, "leader", chaser, 1, step_size=1e-2 * share)
+            distances[name] = ((chaser - leader).pow(2) * learned.distance_weights).sum((-1, -2)).mean()
+    torch.testing.assert_close(loss.detach(), distances["scaled"])
+    assert not torch.allclose(distances["scaled"], distances["unscaled"])
+
+
+def test_bfa_learns_the_noise_level_by_the_calibration_term():
+    """``objective="bfa"`` on a model with noise sites meta-learns the noise offset by the
+    calibration term, as the chaser does (default ``"noise_offset"``; before, its noise
+    stayed at the initial draws: ``theta0``'s noise coordinates are cut from the graph), and
+    its BFA term is unchanged; a calibration that adds to a chaser distance is refused."""
+    torch.set_default_dtype(torch.float64)
+    batch = tiny_batch()
+    learner = _bmaml64(objective="bfa", calibration=None)
+    assert learner.calibration == "noise_offset" and learner.has_calibration_term
+    plain = _bmaml64(objective="bfa", calibration="none", init=learner.theta0.detach().clone())
+    loss = learner.meta_loss(batch)
+    assert set(learner.loss_terms) == {"bfa", "calibration_nll"}
+    torch.testing.assert_close(loss.detach(), learner.loss_terms["bfa"] + learner.loss_terms["calibration_nll"])
+    loss.backward()
+    plain.meta_loss(batch).backward()
+    assert torch.equal(learner.theta0.grad, plain.theta0.grad)  # the BFA term's alone
+    assert bool((learner.noise_offset.grad != 0).all())
+    for bad in ("distance", "mixture"):
+        with pytest.raises(ValueError, match="does not have"):
+            _bmaml64(objective="bfa", calibration=bad)
 
 
 def test_default_chaser_leaves_the_initial_noise_coordinates_alone():

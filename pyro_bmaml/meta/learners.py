@@ -427,17 +427,20 @@ class MetaLearner(nn.Module):
         return particles, shared
 
     def adapt_on(self, batch, phase: str, particles: torch.Tensor, num_steps: int,
-                 shared: Optional[Dict[str, torch.Tensor]] = None):
+                 shared: Optional[Dict[str, torch.Tensor]] = None,
+                 step_size: Optional[float] = None):
         """:meth:`adapt_state` on a batch's ``phase`` data (``"support"`` for the chaser and
-        the adapted particles, ``"leader"`` for the leader). A batch whose data depend on the
-        particles (``resample_each_step``, e.g. rollouts of the policies in meta-RL) is asked
-        for fresh data from the current particles before every step."""
+        the adapted particles, ``"leader"`` for the leader), with the learner's step or
+        ``step_size`` (see :meth:`_step`). A batch whose data depend on the particles
+        (``resample_each_step``, e.g. rollouts of the policies in meta-RL) is asked for fresh
+        data from the current particles before every step."""
         if not getattr(batch, "resample_each_step", False):
             return self.adapt_state(particles, batch.adaptation_data(phase, particles),
-                                    num_steps, shared=shared)
+                                    num_steps, step_size=step_size, shared=shared)
         for _ in range(num_steps):
             data = batch.adaptation_data(phase, particles.detach())
-            particles, shared = self.adapt_state(particles, data, 1, shared=shared)
+            particles, shared = self.adapt_state(particles, data, 1, step_size=step_size,
+                                                 shared=shared)
         return particles, shared
 
     @contextlib.contextmanager
@@ -854,9 +857,12 @@ class BMAML(MetaLearner):
         weights there, leaving out the precisions, as the official code does.
     :param calibration: how the noise sites are meta-learned, see the module docs: with the
         chaser objective ``"noise_offset"`` (default), ``"initial_noise"``, ``"none"``
-        (official code), ``"distance"`` or ``"mixture"``; with ``"bfa"`` only ``"none"``
-        (BFA's loss is the query NLL). The default is ``"noise_offset"`` for the chaser and a
-        model with noise sites, else ``"none"``.
+        (official code), ``"distance"`` or ``"mixture"``; with ``"bfa"`` ``"noise_offset"``,
+        ``"initial_noise"`` or ``"none"`` (BFA's query NLL reaches the steps and the
+        locations of ``theta0``, not its noise coordinates, which are cut from the graph
+        unless ``chaser_trains_noise``: without a calibration term its noise level is the
+        initial draws'). The default is ``"noise_offset"`` for a model with noise sites
+        (``"none"`` on a policy), else ``"none"``.
     :param calibration_weight: the noise sites' weight in the chaser distance
         (``"distance"``) or the BFA term's weight (``"mixture"``).
     :param temperature: scale of the kernel's repulsion in the adaptation steps (1: SVGD;
@@ -882,7 +888,11 @@ class BMAML(MetaLearner):
         closed as much of the gap or more on four of the five families, less on
         Normal-Gamma (-0.31 +- 0.36 against -0.22 +- 0.03;
         ``results/families_3000_query_nll.md``); after 1,000, see ``results/families.md``
-        and the README. It costs two more partial backward passes per meta-step.
+        and the README. It costs two more partial backward passes per meta-step. On the
+        digits MLP with every weight latent it lengthened the head's step from 0.5 to
+        112-154, past the point where the repulsion scatters the particles, and all three
+        seeds ended at chance (``results/fewshot_learned_steps.md``; the chaser distance kept
+        that step at 3.4); the command line's digits configuration keeps a fixed step.
     :param inner_steps: n, SVGD steps of the chaser and of adaptation. Default 3: on the
         families suite (``results/families.md``) three steps lowered the held-out NLL on
         every regression family (by 0.05 to 0.18 per point) and stayed within 0.05 of one
@@ -891,6 +901,16 @@ class BMAML(MetaLearner):
         (``results/families_10steps.md``). The paper's n = 1 is what the command line
         uses on sinusoid, digits and point-nav.
 
+    :param leader_step_scale: the leader's step relative to the chaser's: a positive float,
+        or ``"auto"`` (default): with learned steps (``learn_step_size``) the support's share
+        of the leader's points, ``K / (K + Q)``, else 1 (the paper's one fixed step). The
+        log likelihood's gradient, and its curvature, grow with the number of points: a
+        step learned near the edge of stability on K support points overshoots on the
+        leader's K + Q, and the chaser distance to an overshot leader is a target of
+        noise. On Normal-Gamma (seed 1, 3,000 meta-iterations) the learned steps grew to
+        0.03, near the edge of stability on the 3 support points and so about 4x past it on
+        13, and the chaser distance read 34 and 108 at iterations 600 and 2,400 (the scaled
+        leader's: 1.8 and 3.9); over the suite see the README.
     :param compile: take the SVGD steps (adaptation, chaser, leader) as compiled code
         (:mod:`pyro_bmaml.engine.compiled`: the recorded log density, its gradient and the
         SVGD direction compiled together by :func:`torch.compile`, and the meta-gradient's
@@ -938,6 +958,7 @@ class BMAML(MetaLearner):
         step_size_lr: float = 1e-2,
         step_size_objective: str = "auto",
         compile: bool = False,
+        leader_step_scale: Union[str, float] = "auto",
     ):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         num_particles = check_int("num_particles", num_particles, 2)
@@ -948,10 +969,10 @@ class BMAML(MetaLearner):
                          noise_sites, calibration, noise_step_size, calibration_lr,
                          offset_per_particle, chaser_trains_noise, noise_adaptation_scale,
                          shared_step_size, learn_step_size, step_size_lr)
-        if self.objective == "bfa" and self.calibration != "none":
+        if self.objective == "bfa" and self.calibration in ("distance", "mixture"):
             raise ValueError(
-                f"objective='bfa' meta-learns the noise through its query NLL already; "
-                f"calibration must be 'none', got {self.calibration!r}")
+                f"calibration={self.calibration!r} adds to the chaser distance, which "
+                f"objective='bfa' does not have; use 'noise_offset', 'initial_noise' or 'none'")
         self.calibration_weight = check_positive_float("calibration_weight", calibration_weight)
         self.step_size_objective = check_choice("step_size_objective", step_size_objective,
                                                 ("auto", "query_nll", "chaser"))
@@ -970,13 +991,18 @@ class BMAML(MetaLearner):
             weights[self.noise_mask] = self.calibration_weight
         self.register_buffer("distance_weights", weights, persistent=False)
         self.leader_steps = check_int("leader_steps", leader_steps, 1)
+        if isinstance(leader_step_scale, str):
+            check_choice("leader_step_scale", leader_step_scale, ("auto",))
+        else:
+            leader_step_scale = check_positive_float("leader_step_scale", leader_step_scale)
+        self.leader_step_scale = leader_step_scale
         self.kernel = RBFSteinKernel(bandwidth="median") if kernel is None else as_differentiable_kernel(kernel)
         self.mode = check_choice("mode", mode, ("multivariate", "univariate"))
         self.temperature = check_nonnegative_float(
             "temperature", getattr(model, "temperature", 1.0) if temperature is None else temperature)
 
     def default_calibration(self) -> str:
-        return "none" if self.objective == "bfa" else super().default_calibration()
+        return "none" if self.objective == "bfa" and self._is_policy() else super().default_calibration()
 
     def _resolve_distance_sites(self, distance_sites) -> List[str]:
         names = self.potential.site_names
@@ -1017,9 +1043,10 @@ class BMAML(MetaLearner):
             with self.adapted_model(shared):
                 loss = self.bfa_loss(chaser, batch)
             self.loss_terms = {"bfa": loss.detach()}
-            return loss
+            return self.add_calibration_loss(loss, chaser, batch, calibration_batch, shared)
         with torch.no_grad():  # the leader is a target: no graph, stop-gradient
             leader, _ = self.adapt_on(batch, "leader", chaser.detach(), self.leader_steps,
+                                      step_size=self.leader_step_size(batch),
                                       shared=_detached(shared))
         loss = ((chaser - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
         self.loss_terms = {"chaser": loss.detach()}
@@ -1031,6 +1058,22 @@ class BMAML(MetaLearner):
         if self.step_size_objective == "query_nll":
             loss = self._steps_by_query_nll(loss, chaser, batch, shared)
         return self.add_calibration_loss(loss, chaser, batch, calibration_batch, shared)
+
+    def leader_step_size(self, batch) -> Optional[float]:
+        """The leader's adaptation step as :meth:`_step`'s ``step_size`` (``None``: the
+        learner's own), from ``leader_step_scale``: the learner's steps times the scale, or,
+        with ``"auto"`` and learned steps, times the support's share of the leader's points
+        (``K / (K + Q)``); the learner's own steps with fixed steps (the paper's) and on a
+        batch whose data depend on the particles (rollouts)."""
+        scale = self.leader_step_scale
+        if scale == "auto":
+            if not self.log_step_size.numel() or getattr(batch, "resample_each_step", False):
+                return None
+            support, leader = (batch.adaptation_data(phase)[0] for phase in ("support", "leader"))
+            if not (isinstance(support, torch.Tensor) and support.dim() >= 2):
+                return None  # no points dim to count
+            scale = support.shape[1] / leader.shape[1]
+        return None if scale == 1.0 else self.step_size * scale
 
     def trust_region_objective(self, batch):
         r"""``(loss_fn, kl_fn)`` for a trust-region meta-update on a policy (see
@@ -1114,7 +1157,8 @@ class BMAML(MetaLearner):
             info["temperature"] = self.temperature
         info.update(kernel=self.kernel.describe(), mode=self.mode, objective=self.objective,
                     bandwidth_rule=str(self.kernel.bandwidth_rule),
-                    leader_steps=self.leader_steps, distance_sites=",".join(self.distance_sites))
+                    leader_steps=self.leader_steps, distance_sites=",".join(self.distance_sites),
+                    leader_step_scale=self.leader_step_scale)
         if self.calibration in ("distance", "mixture"):
             info["calibration_weight"] = self.calibration_weight
         if self.log_step_size.numel() and self.objective == "chaser":
