@@ -1101,7 +1101,8 @@ class BMAML(MetaLearner):
 
         def chaser_distance(adapted, old, old_policy, query):
             with torch.no_grad():
-                leader, _ = self.adapt_on(batch, "leader", old, self.leader_steps)
+                leader, _ = self.adapt_on(batch, "leader", old, self.leader_steps,
+                                          step_size=self.leader_step_size(batch))
 
             def loss_fn():
                 return ((adapted() - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
