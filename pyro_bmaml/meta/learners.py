@@ -890,8 +890,8 @@ class BMAML(MetaLearner):
         ``results/families_3000_query_nll.md``); after 1,000, see ``results/families.md``
         and the README. It costs two more partial backward passes per meta-step. On the
         digits MLP with every weight latent it lengthened the head's step from 0.5 to
-        112-154, past the point where the repulsion scatters the particles, and all three
-        seeds ended at chance (``results/fewshot_learned_steps.md``; the chaser distance kept
+        112-154, past the step at which the prior's pull overshoots, and all three seeds
+        ended at chance (``results/fewshot_learned_steps.md``; the chaser distance kept
         that step at 3.4); the command line's digits configuration keeps a fixed step.
     :param inner_steps: n, SVGD steps of the chaser and of adaptation. Default 3: on the
         families suite (``results/families.md``) three steps lowered the held-out NLL on
