@@ -628,6 +628,37 @@ def test_bfa_learns_the_noise_level_by_the_calibration_term():
             _bmaml64(objective="bfa", calibration=bad)
 
 
+def test_learned_steps_are_bounded_by_the_priors_curvature():
+    """Each learned step is at most ``2 / c``, ``c`` the log prior's curvature in the site:
+    ``2 s^2`` for a ``Normal(0, s)`` prior, past which one step's pull toward the prior's
+    mode overshoots it. The bound holds in ``step_sizes`` and in what the learner reports,
+    and a log-step past it gets no gradient."""
+    import pyro.distributions as dist
+
+    def two_priors(x, y=None):
+        a = pyro.sample("a", dist.Normal(0.0, 0.5))
+        b = pyro.sample("b", dist.Normal(torch.zeros(3), 3.0).to_event(1))
+        mean = a * x + b.sum()
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(mean, 1.0), obs=y)
+        return mean
+
+    torch.set_default_dtype(torch.float64)
+    x, y = torch.linspace(-1, 1, 5), torch.linspace(0, 1, 5)
+    learner = BMAML(two_priors, num_particles=4, example_args=(x, y), step_size=0.1)
+    assert learner.learned_step_sites == ["a", "b"]
+    torch.testing.assert_close(learner.max_step_sizes, torch.tensor([0.5, 18.0]))
+    with torch.no_grad():
+        learner.log_step_size.copy_(torch.tensor([math.log(5.0), math.log(5.0)]))
+    torch.testing.assert_close(learner.step_sizes, torch.tensor([0.5, 5.0, 5.0, 5.0]))
+    assert learner.learned_step_sizes() == pytest.approx({"a": 0.5, "b": 5.0})
+    learner.step_sizes.sum().backward()
+    assert learner.log_step_size.grad[0] == 0 and learner.log_step_size.grad[1] == pytest.approx(15.0)
+    # fixed steps: no bound to keep
+    assert BMAML(two_priors, num_particles=4, example_args=(x, y),
+                 learn_step_size=False).max_step_sizes.numel() == 0
+
+
 def test_default_chaser_leaves_the_initial_noise_coordinates_alone():
     """``chaser_trains_noise=False`` (the default): the chaser's meta-gradient does not
     reach ``theta0``'s noise coordinates. Through them the chaser rewarded a larger noise
