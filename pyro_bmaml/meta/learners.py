@@ -304,9 +304,8 @@ class MetaLearner(nn.Module):
             (grad,) = torch.autograd.grad(log_prior.sum(), theta, create_graph=True)
             (rows,) = torch.autograd.grad(grad.sum(), theta)
         curvature = (-rows).clamp_min(0).amax(0)  # (D,)
-        bounds = [2.0 / float(curvature[s.columns].max()) if float(curvature[s.columns].max()) > 0
-                  else math.inf for s in sites]
-        return torch.tensor(bounds, dtype=self.theta0.dtype)
+        largest = torch.stack([curvature[s.columns].max() for s in sites])
+        return (2.0 / largest).to(self.theta0.dtype)  # 2 / 0 = inf: a flat prior, no bound
 
     def default_calibration(self) -> str:
         return "noise_offset" if self.noise_sites else "none"
@@ -318,16 +317,18 @@ class MetaLearner(nn.Module):
         site (differentiable in ``log_step_size``)."""
         if not self.log_step_size.numel():
             return self.base_step_sizes
-        steps = torch.minimum(self.log_step_size.exp(), self.max_step_sizes.to(self.log_step_size))
-        learned = torch.cat([steps, self.log_step_size.new_zeros(1)])[self._step_index]
+        learned = torch.cat([self._site_steps(), self.log_step_size.new_zeros(1)])[self._step_index]
         fixed = self._step_index == self.log_step_size.numel()
         return torch.where(fixed, self.base_step_sizes.to(learned), learned)
 
     def learned_step_sizes(self) -> Dict[str, float]:
         """``{site: step}`` of the sites whose step is meta-learned (empty when none), each at
         most its ``max_step_sizes`` bound."""
-        steps = torch.minimum(self.log_step_size.detach().exp(), self.max_step_sizes.to(self.log_step_size))
-        return dict(zip(self.learned_step_sites, steps.tolist()))
+        return dict(zip(self.learned_step_sites, self._site_steps().detach().tolist()))
+
+    def _site_steps(self) -> torch.Tensor:
+        """The learned step of each site, ``exp(log_step_size)`` bounded by ``max_step_sizes``."""
+        return torch.minimum(self.log_step_size.exp(), self.max_step_sizes.to(self.log_step_size))
 
     @property
     def has_calibration_term(self) -> bool:
@@ -1103,10 +1104,11 @@ class BMAML(MetaLearner):
         if scale == "auto":
             if not self.log_step_size.numel() or getattr(batch, "resample_each_step", False):
                 return None
-            support, leader = (batch.adaptation_data(phase)[0] for phase in ("support", "leader"))
-            if not (isinstance(support, torch.Tensor) and support.dim() >= 2):
+            # the leader's data are the support and query points together (adaptation_data)
+            support, query = (batch.adaptation_data(phase)[0] for phase in ("support", "query"))
+            if not all(isinstance(a, torch.Tensor) and a.dim() >= 2 for a in (support, query)):
                 return None  # no points dim to count
-            scale = support.shape[1] / leader.shape[1]
+            scale = support.shape[1] / (support.shape[1] + query.shape[1])
         return None if scale == 1.0 else self.step_size * scale
 
     def trust_region_objective(self, batch):
