@@ -94,8 +94,9 @@ def _import_modules(modules) -> None:
 def resolve_config(config: dict) -> dict:
     """``config`` with the defaults filled in where a value is ``None`` or missing: the
     task (``sinusoid``), the method's defaults for the task family (``step_size``,
-    ``objective``, ``noise_step_size``), the family's hidden sizes; ``calibration`` stays
-    ``None`` for the learner's default."""
+    ``objective``, ``noise_step_size``, and ``calibration`` where the family fixes it),
+    the family's hidden sizes; ``calibration`` otherwise stays ``None`` for the learner's
+    default."""
     out = dict(config)
     out.setdefault("task", "sinusoid")
     _import_modules(out.get("imports"))

@@ -473,7 +473,7 @@ def test_noise_sites_found_or_warned():
     x, y = torch.randn(4, 1), torch.randn(4)
     with pytest.warns(UserWarning, match="noise sites cannot be found"):
         learner = BMAML(silent, num_particles=3, example_args=(x, y))
-    assert learner.noise_sites == [] and learner.calibration == "none"
+    assert learner.noise_sites == [] and learner.calibration == "mixture"
     named = BMAML(silent, num_particles=3, example_args=(x, y), noise_sites=["tau"])
     assert named.calibration == "noise_offset" and named.distance_sites == ["w"]
     with pytest.raises(ValueError, match="unknown latent sites \\['sigma'\\]"):
@@ -778,3 +778,40 @@ def test_init_auto_starts_from_the_models_own_initialisation():
         plain[init] = BMAML(linear_regression, num_particles=4, init=init,
                             example_args=(torch.zeros(3, 1), torch.zeros(3)))
     torch.testing.assert_close(plain["auto"].theta0, plain["prior"].theta0)
+
+
+def test_a_classifier_meta_learns_its_confidence_by_the_mixture_term():
+    """A model without noise sites (a softmax classifier) gets ``calibration="mixture"`` by
+    default: its meta-loss is the chaser distance plus the query mixture NLL per point
+    (BFA's summed term over the Q query points, divided by Q), and ``theta0``'s
+    meta-gradient is the chaser learner's plus the BFA learner's over Q, exactly; with a
+    ``calibration_weight`` the BFA term is summed and weighted; with BFA the default stays
+    ``"none"`` (the term is BFA's own loss)."""
+    from pyro_bmaml.tasks.synthetic import SubspaceClassification
+
+    torch.set_default_dtype(torch.float64)
+    family = SubspaceClassification(num_support=1, num_query=2, ways=3)
+    batch = family.draw(2, torch.Generator().manual_seed(0)).to(torch.float64)
+    q = batch.y_query.shape[1]
+    assert q == 6
+    kw = dict(num_particles=3, step_size=0.1, inner_steps=2, learn_step_size=False,
+              example_args=family.example_args())
+    pyro.set_rng_seed(0)
+    mixed = BMAML(family.model, **kw)
+    assert mixed.calibration == "mixture" and mixed.noise_sites == []
+    assert mixed.describe()["calibration_weight"] == "per point"
+    init = mixed.theta0.detach().clone()
+    weighted = BMAML(family.model, calibration="mixture", calibration_weight=0.5, init=init, **kw)
+    chaser = BMAML(family.model, calibration="none", init=init, **kw)
+    bfa = BMAML(family.model, objective="bfa", init=init, **kw)
+    assert bfa.calibration == "none"
+    losses = {}
+    for name, learner in (("mixed", mixed), ("weighted", weighted), ("chaser", chaser), ("bfa", bfa)):
+        losses[name] = learner.meta_loss(batch)
+        losses[name].backward()
+    assert set(mixed.loss_terms) == {"chaser", "mixture_nll"}
+    torch.testing.assert_close(losses["mixed"].detach(), losses["chaser"].detach() + losses["bfa"].detach() / q)
+    torch.testing.assert_close(losses["weighted"].detach(), losses["chaser"].detach() + 0.5 * losses["bfa"].detach())
+    torch.testing.assert_close(mixed.theta0.grad, chaser.theta0.grad + bfa.theta0.grad / q)
+    torch.testing.assert_close(weighted.theta0.grad, chaser.theta0.grad + 0.5 * bfa.theta0.grad)
+    assert bool(bfa.theta0.grad.abs().sum() > 0) and bool(chaser.theta0.grad.abs().sum() > 0)

@@ -338,9 +338,10 @@ class ClassificationFamily(TaskFamily):
         BMAML 0.05 / 0.2 / 0.5, EMAML and MAML 0.4 / 1.0): BMAML's SVGD step is on the log
         joint *summed* over the N*K support points, so it is 0.5 / K; MAML's and EMAML's
         are on the *mean* cross-entropy (Finn et al.'s Omniglot step is 0.4)."""
-        return {  # BMAML's step fixed, as the digits record was run (a learned one unmeasured)
+        return {  # BMAML's step fixed and no calibration term, as the digits record was run
             "bmaml": {"step_size": 0.5 / config["shots"], "objective": "chaser",
-                      "noise_step_size": None, "learn_step_size": False},
+                      "noise_step_size": None, "learn_step_size": False,
+                      "calibration": "none"},
             "emaml": {"step_size": 0.4, "objective": "nll"},
             "maml": {"step_size": 1.0, "objective": "nll"},
         }[method]
