@@ -48,14 +48,15 @@ def run_one(job):
         "shared": args["shared"], "shared_step_size": args.get("shared_step_size"),
         "hidden": args["hidden"], "inner_steps": 1,
         "leader_steps": 1, "seed": seed,
-        "learn_step_size": True if method == "bmaml" and args.get("bmaml_learn_step_size") else None})
+        "learn_step_size": True if method == "bmaml" and args.get("bmaml_learn_step_size") else None,
+        "calibration": args.get("bmaml_calibration") if method == "bmaml" else None})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
     source, tasks, _ = task_sources(config, learner)
     val = source.evaluation_tasks(args["val_episodes"], seed=777, split="val")
     test = source.evaluation_tasks(args["test_episodes"], seed=12345, split="test")
     row = {"method": method, "K": shots, "seed": seed, "M": learner.num_particles,
-           "step_size": learner.step_size, "objective": learner.objective,
+           "step_size": learner.step_size, "objective": learner.objective, "calibration": learner.calibration,
            "shared": args["shared"], "shared_step_size": learner.shared_step_size}
     t0 = time.time()
     try:
@@ -200,6 +201,10 @@ def main():
     p.add_argument("--bmaml-learn-step-size", action="store_true",
                    help="BMAML's per-site steps meta-learned (the library's default; the "
                         "digits configuration's step is fixed) from its fixed step")
+    p.add_argument("--bmaml-calibration", choices=("none", "mixture"), default=None,
+                   help="BMAML's calibration term (default: the digits configuration's, none; "
+                        "'mixture': the query mixture NLL per point, the library's default "
+                        "for a classifier)")
     add_comparison_arguments(p, "fewshot")
     args = p.parse_args()
     out = output_prefix(args, "fewshot")
@@ -209,7 +214,8 @@ def main():
                 "shared_step_size": args.shared_step_size, "hidden": args.hidden,
                 "test_episodes": args.test_episodes,
                 "val_episodes": args.val_episodes,
-                "bmaml_learn_step_size": args.bmaml_learn_step_size}
+                "bmaml_learn_step_size": args.bmaml_learn_step_size,
+                "bmaml_calibration": args.bmaml_calibration}
     # how the body is treated is per run (the table's "body" column), not in the budget
     budget = {k: v for k, v in settings.items() if k not in ("shared", "shared_step_size")}
     budget |= {"meta_batch": 10, "lr": 1e-3, "seeds": args.seeds, "task": "digits"}
