@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 __all__ = ["TaskFamily", "register_family", "task_family", "registered_families"]
 

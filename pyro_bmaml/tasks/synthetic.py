@@ -40,7 +40,7 @@ Your own family is the same three things: a ``draw(num_tasks, generator)`` of ta
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import pyro
 import pyro.distributions as dist
