@@ -1120,16 +1120,17 @@ class BMAML(MetaLearner):
                                       shared=_detached(shared))
         loss = ((chaser - leader).pow(2) * self.distance_weights).sum((-1, -2)).mean()
         self.loss_terms = {"chaser": loss.detach()}
+        nll = None  # the chaser's query NLL per point, when a term below needs it
         if self.calibration == "mixture":
             with self.adapted_model(shared):
-                if self.calibration_weight is None:  # per point
-                    term = self.mixture_nll(chaser, *batch.adaptation_data("query", chaser)).mean()
+                if self.calibration_weight is None:  # per point, the step objective's NLL too
+                    term = nll = self._query_nll(chaser, batch)
                 else:
                     term = self.calibration_weight * self.bfa_loss(chaser, batch)
             self.loss_terms["mixture_nll"] = term.detach()
             loss = loss + term
         if self.step_size_objective == "query_nll":
-            loss = self._steps_by_query_nll(loss, chaser, batch, shared)
+            loss = self._steps_by_query_nll(loss, chaser, batch, shared, nll)
         return self.add_calibration_loss(loss, chaser, batch, calibration_batch, shared)
 
     def leader_step_size(self, batch) -> Optional[float]:
@@ -1194,7 +1195,7 @@ class BMAML(MetaLearner):
                     and self.learn_step_size and self.noise_sites
                     and not self.chaser_trains_noise and self.calibration != "initial_noise")
 
-    def _steps_by_query_nll(self, loss, chaser, batch, shared):
+    def _steps_by_query_nll(self, loss, chaser, batch, shared, nll=None):
         r"""``loss`` whose gradient in the learned log-steps, and in ``theta0``'s noise
         coordinates (``initial_noise_in_graph``: the initial noise precision scales every
         SVGD step of its particle, a step size of its own), is that of the chaser's query
@@ -1203,15 +1204,15 @@ class BMAML(MetaLearner):
         The chaser distance rewards a step that lands one SVGD step near the leader's
         stationary point; the query NLL, a proper scoring rule on held-out points, rewards
         the step that predicts best (on sinusoid the first shrank the steps 3-10x and cost
-        MSE)."""
+        MSE). ``nll``: :meth:`_query_nll` of ``chaser`` when the meta-loss already has it."""
         routed = [(p, None) for p in (self.log_step_size,) if p.numel() and p.requires_grad]
         if self.initial_noise_in_graph and self.theta0.requires_grad:
             routed.append((self.theta0, self.noise_mask))
         if not routed or not torch.is_grad_enabled():
             return loss
-        with self.adapted_model(shared):
-            particles = self.calibrate(chaser)
-            nll = self.mixture_nll(particles, *batch.adaptation_data("query", particles)).mean()
+        if nll is None:
+            with self.adapted_model(shared):
+                nll = self._query_nll(chaser, batch)
         self.loss_terms["step_nll"] = nll.detach()
         params = [param for param, _ in routed]
         g_nll, g_loss = (torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
@@ -1221,6 +1222,13 @@ class BMAML(MetaLearner):
             change = a - b if mask is None else (a - b) * mask
             loss = loss + ((param - param.detach()) * change.detach()).sum()
         return loss
+
+    def _query_nll(self, chaser: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+        """The query mixture NLL per point of the calibrated ``chaser`` particles, averaged
+        over points and tasks (the step objective's, and ``"mixture"``'s without a weight,
+        where the calibration leaves the particles as they are)."""
+        particles = self.calibrate(chaser)
+        return self.mixture_nll(particles, *batch.adaptation_data("query", particles)).mean()
 
     def bfa_loss(self, chaser: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
         """BFA's meta-loss: the query mixture NLL summed over points, averaged over tasks."""
