@@ -192,3 +192,76 @@ def test_per_dimension_bandwidth_propagates_nan():
     x[2, 1] = float("nan")
     h = pb.RBFSteinKernel(bandwidth="pyro").bandwidth(x, per_dimension=True)
     assert torch.isnan(h[1]) and torch.isfinite(h[[0, 2, 3]]).all()
+
+
+def test_pairs_written_row_by_row_equal_the_gathered_ones():
+    """From 32 particles on, the per-coordinate bandwidth reads pairs written particle by
+    particle into one (D, P) buffer: the same values (bitwise) as the gathered form, hence
+    the same bandwidth; under autograd the differentiable form is kept."""
+    from pyro_bmaml.engine.kernels import (_ROWWISE_FROM, _coordinate_pair_squares,
+                                           _pair_differences)
+
+    g = torch.Generator().manual_seed(1)
+    for shape in ((_ROWWISE_FROM, 9), (3, _ROWWISE_FROM + 5, 4), (5, 6)):
+        x = torch.randn(*shape, generator=g)
+        gathered = _pair_differences(x).square().transpose(-1, -2)
+        pairs = _coordinate_pair_squares(x)
+        assert pairs.is_contiguous() and torch.equal(pairs, gathered)
+    x.requires_grad_()
+    assert _coordinate_pair_squares(x).requires_grad
+    x = torch.randn(40, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    kernel = pb.RBFSteinKernel(bandwidth="pyro", detach_bandwidth=False)
+    h = kernel.bandwidth(x, per_dimension=True)
+    assert torch.equal(h.detach(), pb.RBFSteinKernel(bandwidth="pyro").bandwidth(x.detach()))
+    (grad,) = torch.autograd.grad(h.sum(), x)  # through the median, as before
+    assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kernel", [pb.RBFSteinKernel(), pb.IMQSteinKernel(0.3, -0.7),
+                                    pb.RBFSteinKernel(bandwidth="median"),
+                                    pb.RBFSteinKernel(bandwidth=0.4)])
+@pytest.mark.parametrize("num_particles", [5, 33])
+def test_given_bandwidth_gives_the_kernels_own_direction(kernel, num_particles):
+    """A bandwidth passed in (as ``bandwidth`` returns it) gives the direction the kernel
+    computes by itself, in both modes; a bandwidth of the wrong shape or type is refused."""
+    from pyro_bmaml.engine.svgd import svgd_direction
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, num_particles, 3, dtype=torch.float64, generator=g)
+    score = torch.randn(2, num_particles, 3, dtype=torch.float64, generator=g)
+    for mode in ("univariate", "multivariate"):
+        h = kernel.bandwidth(x, per_dimension=mode == "univariate")
+        torch.testing.assert_close(svgd_direction(x, score, kernel, mode, 0.5, h),
+                                   svgd_direction(x, score, kernel, mode, 0.5))
+    with pytest.raises(ValueError, match="bandwidth has shape \\(3,\\), expected \\(2, 1\\) or \\(2, 3\\)"):
+        kernel.coordinatewise_direction_terms(x, score, torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="has shape \\(2, 3\\), expected \\(2, 1\\) or \\(2, 2\\)"):
+        kernel.kernel_and_repulsion(x[..., :2], torch.ones(2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="bandwidth must be a tensor"):
+        kernel.coordinatewise_direction(x, score, bandwidth=0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", [pb.RBFSteinKernel(), pb.IMQSteinKernel(0.3, -0.7),
+                                    pb.RBFSteinKernel(bandwidth="median")])
+def test_compiled_univariate_direction_equals_the_pairwise_one(kernel):
+    """Under torch.compile the univariate direction is one sum over all ordered pairs; it
+    equals the eager pairwise form, value and gradient (float64: to rounding)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    score = torch.randn(2, 6, 5, dtype=torch.float64, generator=g)
+
+    def direction(x, score):
+        return kernel.coordinatewise_direction(x, score, 0.7)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.compile(direction, dynamic=False)(x, score)
+    eager = direction(x, score)
+    torch.testing.assert_close(compiled, eager)
+    weights = torch.randn(2, 6, 5, dtype=torch.float64, generator=g)
+    (g_compiled,) = torch.autograd.grad((compiled * weights).sum(), x)
+    (g_eager,) = torch.autograd.grad((eager * weights).sum(), x)
+    torch.testing.assert_close(g_compiled, g_eager)

@@ -65,7 +65,7 @@ def warn_if_identical(particles: torch.Tensor) -> None:
 
 def svgd_direction(
     particles: torch.Tensor, grad_log_p: torch.Tensor, kernel: SteinKernel, mode: str,
-    temperature: float = 1.0,
+    temperature: float = 1.0, bandwidth: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""The SVGD update direction :math:`\phi` for ``(..., M, D)`` particles,
     :math:`\phi(x_i) = \frac1M \sum_j k(x_j, x_i) \nabla \log p(x_j) + \alpha
@@ -77,14 +77,17 @@ def svgd_direction(
     :param grad_log_p: ``(..., M, D)``, :math:`\nabla \log p` at each particle.
     :param kernel: a :class:`~pyro_bmaml.engine.kernels.SteinKernel`.
     :param mode: ``"multivariate"`` or ``"univariate"``.
+    :param bandwidth: optional, the kernel's bandwidth for these particles as
+        ``kernel.bandwidth(particles, per_dimension=(mode == "univariate"))`` gives it (the
+        compiled step computes it outside the compiled code); by default the kernel's own.
     :returns: ``(..., M, D)``.
     """
     num_particles = particles.size(-2)
     if mode == "multivariate":
-        kernel_matrix, repulsion = kernel.kernel_and_repulsion(particles)
+        kernel_matrix, repulsion = kernel.kernel_and_repulsion(particles, bandwidth)
         return (kernel_matrix @ grad_log_p + temperature * repulsion) / num_particles
-    attraction, repulsion = kernel.coordinatewise_direction_terms(particles, grad_log_p)
-    return (attraction + temperature * repulsion) / num_particles
+    return kernel.coordinatewise_direction(particles, grad_log_p, temperature,
+                                           bandwidth) / num_particles
 
 
 def _check_log_density(step: int, log_p: torch.Tensor) -> None:
