@@ -36,16 +36,19 @@ from pyro_bmaml import BMAML, EMAML, MAML
 from pyro_bmaml.tasks.synthetic import FAMILIES, gap_closed
 
 METHODS = ("bmaml", "bmaml-bfa", "emaml", "maml")
+#: BMAML's settings the command line may give (recorded in the budget when given)
+BMAML_OPTIONS = ("inner_steps", "step_size_objective", "calibration")
 
 
-def build(method, family, seed, step_size_objective=None, inner_steps=None):
-    """The learner with its defaults; BMAML's ``inner_steps`` and (chaser) ``step_size_objective``
-    as given, where given."""
+def build(method, family, seed, step_size_objective=None, inner_steps=None, calibration=None):
+    """The learner with its defaults; BMAML's ``inner_steps`` and (chaser)
+    ``step_size_objective`` and ``calibration`` as given, where given."""
     pyro.set_rng_seed(seed)
     common = dict(example_args=family.example_args())
     steps = {} if inner_steps is None else {"inner_steps": inner_steps}
     if method == "bmaml":
-        given = {} if step_size_objective is None else {"step_size_objective": step_size_objective}
+        given = {k: v for k, v in (("step_size_objective", step_size_objective),
+                                   ("calibration", calibration)) if v is not None}
         return BMAML(family.model, num_particles=10, **common, **given, **steps)
     if method == "bmaml-bfa":
         return BMAML(family.model, num_particles=10, objective="bfa", **common, **steps)
@@ -111,7 +114,8 @@ def run_one(job):
     family = FAMILIES[name]()
     tasks = family.evaluation_tasks(args["eval_tasks"])
     refs = family.references(tasks)
-    learner = build(method, family, seed, args.get("step_size_objective"), args.get("inner_steps"))
+    learner = build(method, family, seed, args.get("step_size_objective"), args.get("inner_steps"),
+                    args.get("calibration"))
     before = scores(family, learner, tasks, refs)
     start = time.time()
     stopped = None
@@ -174,6 +178,9 @@ def command_options(table, budget) -> str:
     """The command line's options that made ``table`` (those left at their defaults omitted)."""
     words = [f"--iterations {budget['iterations']}",
              "--seeds " + " ".join(map(str, budget["seeds"]))]
+    families = [f for f in FAMILIES if any(e["family"] == f for e in table)]
+    if families != list(FAMILIES):
+        words.append("--families " + " ".join(families))
     methods = [m for m in METHODS if any(e["method"] == m for e in table)]
     if methods != list(METHODS):
         words.append("--methods " + " ".join(methods))
@@ -181,14 +188,14 @@ def command_options(table, budget) -> str:
         words.append("--lrs " + " ".join(f"{lr:g}" for lr in budget["lrs"]))
     if not budget["nuts_tasks"]:
         words.append("--nuts-tasks 0")
-    for key in ("inner_steps", "step_size_objective"):
+    for key in BMAML_OPTIONS:
         if key in budget:
             words.append(f"--{key.replace('_', '-')} {budget[key]}")
     return " ".join(words)
 
 
 def markdown(table, budget, out=Path("results/families")):
-    given = [f"{k}={budget[k]!r}" for k in ("inner_steps", "step_size_objective") if k in budget]
+    given = [f"{k}={budget[k]!r}" for k in BMAML_OPTIONS if k in budget]
     settings = f" (BMAML given {', '.join(given)})" if given else ""
     lines = [
         "# Families suite: defaults on five task families with exact references",
@@ -269,6 +276,8 @@ def main():
                    help="what trains BMAML's (chaser) learned steps (default: the learner's)")
     p.add_argument("--inner-steps", type=int, default=None,
                    help="BMAML's (chaser and BFA) SVGD steps (default: the learner's)")
+    p.add_argument("--calibration", choices=("noise_offset", "mixture", "none"), default=None,
+                   help="BMAML's (chaser) calibration term (default: the learner's)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--from-runs", type=Path, nargs="+", default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -279,7 +288,7 @@ def main():
               "eval_tasks": args.eval_tasks, "nuts_tasks": args.nuts_tasks,
               "nuts_samples": args.nuts_samples, "prior_tasks": args.prior_tasks,
               "meta_batch": 10, "particles": 10}
-    for key in ("step_size_objective", "inner_steps"):
+    for key in BMAML_OPTIONS:
         if getattr(args, key) is not None:
             budget[key] = getattr(args, key)
     if args.from_runs:
