@@ -373,10 +373,18 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
         ``(..., M, M, D)`` tensor; eagerly, the pairwise form of
         :meth:`coordinatewise_direction_terms`, which evaluates half as many kernels.
 
+        Where a gradient is taken through it and the ``(..., M, M, D)`` terms exceed
+        :attr:`max_elements` (their backward may keep them), the compiled form is the
+        pairwise one too, in chunks of coordinates.
+
         :param bandwidth: as in :meth:`coordinatewise_direction_terms`.
         :returns: ``(..., M, D)``.
         """
-        if not torch.compiler.is_compiling():
+        m, d = particles.shape[-2:]
+        differentiated = torch.is_grad_enabled() and (particles.requires_grad
+                                                      or grad_log_p.requires_grad)
+        large = math.prod(particles.shape[:-2]) * m * m * d > self.max_elements
+        if not torch.compiler.is_compiling() or (differentiated and large):
             attraction, repulsion = self.coordinatewise_direction_terms(
                 particles, grad_log_p, bandwidth)
             return attraction + temperature * repulsion
