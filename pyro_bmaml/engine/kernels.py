@@ -319,27 +319,20 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
                 f"{self.max_elements:,}; use mode='multivariate' or fewer particles")
         chunk = max(1, self.max_elements // max(per_column, 1))
         columns = [slice(i, min(i + chunk, d)) for i in range(0, d, chunk)]
-        if bandwidth is None and rule == "pyro" and self.detach_bandwidth \
-                and m >= _ROWWISE_FROM:
-            # every coordinate's median at once, from the pairs in the layout it reads
-            bandwidth = self.bandwidth(particles, per_dimension=True)
         # (..., P, C): x_j - x_i for each pair (i, j), i < j
         deltas = [_pair_differences(particles[..., c]) for c in columns]
-        if bandwidth is not None:
-            shared = bandwidth
-        elif rule != "pyro":  # one bandwidth from the full squared distances, over all chunks
+        shared = bandwidth  # given, or one for all chunks; None: per coordinate, per chunk
+        if shared is None and rule != "pyro":  # from the full squared distances
             shared = self._bandwidth_from_pairs(
                 sum(delta.square().sum(-1) for delta in deltas).unsqueeze(-2), m, rule)
         diagonal = self._profile_at_zero()  # k(x_n, x_n) = f(0)
         attraction, repulsion = [], []
         for c, delta in zip(columns, deltas):
             sq = delta.square()
-            if bandwidth is not None:
-                h = shared[..., c] if shared.size(-1) > 1 else shared
-            elif rule == "pyro":
+            if shared is None:
                 h = self._bandwidth_from_pairs(sq.transpose(-1, -2), m, rule)
             else:
-                h = shared
+                h = shared[..., c] if shared.size(-1) > 1 else shared
             h = h.unsqueeze(-2)  # (..., 1, C | 1)
             kernel, dlog = self._kernel_from_sq(sq, h)
             # each pair (i, j) gives k_ij g_j to i and k_ij g_i to j; the diagonal f(0) g_n
@@ -369,9 +362,9 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
         Under :func:`torch.compile` it is written as one sum over all ``M^2`` ordered pairs,
         :math:`\sum_m k_d(x_n, x_m) \big(g_{md} + \alpha f'/f\, 2 (x_{md} - x_{nd}) / h_d\big)`
         (the diagonal's zero distance gives :math:`f(0) g_n` and no repulsion by itself), which
-        Inductor compiles into one loop that evaluates each kernel once and builds no
-        ``(..., M, M, D)`` tensor; eagerly, the pairwise form of
-        :meth:`coordinatewise_direction_terms`, which evaluates half as many kernels.
+        Inductor compiles into one loop that builds no ``(..., M, M, D)`` tensor; eagerly, the
+        pairwise form of :meth:`coordinatewise_direction_terms`, which evaluates the kernel of
+        each unordered pair once (half as many evaluations).
 
         Where a gradient is taken through it and the ``(..., M, M, D)`` terms exceed
         :attr:`max_elements` (their backward may keep them), the compiled form is the
@@ -380,22 +373,29 @@ class SteinKernel(pyro.infer.svgd.SteinKernel):
         :param bandwidth: as in :meth:`coordinatewise_direction_terms`.
         :returns: ``(..., M, D)``.
         """
-        m, d = particles.shape[-2:]
-        differentiated = torch.is_grad_enabled() and (particles.requires_grad
-                                                      or grad_log_p.requires_grad)
-        large = math.prod(particles.shape[:-2]) * m * m * d > self.max_elements
-        if not torch.compiler.is_compiling() or (differentiated and large):
+        if not (torch.compiler.is_compiling()
+                and self._fused_direction_fits(particles, grad_log_p)):
             attraction, repulsion = self.coordinatewise_direction_terms(
                 particles, grad_log_p, bandwidth)
             return attraction + temperature * repulsion
         if bandwidth is None:
             bandwidth = self.bandwidth(particles, per_dimension=True)
-        bandwidth = self._given_bandwidth(bandwidth, particles, per_dimension=True)
+        else:
+            bandwidth = self._given_bandwidth(bandwidth, particles, per_dimension=True)
         h = bandwidth.unsqueeze(-2).unsqueeze(-2)  # (..., 1, 1, D | 1)
         delta = particles.unsqueeze(-3) - particles.unsqueeze(-2)  # [n, m] = x_m - x_n
         kernel, dlog = self._kernel_from_sq(delta.square(), h)
         push = grad_log_p.unsqueeze(-3) + (temperature * 2.0) * dlog * delta / h
         return (kernel * push).sum(-2)
+
+    def _fused_direction_fits(self, particles: torch.Tensor, grad_log_p: torch.Tensor) -> bool:
+        """Whether the fused sum may be used: no gradient is taken through it, or its
+        ``(..., M, M, D)`` terms, which the backward may keep, are within :attr:`max_elements`."""
+        m, d = particles.shape[-2:]
+        differentiated = torch.is_grad_enabled() and (particles.requires_grad
+                                                      or grad_log_p.requires_grad)
+        return not differentiated or math.prod(particles.shape[:-2]) * m * m * d \
+            <= self.max_elements
 
     def kernel_and_repulsion(self, particles: torch.Tensor,
                              bandwidth: Optional[torch.Tensor] = None,
