@@ -10,9 +10,12 @@
     hand-batched pure-torch floor (``floor.py``, same meta-gradient, checked). Ratios are
     divided by the floor, measured in this process, variants interleaved round by round.
 (b) Scaling of the BMAML meta-step against tasks T, particles M, support size K and the
-    dimension D (hidden width), time and ratio to the floor, and peak memory (CUDA: the
+    dimension D (hidden width), time and ratio to the floor, eager and with the steps
+    compiled (and each configuration's compile time), and peak memory (CUDA: the
     allocator's peak; CPU: the peak resident set of a fresh process running the config,
-    minus that of one running the smallest config).
+    minus that of one running the smallest config; and, eager and compiled alike, one
+    meta-step's working memory: the peak during a second meta-step above the resident set
+    before it, the first having recorded, and compiled, the graphs).
 (c) 1 vs 2 processes on torch.distributed (gloo on the CPU, one thread each): time per
     meta-iteration of ``fit`` with the same total meta-batch of 10 tasks, against one process
     with 1 and with 2 threads.
@@ -193,19 +196,31 @@ def profile_potential(args, sync) -> dict:
     return out
 
 
-def one_config(spec: dict, device: str, repeats: int, sync) -> dict:
+def one_config(spec: dict, device: str, repeats: int, sync, compiled: bool = True) -> dict:
     learner, batch = make(tuple(spec["hidden"]), spec["M"], spec["T"], spec["K"], device)
-    times = interleaved({
-        "bmaml": step_fn(learner, learner.meta_loss, batch),
-        "floor": step_fn(learner, lambda b: floor.meta_loss(learner, b), batch),
-    }, rounds=2, repeats=repeats, sync=sync)
+    fns = {"bmaml": step_fn(learner, learner.meta_loss, batch),
+           "floor": step_fn(learner, lambda b: floor.meta_loss(learner, b), batch)}
+    compile_s = None
+    if compiled:
+        fast, _ = make(tuple(spec["hidden"]), spec["M"], spec["T"], spec["K"], device,
+                       compile=True)
+        fns["compiled"] = step_fn(fast, fast.meta_loss, batch)
+        start = time.perf_counter()
+        fns["compiled"]()  # compiles the chaser's and the leader's step
+        compile_s = time.perf_counter() - start
+    times = interleaved(fns, rounds=2, repeats=repeats, sync=sync)
     out = {**spec, "D": learner.potential.dim, "bmaml_ms": times["bmaml"] * 1e3,
            "floor_ms": times["floor"] * 1e3, "vs_floor": times["bmaml"] / times["floor"]}
+    if compiled:
+        out.update(compiled_ms=times["compiled"] * 1e3,
+                   compiled_vs_floor=times["compiled"] / times["floor"], compile_s=compile_s)
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        step_fn(learner, learner.meta_loss, batch)()
-        torch.cuda.synchronize()
-        out["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        for name, key in (("bmaml", "peak_mb"), ("compiled", "compiled_peak_mb")):
+            if name in fns:
+                torch.cuda.reset_peak_memory_stats()
+                fns[name]()
+                torch.cuda.synchronize()
+                out[key] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
@@ -221,6 +236,22 @@ def peak_rss_mb(spec: dict) -> float:
     return int(done.stdout.split()[-1]) / 1024  # kB
 
 
+def step_memory_mb(spec: dict, compiled: bool) -> float:
+    """Working memory (MB) of one meta-step of ``spec`` in a fresh process: the peak resident
+    set during a second meta-step above the resident set just before it (the first records
+    the graphs, and with ``compiled`` compiles them, whose code and caches stay resident and
+    are not the step's); the peak is reset through ``/proc/self/clear_refs``."""
+    code = (f"import sys, gc; sys.path.insert(0, {str(HERE)!r}); import meta_step, torch;"
+            f"torch.set_num_threads(1); l, b = meta_step.make({tuple(spec['hidden'])!r}, "
+            f"{spec['M']}, {spec['T']}, {spec['K']}, compile={compiled});"
+            "step = meta_step.step_fn(l, l.meta_loss, b); step(); l.zero_grad(); gc.collect();"
+            "kb = lambda key: int([x for x in open('/proc/self/status') if x.startswith(key)][0].split()[1]);"
+            "open('/proc/self/clear_refs', 'w').write('5'); before = kb('VmRSS'); step();"
+            "print(kb('VmHWM') - before)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout.split()[-1]) / 1024  # kB
+
+
 def scaling(args, sync):
     base = {"T": 10, "M": 10, "K": 10, "hidden": [40, 40, 40]}
     grid = ([{**base, "T": t} for t in (1, 4, 16, 64)]
@@ -229,18 +260,27 @@ def scaling(args, sync):
             + [{**base, "hidden": [w] * 3} for w in (20, 80)])
     if args.quick:
         grid = grid[:2] + grid[4:6]
+    compiled = not args.no_compiled
     rows = []
     smallest = None
     if args.device == "cpu" and not args.no_memory:
         smallest = peak_rss_mb({**base, "T": 1, "M": 2, "hidden": [20, 20, 20]})
     for spec in grid:
-        row = one_config(spec, args.device, max(2, args.repeats // 2), sync)
+        row = one_config(spec, args.device, max(2, args.repeats // 2), sync, compiled)
         if smallest is not None:
             row["peak_mb"] = peak_rss_mb(spec) - smallest
+            row["step_mb"] = step_memory_mb(spec, compiled=False)
+            if compiled:
+                row["compiled_step_mb"] = step_memory_mb(spec, compiled=True)
         rows.append(row)
         print(f"  T={row['T']:>3} M={row['M']:>3} K={row['K']:>3} D={row['D']:>6}: "
               f"{row['bmaml_ms']:8.1f} ms ({row['vs_floor']:.2f}x floor)"
-              + (f", peak {row['peak_mb']:.0f} MB" if "peak_mb" in row else ""), flush=True)
+              + (f", peak {row['peak_mb']:.0f} MB (a step {row['step_mb']:.0f} MB)"
+                 if "peak_mb" in row else "")
+              + (f"; compiled {row['compiled_ms']:8.1f} ms ({row['compiled_vs_floor']:.2f}x "
+                 f"floor, {row['compile_s']:.0f} s to compile)" if compiled else "")
+              + (f", a step {row['compiled_step_mb']:.0f} MB" if "compiled_step_mb" in row else ""),
+              flush=True)
     return rows
 
 
@@ -306,6 +346,12 @@ def main():
     p.add_argument("--skip", nargs="*", default=[], choices=["scaling", "processes"])
     p.add_argument("--only-processes", action="store_true",
                    help="run (c) alone and add it to the existing JSON record")
+    p.add_argument("--only-scaling", action="store_true",
+                   help="run (b) alone and put it in the existing JSON record, with its own "
+                        "header (the machine it ran on)")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="(b) without the compiled steps' column (each configuration compiles "
+                        "its steps, seconds to a minute)")
     p.add_argument("--update-results", action="store_true")
     args = p.parse_args()
     args.rounds, args.repeats = (2, 3) if args.quick else (5, 5)
@@ -319,9 +365,14 @@ def main():
     folder = Path("results" if args.update_results else "runs/benchmarks")
     folder.mkdir(parents=True, exist_ok=True)
     name = f"meta_step_{args.device.split(':')[0]}"
-    if args.only_processes:
+    if args.only_processes or args.only_scaling:
         record = json.loads((folder / f"{name}.json").read_text())
-        record["processes"] = report_processes(args)
+        if args.only_processes:
+            record["processes"] = report_processes(args)
+        if args.only_scaling:
+            print("(b) scaling of the BMAML meta-step (others at T=10, M=10, K=10, 1-40-40-40-1)")
+            record["scaling_header"] = header
+            record["scaling"] = scaling(args, sync)
         (folder / f"{name}.json").write_text(json.dumps(record, indent=2))
         print(f"written: {folder / name}.json")
         return
@@ -341,6 +392,7 @@ def main():
                                        for k, v in value.items()))
     if "scaling" not in args.skip:
         print("(b) scaling of the BMAML meta-step (others at T=10, M=10, K=10, 1-40-40-40-1)")
+        record["scaling_header"] = header
         record["scaling"] = scaling(args, sync)
     (folder / f"{name}.json").write_text(json.dumps(record, indent=2))
     if "processes" not in args.skip and args.device == "cpu":

@@ -54,7 +54,8 @@ def run_one(job):
                              "inner_steps": 1, "leader_steps": 1, "variant": "bmaml",
                              "num_tasks": num_tasks, "shots": k, "seed": seed, "meta_batch": 10,
                              "calibration_holdout": args["calibration_holdout"],
-                             "calibration": args.get("calibration")})
+                             "calibration": args.get("calibration"),
+                             "compile": args.get("compile") if method == "bmaml" else None})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
     source, tasks, calibration_tasks = task_sources(config, learner)
@@ -200,13 +201,16 @@ def main():
     p.add_argument("--calibration", default=None, choices=["noise_offset", "initial_noise", "none"],
                    help="BMAML/EMAML/MAML calibration term (default: each method's default)")
     p.add_argument("--eval-tasks", type=int, default=100)
+    p.add_argument("--compile", action="store_true",
+                   help="BMAML: take the SVGD steps as compiled code (BMAML(compile=True); "
+                        "same results to rounding, faster after the first step's compile)")
     add_comparison_arguments(p, "sinusoid")
     args = p.parse_args()
     out = output_prefix(args, "sinusoid")
     settings = {"iterations": args.iterations, "schedule_iterations": args.schedule_iterations,
                 "eval_every": args.eval_every or max(1, args.iterations // 10),
                 "eval_tasks": args.eval_tasks, "calibration_holdout": args.calibration_holdout,
-                "calibration": args.calibration}
+                "calibration": args.calibration, "compile": args.compile}
     budget = settings | {"meta_batch": 10, "lr": 1e-3, "network": "1-40-40-40-1",
                          "seeds": args.seeds, "M": args.particles}
     if args.from_runs:
