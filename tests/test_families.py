@@ -213,7 +213,8 @@ def test_ceilings_script_reproduces_the_references_and_draws_the_true_prior():
     the norm term) is the family's own reference under either prior, to rounding; dropping
     the norm term changes the predictions; its Normal-Gamma draws have the family's prior
     moments (tolerance 5 s.e. of the Monte Carlo mean); zero SVGD steps leave the draws as
-    they are, whatever the step size."""
+    they are, whatever the step size and whichever prior the target has, and a step under
+    the family's true prior differs from one under the user's broad prior."""
     ceilings = _ceilings_script()
     family = SubspaceClassification()
     result = ceilings.subspace_ceiling(300)
@@ -233,3 +234,10 @@ def test_ceilings_script_reproduces_the_references_and_draws_the_true_prior():
     table = ceilings.normal_gamma_ceiling([0], [0.01, 0.04], [1], particles=4, eval_tasks=10)
     gaps = table["rows"][0]["gap_by_step"]
     assert math.isfinite(gaps[0.01]) and gaps[0.01] == gaps[0.04]
+    # the true prior as the target: the same start (zero steps: the same gap), another step
+    true = ceilings.normal_gamma_ceiling([0, 1], [0.04], [1], particles=4, eval_tasks=10,
+                                         target="true")
+    broad = ceilings.normal_gamma_ceiling([1], [0.04], [1], particles=4, eval_tasks=10)
+    assert true["rows"][0]["gap_by_step"][0.04] == gaps[0.04]
+    moved, moved_broad = true["rows"][1]["gap_by_step"][0.04], broad["rows"][0]["gap_by_step"][0.04]
+    assert math.isfinite(moved) and moved != moved_broad
