@@ -153,6 +153,32 @@ def test_compiled_steps_are_cached_per_signature_and_refuse_a_callback(monkeypat
 
 
 @pytest.mark.slow
+def test_each_signature_compiles_past_dynamos_recompile_limit():
+    """Dynamo keeps at most ``recompile_limit`` compiled entries per code object; every
+    compiled step has a code object of its own, so a process with more signatures than that
+    (here the limit lowered to 1, three task counts) still compiles each one instead of
+    running it through Dynamo's uncompiled fallback; the steps equal the replayed ones."""
+    from torch._dynamo.utils import counters
+
+    kernel = RBFSteinKernel(bandwidth="median")
+    pyro.set_rng_seed(0)
+    learner = BMAML(BayesianMLP(hidden=(4,)), num_particles=3, init="paper",
+                    example_args=(torch.zeros(4, 1), torch.zeros(4)))
+    g = torch.Generator().manual_seed(0)
+    with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
+        for tasks in (1, 2, 3):
+            x, y = torch.randn(tasks, 4, 1, generator=g), torch.randn(tasks, 4, generator=g)
+            particles = learner.theta0.detach().expand(tasks, -1, -1)
+            graphs = counters["stats"]["unique_graphs"]
+            out = transport(learner.potential, kernel, particles, x, y, num_steps=1,
+                            step_size=1e-3, compile=True)
+            assert counters["stats"]["unique_graphs"] > graphs, f"{tasks} tasks: not compiled"
+            eager = transport(learner.potential, kernel, particles, x, y, num_steps=1,
+                              step_size=1e-3)
+            torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["univariate", "multivariate"])
 def test_svgd_class_with_compiled_directions_follows_the_replayed_one(mode):
     """``SVGD(..., compile=True)``: the same particles after five Adam steps as the class

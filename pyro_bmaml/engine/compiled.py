@@ -33,13 +33,17 @@ Where compiling fails (no C++ compiler, an operator Inductor does not lower, a k
 Dynamo cannot trace) the step falls back to the replayed path with one warning per
 signature, exactly (the same operators, eagerly). Compiled functions are cached per recorded
 graph, that is per input signature (shapes, dtypes, strides, devices), kernel, mode and
-temperature; compiling one takes seconds to tens of seconds (reported by
+temperature, each with a code object of its own, so that Dynamo's limit of compiled entries
+per code object (``torch._dynamo.config.recompile_limit``) never sends a later signature to
+its uncompiled fallback; compiling one takes seconds to tens of seconds (reported by
 :func:`compile_seconds`), paid back after some hundreds of steps (``benchmarks/``).
 """
 
 from __future__ import annotations
 
+import itertools
 import time
+import types
 import warnings
 import weakref
 from typing import Dict, Hashable, Optional, Tuple
@@ -55,6 +59,7 @@ __all__ = ["compiled_svgd_direction", "compile_seconds", "outside_bandwidth"]
 _DIRECTIONS: "weakref.WeakKeyDictionary[torch.fx.GraphModule, Dict[Hashable, object]]" = \
     weakref.WeakKeyDictionary()
 _SECONDS = {"compile": 0.0}
+_SERIAL = itertools.count()
 
 
 def compile_seconds() -> float:
@@ -69,6 +74,17 @@ def _direction(x, grad, kernel, mode, temperature, bandwidth):
     return svgd_direction(x, grad, kernel, mode, temperature, bandwidth)
 
 
+def _own_code(fn):
+    """``fn`` with a code object of its own. Dynamo keeps the code it compiled per code
+    object, at most ``torch._dynamo.config.recompile_limit`` (8) entries; every compiled
+    step is built from the same nested function, so without its own copy of the code the
+    ninth signature in a process (a grid of shapes, evaluation batches, several learners)
+    would run uncompiled, through Dynamo's fallback, slower than the replayed graph."""
+    name = f"{fn.__name__}_{next(_SERIAL)}"
+    code = fn.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
 def _make_direction(graph, kernel: SteinKernel, mode: str, temperature: float):
     def direction(x, inputs, bandwidth):
         def total(p):
@@ -78,7 +94,7 @@ def _make_direction(graph, kernel: SteinKernel, mode: str, temperature: float):
         grad, log_p = torch.func.grad(total, has_aux=True)(x)
         return _direction(x, grad, kernel, mode, temperature, bandwidth), log_p
 
-    return torch.compile(direction, dynamic=False, fullgraph=False)
+    return torch.compile(_own_code(direction), dynamic=False, fullgraph=False)
 
 
 def outside_bandwidth(kernel: SteinKernel, x: torch.Tensor, mode: str) -> Optional[torch.Tensor]:
