@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 from pathlib import Path
 
 import pyro
@@ -224,31 +225,35 @@ def one_config(spec: dict, device: str, repeats: int, sync, compiled: bool = Tru
     return out
 
 
+def _fresh_process(spec: dict, body: str, compiled: bool = False,
+                   check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh process that has built ``spec``'s learner ``l``, its batch
+    ``b``, its meta-step ``step`` and ``kb(key)`` (a ``/proc/self/status`` entry in kB)."""
+    code = (f"import sys, gc; sys.path.insert(0, {str(HERE)!r}); import meta_step, torch;"
+            f"torch.set_num_threads(1); l, b = meta_step.make({tuple(spec['hidden'])!r}, "
+            f"{spec['M']}, {spec['T']}, {spec['K']}, compile={compiled});"
+            "step = meta_step.step_fn(l, l.meta_loss, b);"
+            "kb = lambda key: int([x for x in open('/proc/self/status') "
+            "if x.startswith(key)][0].split()[1]);" + body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=check)
+
+
 def peak_rss_mb(spec: dict) -> float:
     """Peak resident set (MB) of a fresh process that runs one meta-step of ``spec``."""
-    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import meta_step, torch;"
-            f"torch.set_num_threads(1); l, b = meta_step.make({tuple(spec['hidden'])!r}, "
-            f"{spec['M']}, {spec['T']}, {spec['K']});"
-            "meta_step.step_fn(l, l.meta_loss, b)();"
-            # VmHWM: this address space's peak (ru_maxrss would carry the parent's over exec)
-            "print([x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1])")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # VmHWM: this address space's peak (ru_maxrss would carry the parent's over exec)
+    done = _fresh_process(spec, "step(); print(kb('VmHWM'))")
     return int(done.stdout.split()[-1]) / 1024  # kB
 
 
-def step_memory_mb(spec: dict, compiled: bool) -> float:
+def step_memory_mb(spec: dict, compiled: bool) -> Optional[float]:
     """Working memory (MB) of one meta-step of ``spec`` in a fresh process: the peak resident
     set during a second meta-step above the resident set just before it (the first records
     the graphs, and with ``compiled`` compiles them, whose code and caches stay resident and
     are not the step's); the peak is reset through ``/proc/self/clear_refs``."""
-    code = (f"import sys, gc; sys.path.insert(0, {str(HERE)!r}); import meta_step, torch;"
-            f"torch.set_num_threads(1); l, b = meta_step.make({tuple(spec['hidden'])!r}, "
-            f"{spec['M']}, {spec['T']}, {spec['K']}, compile={compiled});"
-            "step = meta_step.step_fn(l, l.meta_loss, b); step(); l.zero_grad(); gc.collect();"
-            "kb = lambda key: int([x for x in open('/proc/self/status') if x.startswith(key)][0].split()[1]);"
-            "open('/proc/self/clear_refs', 'w').write('5'); before = kb('VmRSS'); step();"
-            "print(kb('VmHWM') - before)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    done = _fresh_process(
+        spec, "step(); l.zero_grad(); gc.collect(); open('/proc/self/clear_refs', 'w').write('5');"
+        "before = kb('VmRSS'); step(); print(kb('VmHWM') - before)", compiled, check=False)
     if done.returncode != 0:  # e.g. a kernel without clear_refs: say so, time the rest
         print(f"  (no step memory for {spec}: {done.stderr.strip().splitlines()[-1]})")
         return None
@@ -341,6 +346,13 @@ def processes(args):
     return out
 
 
+def record_scaling(record: dict, header: str, args, sync) -> None:
+    """(b) into ``record``, with the header of the machine it ran on."""
+    print("(b) scaling of the BMAML meta-step (others at T=10, M=10, K=10, 1-40-40-40-1)")
+    record["scaling_header"] = header
+    record["scaling"] = scaling(args, sync)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
@@ -374,9 +386,7 @@ def main():
         if args.only_processes:
             record["processes"] = report_processes(args)
         if args.only_scaling:
-            print("(b) scaling of the BMAML meta-step (others at T=10, M=10, K=10, 1-40-40-40-1)")
-            record["scaling_header"] = header
-            record["scaling"] = scaling(args, sync)
+            record_scaling(record, header, args, sync)
         (folder / f"{name}.json").write_text(json.dumps(record, indent=2))
         print(f"written: {folder / name}.json")
         return
@@ -395,9 +405,7 @@ def main():
         print(f"  {key}: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                        for k, v in value.items()))
     if "scaling" not in args.skip:
-        print("(b) scaling of the BMAML meta-step (others at T=10, M=10, K=10, 1-40-40-40-1)")
-        record["scaling_header"] = header
-        record["scaling"] = scaling(args, sync)
+        record_scaling(record, header, args, sync)
     (folder / f"{name}.json").write_text(json.dumps(record, indent=2))
     if "processes" not in args.skip and args.device == "cpu":
         record["processes"] = report_processes(args)
