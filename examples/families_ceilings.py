@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 
 import pyro
+import pyro.distributions as dist
 import torch
 
 from _runs import output_prefix
@@ -51,8 +52,6 @@ def true_prior_draws(family, num: int, seed: int) -> torch.Tensor:
 def true_prior_model(family):
     """The Normal-Gamma family's generative model as a Pyro model with the user's sites
     (``a``, ``b``, ``tau``): the family's own prior in place of the user's broad one."""
-    import pyro.distributions as dist
-
     lam = family.lambda0.diagonal()
     m0 = family.m0
 
