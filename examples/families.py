@@ -114,17 +114,22 @@ def run_one(job):
     family = FAMILIES[name]()
     tasks = family.evaluation_tasks(args["eval_tasks"])
     refs = family.references(tasks)
-    learner = build(method, family, seed, args.get("step_size_objective"), args.get("inner_steps"),
-                    args.get("calibration"))
-    before = scores(family, learner, tasks, refs)
+    options = (method, family, seed, args.get("step_size_objective"), args.get("inner_steps"),
+               args.get("calibration"))
+    learner = build(*options)
     start = time.time()
     stopped = None
     try:
-        learner.fit(family, args["iterations"], lr=lr, seed=seed, progress=False)
+        learner.fit(family, args["iterations"], lr=lr, seed=seed, progress=False,
+                    select_steps=not args.get("no_select_steps", False))
     except FloatingPointError as err:
         stopped = str(err).split(":")[0]  # "meta-iteration N"
+    seconds = time.time() - start
+    start_learner = build(*options)  # the same initial particles, adapted alike
+    start_learner.adapt_steps = learner.adapt_steps
     row = {"family": name, "method": method, "lr": lr, "seed": seed, "stopped": stopped,
-           "seconds": time.time() - start, "refs": refs, "before": before,
+           "seconds": seconds, "refs": refs, "adapt_steps": learner.adapt_steps,
+           "before": scores(family, start_learner, tasks, refs),
            "after": scores(family, learner, tasks, refs), "describe": learner.describe()}
     if (args["nuts_tasks"] and method == "bmaml" and seed == args["seeds"][0]
             and lr == args["nuts_lr"] and family.kind == "regression" and stopped is None):
@@ -161,6 +166,7 @@ def summarize(rows):
                           and ((r["after"][main] < r["before"][main]) if main == "mse"
                                else (r["after"][main] > r["before"][main])) for r in group]
                 entry["beats_start"] = sum(better)
+                entry["adapt_steps"] = [r.get("adapt_steps") for r in group]
                 nuts = [r for r in group if "nuts_nll" in r]
                 if nuts:
                     n = nuts[0]
@@ -191,6 +197,8 @@ def command_options(table, budget) -> str:
     for key in BMAML_OPTIONS:
         if key in budget:
             words.append(f"--{key.replace('_', '-')} {budget[key]}")
+    if budget.get("no_select_steps"):
+        words.append("--no-select-steps")
     return " ".join(words)
 
 
@@ -209,9 +217,12 @@ def markdown(table, budget, out=Path("results/families")):
         "",
         "Gap closed: (NLL of the broad-prior reference - NLL) / (broad - Bayes-optimal), per "
         "query point; 1 is Bayes-optimal, 0 is exact inference under a prior that knows "
-        "nothing of the family. 'Stopped': runs that ended on a non-finite step. 'Beats "
+        "nothing of the family. 'Stopped': runs that ended on a non-finite step. 'Steps': "
+        "each seed's adaptation step count at test time (`fit` chooses it on held-out tasks "
+        "of the source, `select_adapt_steps`; the training's own count "
+        f"{'throughout' if budget.get('no_select_steps') else 'where none was chosen'}). 'Beats "
         "start': seeds whose NLL and MSE (accuracy) are both better than the same initial "
-        "particles adapted alike before meta-training.",
+        "particles adapted alike (the same step count) before meta-training.",
         "",
     ]
     for name in FAMILIES:
@@ -224,13 +235,14 @@ def markdown(table, budget, out=Path("results/families")):
         lines += [f"## {name}", "",
                   f"References (NLL per point): Bayes-optimal {refs['true']:.3f}, broad prior "
                   f"{refs['broad']:.3f}.", ""]
-        head = ["method", "lr", "stopped", "NLL", "gap closed", main, f"{main} before"]
+        head = ["method", "lr", "stopped", "steps", "NLL", "gap closed", main, f"{main} before"]
         extra = (["cov 50%", "cov 90%"] if "coverage_90" in rows[0] else []) + (
             ["ECE"] if "ece" in rows[0] else []) + (["noise sd"] if "noise_sd" in rows[0] else [])
         head += extra + ["beats start"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for e in rows:
-            cells = [e["method"], f"{e['lr']:g}", f"{e['stopped']}/{e['seeds']}", fmt(e["nll"]),
+            steps = "/".join("?" if n is None else str(n) for n in e.get("adapt_steps", [None]))
+            cells = [e["method"], f"{e['lr']:g}", f"{e['stopped']}/{e['seeds']}", steps, fmt(e["nll"]),
                      fmt(e["gap_closed"], 2), fmt(e[main]), fmt(e[f"{main}_before"])]
             for key in ("coverage_50", "coverage_90", "ece", "noise_sd"):
                 if key in e:
@@ -278,6 +290,9 @@ def main():
                    help="BMAML's (chaser and BFA) SVGD steps (default: the learner's)")
     p.add_argument("--calibration", choices=("noise_offset", "mixture", "none"), default=None,
                    help="BMAML's (chaser) calibration term (default: the learner's)")
+    p.add_argument("--no-select-steps", action="store_true",
+                   help="every learner adapts with its training's step count (fit(..., "
+                        "select_steps=False)) instead of the count fit chooses on held-out tasks")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--from-runs", type=Path, nargs="+", default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -291,6 +306,8 @@ def main():
     for key in BMAML_OPTIONS:
         if getattr(args, key) is not None:
             budget[key] = getattr(args, key)
+    if args.no_select_steps:
+        budget["no_select_steps"] = True
     if args.from_runs:
         rows = read_runs(args.from_runs)
     else:

@@ -420,9 +420,6 @@ def train(args) -> int:
     learner = build_learner(config).to(device)
     source, tasks, calibration_tasks = task_sources(config, learner)
     eval_tasks = source.evaluation_tasks(eval_count)
-    # the reference a meta-learned prior has to beat: the same learner before meta-training
-    before = (None if args.resume or rank != 0
-              else evaluate(learner, eval_tasks, metrics=family.metrics))
     try:
         history = learner.fit(
             tasks, args.iterations, meta_batch_size=args.meta_batch, lr=args.lr,
@@ -463,7 +460,16 @@ def train(args) -> int:
               "meta-batch)")
     metrics = write_report(learner, eval_tasks, args.out / "evaluation", history, family=family)
     print(family.summary(metrics, eval_count))
-    if before is not None:
+    if "adapt_steps" in history:
+        print(f"adaptation steps at test time: {learner.adapt_steps} (chosen on held-out "
+              f"tasks' query NLL; meta-trained through {learner.inner_steps})")
+    if not args.resume:
+        # the reference a meta-learned prior has to beat: the same initial particles (the
+        # same seed), adapted with the same step count
+        pyro.set_rng_seed(args.seed)
+        start = build_learner(config).to(device)
+        start.adapt_steps = learner.adapt_steps
+        before = evaluate(start, eval_tasks, metrics=family.metrics)
         print("before meta-training (the initial particles, adapted alike): "
               + family.headline(before))
     print(f"checkpoint: {args.out / 'checkpoint.pt'}   report: {args.out / 'evaluation'}/")

@@ -143,6 +143,9 @@ def test_examples_write_to_a_scratch_folder_by_default(tmp_path, script, args):
     written = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert any(name.endswith(".md") for name in written) and any(
         name.endswith(".runs.jsonl") for name in written)
+    if not script.startswith("meta_rl"):  # scored at n and at the count fit chose
+        report = next((tmp_path / "runs").glob("*.md")).read_text()
+        assert "chosen steps" in report and "| - | - |" not in report
 
 
 def test_torchrun_two_processes_equal_one(tmp_path, capsys):

@@ -403,6 +403,65 @@ def test_linear_regression_coverage_is_near_nominal():
     assert 0.40 <= c50[0] <= 0.60 and 0.80 <= c90[0] <= 0.95, (c50, c90)
 
 
+def test_fit_chooses_the_adaptation_steps_on_held_out_tasks(tmp_path):
+    """``fit`` ends by scoring the adaptation at inner_steps x (1, 2, 3, 5, 10) on 1,000
+    fresh tasks of the source (a generator of its own, adapted in chunks) and keeps the
+    count with the lowest query NLL; ``adapt`` then uses it, the checkpoint keeps it, and
+    ``select_steps=False`` leaves ``inner_steps``."""
+    learner, tasks, _ = _linear_learner(0, inner_steps=2)
+    path = tmp_path / "ckpt.pt"
+    history = learner.fit(tasks, 20, lr=1e-2, progress=False, seed=0, checkpoint=str(path))
+    chosen = history["adapt_steps"]
+    assert chosen["steps"] == [2, 4, 6, 10, 20]
+    batch = tasks.sample(1000, torch.Generator().manual_seed(1))  # the selection's tasks
+    per_task = {n: -learner.adapt(batch.x_support, batch.y_support, num_steps=n)
+                .log_predictive_density(batch.x_query, batch.y_query).double().mean(-1)
+                for n in chosen["steps"]}
+    nll = [float(per_task[n].mean()) for n in chosen["steps"]]
+    assert nll == pytest.approx(chosen["nll"], rel=1e-6)
+    best = chosen["steps"][min(range(5), key=nll.__getitem__)]
+    se = [float((per_task[n] - per_task[best]).std() / math.sqrt(1000)) for n in chosen["steps"]]
+    assert se == pytest.approx(chosen["se"], rel=1e-6, abs=1e-12)
+    expected = best
+    assert chosen["chosen"] == expected == learner.adapt_steps
+    # chunked adaptation scores the same tasks alike
+    assert learner.select_adapt_steps(batch, chunk=300)["nll"] == pytest.approx(chosen["nll"],
+                                                                                 rel=1e-6)
+    assert learner.adapt(batch.x_support[0], batch.y_support[0]).info["num_steps"] == expected
+    assert learner.describe()["adapt_steps"] == expected
+    assert "adapt_steps" not in learner.config()  # a learned value, not configuration
+    # the checkpoint keeps it; a state saved before the count existed loads as inner_steps
+    loaded, _, _ = _linear_learner(0, inner_steps=2)
+    loaded.load_checkpoint(path)
+    assert loaded.adapt_steps == expected
+    old = {k: v for k, v in learner.state_dict().items() if k != "selected_steps"}
+    loaded.load_state_dict(old)
+    assert loaded.adapt_steps == 2
+    # a count that does no step from particles started as broad prior draws loses
+    assert learner.select_adapt_steps(batch, candidates=[0, 2])["chosen"] == 2
+    plain, _, _ = _linear_learner(0, inner_steps=2)
+    assert "adapt_steps" not in plain.fit(tasks, 5, lr=1e-2, progress=False, select_steps=False)
+    assert plain.adapt_steps == 2
+    plain.adapt_steps = 7
+    assert plain.adapt_steps == 7
+    plain.adapt_steps = None
+    assert plain.adapt_steps == 2
+
+
+def test_select_adapt_steps_rejects_bad_input():
+    learner, tasks, held_out = _linear_learner(0, inner_steps=2)
+    with pytest.raises(TypeError, match="candidates must be a non-empty list"):
+        learner.select_adapt_steps(held_out, candidates=[])
+    with pytest.raises(ValueError, match="candidates"):
+        learner.select_adapt_steps(held_out, candidates=[1, -1])
+    with pytest.raises(ValueError, match="at least 2 tasks"):
+        learner.select_adapt_steps(held_out[:1])
+    with pytest.raises(ValueError, match="adapt_steps"):
+        learner.adapt_steps = -2
+    with pytest.raises(TypeError, match="adapt_steps"):
+        learner.adapt_steps = 2.5
+
+
 def test_schedule_decays_over_the_nominal_budget():
     """As the official code: lr x0.98 every 1% of the nominal budget, whatever the run length."""
     learner = EMAML(tiny_model(), num_particles=2, init="paper")

@@ -121,6 +121,22 @@ class _StopRequest:
         self._restore()
 
 
+def _select_steps(learner, source, seed: int, device, num_tasks: int = 1000):
+    """``learner.select_adapt_steps`` on up to ``num_tasks`` tasks of ``source`` (its own
+    generator, so that the training's task stream is untouched); ``None`` where it does not
+    apply (a learner without it or without inner steps, a policy, a source whose batches
+    are not :class:`TaskBatch` with query sets)."""
+    if (not hasattr(learner, "select_adapt_steps") or learner.inner_steps == 0
+            or learner._is_policy()):
+        return None
+    size = getattr(source, "num_tasks", None)
+    batch = source.sample(min(num_tasks, size) if size else num_tasks,
+                          torch.Generator().manual_seed(seed + 1))
+    if not isinstance(batch, TaskBatch) or batch.num_tasks < 2:
+        return None
+    return learner.select_adapt_steps(batch.to(device=device))
+
+
 def _device(learner) -> torch.device:
     """Where the learner's parameters live (tasks are moved there)."""
     return next(learner.parameters()).device
@@ -184,6 +200,7 @@ def fit(
     handle_signals: bool = True,
     meta_optimizer: str = "adam",
     max_kl: float = 1e-2,
+    select_steps: bool = True,
 ) -> Dict[str, list]:
     """Meta-train ``learner`` for ``num_iterations`` meta-iterations.
 
@@ -219,6 +236,13 @@ def fit(
         MAML-RL's trust-region meta-update (:class:`~pyro_bmaml.meta.trpo.TrustRegion` on
         the learner's ``trust_region_objective``: policies, every method; one process;
         ``lr`` unused), each step within mean KL ``max_kl`` of the adapted policies.
+    :param select_steps: at the end of training, choose the adaptation's step count at test
+        time (:meth:`~pyro_bmaml.meta.learners.MetaLearner.select_adapt_steps`: the query
+        NLL of up to 1,000 tasks of ``calibration_tasks`` when given, else of ``tasks``, fresh
+        draws of a generator of its own; a finite pool without held-out tasks is scored on
+        its training tasks) and keep it in the learner (``learner.adapt_steps``, saved in
+        the checkpoint; ``history["adapt_steps"]``). ``False``: adapt with ``inner_steps``.
+        Not for policies (their query sets are rollouts, scored by returns).
     Tasks are moved to the learner's device (``learner.to("cuda")`` trains on the GPU).
     In a :mod:`torch.distributed` process group (see :mod:`pyro_bmaml.meta.distributed`) each
     rank adapts its share of every meta-batch (``meta_batch_size`` must be a multiple of the
@@ -443,6 +467,11 @@ def fit(
         done = end
         if done == num_iterations and eval_tasks is not None:
             run_eval(done)
+        if done == num_iterations and select_steps:
+            chosen = _select_steps(learner, tasks if calibration_tasks is None else calibration_tasks,
+                                   seed, device)
+            if chosen is not None:
+                history["adapt_steps"] = chosen
         save(done)
         if stop.signum:  # a signal during the last evaluation: the run is complete and saved
             raise TrainingInterrupted(stop.signum, done, num_iterations, path, history)

@@ -392,10 +392,10 @@ class NavigationBatch:
 
     def evaluate(self, learner, num_steps: Optional[int] = None, metrics=None) -> dict:
         """Average return per episode of the particles' policies before and after adapting
-        to each task (``num_steps`` adaptation steps, default the learner's), on
+        to each task (``num_steps`` adaptation steps, default the learner's ``adapt_steps``), on
         ``query_episodes`` fresh rollouts per particle; ``(mean, s.e.)`` over tasks."""
         self.rollouts_drawn = 0  # evaluation is repeatable: same goals, same noise
-        steps = learner.inner_steps if num_steps is None else check_int("num_steps", num_steps, 0)
+        steps = learner.adapt_steps if num_steps is None else check_int("num_steps", num_steps, 0)
         episodes = self.source.query_episodes
         with torch.no_grad():
             theta = learner.theta0.detach().unsqueeze(0).expand(self.num_tasks, -1, -1)
