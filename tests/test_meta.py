@@ -448,6 +448,26 @@ def test_fit_chooses_the_adaptation_steps_on_held_out_tasks(tmp_path):
     assert plain.adapt_steps == 2
 
 
+def test_select_adapt_steps_skips_counts_whose_adaptation_diverges(monkeypatch):
+    """A count whose adaptation takes a non-finite step (the SVGD step's FloatingPointError)
+    scores inf and is never chosen, and the longer counts, which repeat its steps, are not
+    run; the training that came before is kept."""
+    learner, tasks, held_out = _linear_learner(0, inner_steps=2)
+    adapt, asked = learner.adapt, []
+
+    def diverging(x, y, num_steps=None, **kw):
+        asked.append(num_steps)
+        if num_steps >= 6:
+            raise FloatingPointError("SVGD step 5: the log density is non-finite")
+        return adapt(x, y, num_steps=num_steps, **kw)
+
+    monkeypatch.setattr(learner, "adapt", diverging)
+    chosen = learner.select_adapt_steps(held_out)
+    assert chosen["diverged"] == [6, 10, 20] and chosen["nll"][2:] == [math.inf] * 3
+    assert asked == [2, 4, 6] and chosen["chosen"] in (2, 4)
+    assert math.isfinite(chosen["nll"][0]) and math.isfinite(chosen["nll"][1])
+
+
 def test_select_adapt_steps_rejects_bad_input():
     learner, tasks, held_out = _linear_learner(0, inner_steps=2)
     with pytest.raises(TypeError, match="candidates must be a non-empty list"):

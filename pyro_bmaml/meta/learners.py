@@ -631,9 +631,11 @@ class MetaLearner(nn.Module):
         :param tasks: held-out tasks (a :class:`TaskBatch`; e.g. ``source.sample(200, g)``),
             not the ones meta-trained on when the source is a finite pool.
         :param chunk: tasks adapted at once (memory).
-        :returns: ``{"steps": [...], "nll": [...], "se": [...], "chosen": n}``: per count
-            the mean query NLL per point and task, and the standard error of its paired
-            difference to the lowest (0 at the lowest).
+        :returns: ``{"steps": [...], "nll": [...], "se": [...], "chosen": n, "diverged":
+            [...]}``: per count the mean query NLL per point and task, and the standard
+            error of its paired difference to the lowest (0 at the lowest); the counts whose
+            adaptation took a non-finite step (``inf``, never chosen: on the digits MLP
+            with every weight latent and learned steps, ten steps diverged on 5-shot).
         """
         chunk = check_int("chunk", chunk, 1)
         tasks = self.check_tasks(tasks)
@@ -648,14 +650,20 @@ class MetaLearner(nn.Module):
         if not isinstance(candidates, (list, tuple)) or not candidates:
             raise TypeError(f"candidates must be a non-empty list of step counts, got {candidates!r}")
         steps = sorted({check_int("candidates", c, 0) for c in candidates})
-        per_task = []
+        per_task, diverged = [], []
         for n in steps:
             parts = []
-            for start in range(0, tasks.num_tasks, chunk):
-                part = tasks[start:start + chunk]
-                posterior = self.adapt(part.x_support, part.y_support, num_steps=n)
-                lpd = posterior.log_predictive_density(part.x_query, part.y_query)
-                parts.append(-lpd.double().mean(-1))  # (chunk,)
+            try:
+                if diverged:  # a longer adaptation repeats the steps that diverged
+                    raise FloatingPointError
+                for start in range(0, tasks.num_tasks, chunk):
+                    part = tasks[start:start + chunk]
+                    posterior = self.adapt(part.x_support, part.y_support, num_steps=n)
+                    lpd = posterior.log_predictive_density(part.x_query, part.y_query)
+                    parts.append(-lpd.double().mean(-1))  # (chunk,)
+            except FloatingPointError:  # a step the adaptation cannot take: not a candidate
+                diverged.append(n)
+                parts = [torch.full((tasks.num_tasks,), math.inf, dtype=torch.float64)]
             per_task.append(torch.cat(parts))
         nll = [float(v.mean()) for v in per_task]
         finite = [i for i, v in enumerate(nll) if math.isfinite(v)]
@@ -666,7 +674,7 @@ class MetaLearner(nn.Module):
         se = [float((v - per_task[best]).std() / math.sqrt(v.numel())) for v in per_task]
         chosen = steps[best]
         self.adapt_steps = chosen
-        return {"steps": steps, "nll": nll, "se": se, "chosen": chosen}
+        return {"steps": steps, "nll": nll, "se": se, "chosen": chosen, "diverged": diverged}
 
     def check_tasks(self, tasks):
         """Validate a batch of tasks (:meth:`TaskBatch.validate`) and check it against the
