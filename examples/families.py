@@ -166,7 +166,7 @@ def summarize(rows):
                           and ((r["after"][main] < r["before"][main]) if main == "mse"
                                else (r["after"][main] > r["before"][main])) for r in group]
                 entry["beats_start"] = sum(better)
-                entry["adapt_steps"] = [r.get("adapt_steps") for r in group]
+                entry["adapt_steps"] = [r.get("adapt_steps") for r in sorted(group, key=lambda r: r["seed"])]
                 nuts = [r for r in group if "nuts_nll" in r]
                 if nuts:
                     n = nuts[0]
