@@ -155,11 +155,12 @@ def write_outputs(out: Path, budget: dict, rows: list):
     chosen = [e for e in table if any("chosen" in r for r in groups[(e["K"], e["body"], e["method"])])]
     if chosen:
         lines += ["", "At the adaptation step count `fit` chose after training (the query NLL of "
-                  "200 fresh episodes of the training classes; each seed's count listed), "
+                  "1,000 fresh episodes of the training classes; each seed's count listed), "
                   "instead of the n steps meta-trained through:", "",
                   "| K | body | method | chosen steps | accuracy | NLL | ECE |", "|---" * 7 + "|"]
         for e in chosen:
-            runs = [r for r in groups[(e["K"], e["body"], e["method"])] if "chosen" in r]
+            runs = sorted((r for r in groups[(e["K"], e["body"], e["method"])] if "chosen" in r),
+                          key=lambda r: r["seed"])
             cells = [fmt(mean_se([r["chosen"][key] for r in runs])) for key in ("accuracy", "nll", "ece")]
             lines.append(f"| {e['K']} | {e['body']} | {e['method']} | "
                          f"{'/'.join(str(r['adapt_steps']) for r in runs)} | " + " | ".join(cells) + " |")
