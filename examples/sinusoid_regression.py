@@ -80,7 +80,8 @@ def run_one(job):
     row.update(scores(metrics))
     if "adapt_steps" in history:  # and after the count fit chose on the held-out tasks
         row["adapt_steps"] = learner.adapt_steps
-        row["chosen"] = scores(evaluate(learner, eval_tasks, closed_form=True, widths=False))
+        row["chosen"] = scores(metrics if learner.adapt_steps == learner.inner_steps else
+                               evaluate(learner, eval_tasks, closed_form=True, widths=False))
     row["reliability"] = [metrics["reliability"][lv][0] for lv in RELIABILITY_LEVELS]
     row["curve"] = [{"iteration": e["iteration"], "mse": e["mse"][0], "nll": e["nll"][0],
                      "mse_particles": e["mse_particles"][0],
@@ -118,7 +119,7 @@ def summarize(rows):
                  "seeds": len(rs), "diverged": len(rs) - len(ok)}
         for key in METRICS:
             entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
-        chosen = [r for r in ok if "chosen" in r]
+        chosen = sorted((r for r in ok if "chosen" in r), key=lambda r: r["seed"])
         if chosen:
             entry["adapt_steps"] = [r["adapt_steps"] for r in chosen]
             entry["chosen"] = {key: mean_se([r["chosen"][key] for r in chosen]) for key in METRICS}

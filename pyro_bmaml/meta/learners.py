@@ -652,19 +652,14 @@ class MetaLearner(nn.Module):
         steps = sorted({check_int("candidates", c, 0) for c in candidates})
         per_task, diverged = [], []
         for n in steps:
-            parts = []
-            try:
-                if diverged:  # a longer adaptation repeats the steps that diverged
-                    raise FloatingPointError
-                for start in range(0, tasks.num_tasks, chunk):
-                    part = tasks[start:start + chunk]
-                    posterior = self.adapt(part.x_support, part.y_support, num_steps=n)
-                    lpd = posterior.log_predictive_density(part.x_query, part.y_query)
-                    parts.append(-lpd.double().mean(-1))  # (chunk,)
-            except FloatingPointError:  # a step the adaptation cannot take: not a candidate
-                diverged.append(n)
-                parts = [torch.full((tasks.num_tasks,), math.inf, dtype=torch.float64)]
-            per_task.append(torch.cat(parts))
+            if not diverged:  # a longer adaptation repeats the steps that diverged
+                try:
+                    per_task.append(self._query_nll_per_task(tasks, n, chunk))
+                    continue
+                except FloatingPointError:  # a step the adaptation cannot take
+                    pass
+            diverged.append(n)
+            per_task.append(torch.full((tasks.num_tasks,), math.inf, dtype=torch.float64))
         nll = [float(v.mean()) for v in per_task]
         finite = [i for i, v in enumerate(nll) if math.isfinite(v)]
         if not finite:
@@ -675,6 +670,17 @@ class MetaLearner(nn.Module):
         chosen = steps[best]
         self.adapt_steps = chosen
         return {"steps": steps, "nll": nll, "se": se, "chosen": chosen, "diverged": diverged}
+
+    def _query_nll_per_task(self, tasks: TaskBatch, num_steps: int, chunk: int) -> torch.Tensor:
+        """``(T,)`` query mixture NLL per point of each task adapted ``num_steps`` steps from
+        ``theta0``, ``chunk`` tasks at a time (float64)."""
+        parts = []
+        for start in range(0, tasks.num_tasks, chunk):
+            part = tasks[start:start + chunk]
+            posterior = self.adapt(part.x_support, part.y_support, num_steps=num_steps)
+            parts.append(-posterior.log_predictive_density(part.x_query, part.y_query)
+                         .double().mean(-1))
+        return torch.cat(parts)
 
     def check_tasks(self, tasks):
         """Validate a batch of tasks (:meth:`TaskBatch.validate`) and check it against the
