@@ -480,6 +480,8 @@ def test_select_adapt_steps_rejects_bad_input():
         learner.adapt_steps = -2
     with pytest.raises(TypeError, match="adapt_steps"):
         learner.adapt_steps = 2.5
+    with pytest.raises(TypeError, match="select_steps must be a bool"):
+        learner.fit(tasks, 1, select_steps="no", progress=False)
 
 
 def test_schedule_decays_over_the_nominal_budget():

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .._checks import check_choice, check_int, check_positive_float, value_checks
+from .._checks import check_bool, check_choice, check_int, check_positive_float, value_checks
 from .checkpoint import load_checkpoint, save_checkpoint
 from .trpo import TrustRegion
 from ..evaluation.metrics import regression_metrics
@@ -272,6 +272,7 @@ def fit(
         "decay_every", decay_every, 1)
     eval_every = check_int("eval_every", eval_every, 0)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, 0)
+    select_steps = check_bool("select_steps", select_steps)
     for name, source in (("tasks", tasks), ("calibration_tasks", calibration_tasks)):
         if source is not None and not hasattr(source, "sample"):
             raise TypeError(f"{name} must be a task source with a sample() method, "
