@@ -245,3 +245,35 @@ def test_a_model_returning_a_scalar_instead_of_its_mean_is_refused_at_setup():
                 cls(model, example_args=(x, y), **kwargs)
         svgd = pb.SVGD(model, pb.RBFSteinKernel(), Adam({"lr": 0.01}), 3)
         assert set(svgd.step(x, y)) == {"a", "b"}
+
+
+def _overflowing_classifier(x, y=None):
+    """Two classes with logits (w x, 2 w x): finite for any finite w x, NaN after softmax
+    normalisation once w x overflows to inf (inf - inf)."""
+    w = pyro.sample("w", dist.Normal(0.0, 1.0))
+    logits = torch.stack([w * x, 2 * w * x], -1)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+    return torch.softmax(logits, -1)
+
+
+def test_posterior_refuses_nan_outputs_of_finite_but_diverged_particles():
+    """An adaptation can end on finite particles so large that the model's outputs are NaN
+    (found on the digits MLP: weights near 3e18 after ten learned steps, and a NaN NLL and
+    ECE reported without an error). The posterior's log predictive density and predictive
+    mean raise, naming the count and the particles' magnitude; -inf (no density) is kept."""
+    x, y = torch.tensor([1.0, -2.0, 10.0]), torch.tensor([1, 0, 1])
+    potential = pb.ModelPotential(_overflowing_classifier)
+    potential.setup(x, y)
+    diverged = pb.ParticlePosterior(potential, torch.tensor([[0.5], [3e38]]), x, y)
+    with pytest.raises(FloatingPointError, match=r"log likelihood is NaN for 3 of 6 values; "
+                                                 r"the particles' largest magnitude is 3e\+38"):
+        diverged.log_predictive_density(x, y)
+    with pytest.raises(FloatingPointError, match=r"predictive mean is NaN for 6 of 12 values"):
+        diverged.predict(x)
+    sane = pb.ParticlePosterior(potential, torch.tensor([[0.5], [1e3]]), x, y)
+    lpd = sane.log_predictive_density(x, y)  # the 1e3 particle gives ~0 density: a value
+    p = torch.sigmoid(torch.tensor([0.5, -1.0, 5.0]))  # particle 0's P(y = 1) = sigmoid(w x)
+    expected = torch.log(0.5 * torch.where(y == 1, p, 1 - p)
+                         + 0.5 * torch.tensor([1.0, 1.0, 1.0]))
+    assert torch.allclose(lpd, expected, atol=1e-5)

@@ -108,6 +108,8 @@ class ParticlePosterior:
             samples = self._sample_y(x, draws)  # ((T,) M * draws, N, ...)
             shape = samples.shape[:particle_dim] + (self.num_particles, draws) + samples.shape[particle_dim + 1:]
             particle_means = samples.reshape(shape).to(self.particles.dtype).mean(particle_dim + 1)
+        if particle_means.is_floating_point():
+            self._check_not_nan("predictive mean", particle_means)
         out = {"mean": particle_means.mean(particle_dim), "particle_means": particle_means}
         if num_samples:
             out["samples"] = self._sample_y(x, num_samples)
@@ -164,8 +166,24 @@ class ParticlePosterior:
         r"""Pointwise log of the mixture predictive, :math:`\log \frac1M \sum_m p(y|x,\theta_m)`.
 
         :returns: ``(N,)`` or ``(T, N)``.
+        :raises FloatingPointError: where a particle's log likelihood is NaN (e.g. particles
+            that an adaptation carried to finite but absurd values, whose logits overflow);
+            ``-inf`` (a point the particle gives no density) is a value, not an error.
         """
-        return mixture_log_likelihood(self.potential.log_likelihood(self.particles, x, y))
+        log_lik = self.potential.log_likelihood(self.particles, x, y)
+        self._check_not_nan("log likelihood", log_lik)
+        return mixture_log_likelihood(log_lik)
+
+    def _check_not_nan(self, what: str, values: torch.Tensor) -> None:
+        """Raise a ``FloatingPointError`` naming ``what``, how many of the particles' values are
+        NaN and the particles' largest magnitude (a diverged adaptation shows there)."""
+        bad = torch.isnan(values)
+        if bool(bad.any()):
+            largest = float(self.particles.abs().max()) if self.particles.numel() else 0.0
+            raise FloatingPointError(
+                f"the model's {what} is NaN for {int(bad.sum())} of {values.numel()} values; the "
+                f"particles' largest magnitude is {largest:.3g} (an adaptation that diverged "
+                "without a non-finite step: fewer steps or a smaller step_size)")
 
     def to_inference_data(self, x_query=None, y_query=None):
         """ArviZ ``InferenceData``; see :func:`pyro_bmaml.evaluation.diagnostics.to_inference_data`."""
