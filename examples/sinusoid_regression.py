@@ -121,7 +121,9 @@ def summarize(rows):
             entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
         chosen = sorted((r for r in ok if "chosen" in r), key=lambda r: r["seed"])
         if chosen:
-            entry["adapt_steps"] = [r["adapt_steps"] for r in chosen]
+            # each seed's count in seed order, "-" for a run that chose none (older code)
+            entry["adapt_steps"] = [r.get("adapt_steps", "-") for r in sorted(ok, key=lambda r: r["seed"])]
+            entry["chosen_seeds"] = len(chosen)
             entry["chosen"] = {key: mean_se([r["chosen"][key] for r in chosen]) for key in METRICS}
         table.append(entry)
     return table
@@ -146,7 +148,8 @@ def write_outputs(out: Path, budget: dict, rows: list):
              "share of the |T| tasks kept out of meta-training. Scored after the n steps "
              "meta-trained through (the paper's protocol); where the runs chose another "
              "count for adaptation at test time (`fit`'s default, on the held-out share), "
-             "the last columns score that count (each seed's count listed).", "",
+             "the last columns score that count (each seed's count listed, '-' for a run "
+             "made before the choice existed, and scored over the seeds that chose).", "",
              "| K | \\|T\\| | method | M | step | calibration | MSE | per-particle MSE | NLL | "
              "cov. 50% | cov. 90% | diverged | chosen steps | MSE / NLL / cov. 90% there |",
              "|---" * 14 + "|"]
@@ -158,7 +161,9 @@ def write_outputs(out: Path, budget: dict, rows: list):
             f"{fmt(e['mse'])} | {fmt(e['mse_particles'])} | {fmt(e['nll'])} | "
             f"{fmt(e['coverage_50'])} | {fmt(e['coverage_90'])} | {e['diverged']}/{e['seeds']} | "
             + (f"{'/'.join(map(str, e['adapt_steps']))} | {fmt(e['chosen']['mse'])} / "
-               f"{fmt(e['chosen']['nll'])} / {fmt(e['chosen']['coverage_90'])} |"
+               f"{fmt(e['chosen']['nll'])} / {fmt(e['chosen']['coverage_90'])}"
+               + (f" ({e['chosen_seeds']} of {len(e['adapt_steps'])} seeds)"
+                  if e["chosen_seeds"] < len(e["adapt_steps"]) else "") + " |"
                if "chosen" in e else "- | - |"))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
