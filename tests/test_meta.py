@@ -448,6 +448,32 @@ def test_fit_chooses_the_adaptation_steps_on_held_out_tasks(tmp_path):
     assert plain.adapt_steps == 2
 
 
+class _Hidden:
+    """A user's wrapper of a finite pool that does not pass ``num_tasks`` on."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def sample(self, batch_size, generator):
+        return self.pool.sample(batch_size, generator)
+
+
+def test_fit_keeps_its_training_when_the_source_cannot_give_the_selection_tasks():
+    """A finite pool behind a wrapper that hides its size cannot give the selection's 1,000
+    tasks: ``fit`` warns, says why, keeps ``inner_steps`` and returns its history instead of
+    raising after the training (found in CI: a 20-task pool behind a test's wrapper)."""
+    learner, _, held_out = _linear_learner(0, inner_steps=2)
+    pool = pb.TaskPool(held_out[:20])
+    with pytest.warns(UserWarning, match=r"not chosen: the task source could not give 1000 "
+                                         r"held-out tasks \(batch_size \(1000\) exceeds"):
+        history = learner.fit(_Hidden(pool), 3, meta_batch_size=4, progress=False)
+    assert "adapt_steps" not in history and len(history["loss"]) == 3
+    assert learner.adapt_steps == learner.inner_steps == 2
+    # the pool itself says its size, and the selection takes all of it
+    chosen = learner.fit(pool, 1, meta_batch_size=4, progress=False)["adapt_steps"]
+    assert chosen["chosen"] == learner.adapt_steps
+
+
 def test_select_adapt_steps_skips_counts_whose_adaptation_diverges(monkeypatch):
     """A count whose adaptation takes a non-finite step (the SVGD step's FloatingPointError)
     scores inf and is never chosen, and the longer counts, which repeat its steps, are not

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import signal
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -130,8 +131,15 @@ def _select_steps(learner, source, seed: int, device, num_tasks: int = 1000):
             or learner._is_policy()):
         return None
     size = getattr(source, "num_tasks", None)
-    batch = source.sample(min(num_tasks, size) if size else num_tasks,
-                          torch.Generator().manual_seed(seed + 1))
+    asked = min(num_tasks, size) if size else num_tasks
+    try:
+        batch = source.sample(asked, torch.Generator().manual_seed(seed + 1))
+    except ValueError as err:  # e.g. a finite pool behind a wrapper that hides num_tasks
+        warnings.warn(f"the adaptation's step count was not chosen: the task source could "
+                      f"not give {asked} held-out tasks ({err}); adapt_steps stays "
+                      f"inner_steps. Pass select_steps=False, or a source with a num_tasks "
+                      f"attribute", stacklevel=3)
+        return None
     if not isinstance(batch, TaskBatch) or batch.num_tasks < 2:
         return None
     return learner.select_adapt_steps(batch.to(device=device))
