@@ -119,10 +119,11 @@ def summarize(rows):
                  "seeds": len(rs), "diverged": len(rs) - len(ok)}
         for key in METRICS:
             entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
-        chosen = sorted((r for r in ok if "chosen" in r), key=lambda r: r["seed"])
+        by_seed = sorted(ok, key=lambda r: r["seed"])
+        chosen = [r for r in by_seed if "chosen" in r]
         if chosen:
             # each seed's count in seed order, "-" for a run that chose none (older code)
-            entry["adapt_steps"] = [r.get("adapt_steps", "-") for r in sorted(ok, key=lambda r: r["seed"])]
+            entry["adapt_steps"] = [r.get("adapt_steps", "-") for r in by_seed]
             entry["chosen_seeds"] = len(chosen)
             entry["chosen"] = {key: mean_se([r["chosen"][key] for r in chosen]) for key in METRICS}
         table.append(entry)

@@ -23,7 +23,7 @@ from pyro import poutine
 from torch.distributions import constraints
 from pyro.infer import Predictive
 
-from .._checks import check_has_data, check_int
+from .._checks import check_has_data, check_int, value_checks_enabled
 from .potential import ModelPotential
 
 __all__ = ["ParticlePosterior", "mixture_log_likelihood", "particle_prior", "model_with_prior"]
@@ -176,7 +176,11 @@ class ParticlePosterior:
 
     def _check_not_nan(self, what: str, values: torch.Tensor) -> None:
         """Raise a ``FloatingPointError`` naming ``what``, how many of the particles' values are
-        NaN and the particles' largest magnitude (a diverged adaptation shows there)."""
+        NaN and the particles' largest magnitude (a diverged adaptation shows there); one of
+        the value checks (:func:`~pyro_bmaml._checks.value_checks`), which ``fit`` turns off
+        inside its meta-steps only."""
+        if not value_checks_enabled():
+            return
         bad = torch.isnan(values)
         if bool(bad.any()):
             largest = float(self.particles.abs().max()) if self.particles.numel() else 0.0
