@@ -590,6 +590,21 @@ def test_noise_sites_found_or_warned():
               noise_sites=None)
 
 
+def test_noise_sites_of_a_saturating_classifier_under_a_broad_prior():
+    # prior draws of a broad weight prior give logits so large that the class probabilities
+    # are exactly one-hot: their derivative vanishes in every weight, and the weights were
+    # taken for noise sites (the likelihood's derivative does not vanish)
+    from pyro_bmaml.tasks.models import BayesianClassifier
+
+    model = BayesianClassifier(5, (16,), hidden=(32, 32), prior_scale=30.0)
+    x, y = torch.randn(6, 16), torch.arange(6) % 5
+    pyro.set_rng_seed(0)
+    learner = BMAML(model, num_particles=3, example_args=(x, y), calibration="none",
+                    learn_step_size=True)
+    assert learner.potential.noise_sites(x, y) == [] and learner.noise_sites == []
+    assert learner.learned_step_sites == learner.potential.site_names
+
+
 def test_resume_refuses_another_configuration_and_load_api(tmp_path):
     from pyro_bmaml.tasks.models import BayesianMLP
 

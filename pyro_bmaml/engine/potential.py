@@ -441,12 +441,20 @@ class ModelPotential:
         """Latent sites that set the observation noise: the likelihood depends on them, the
         model's return value (its predictive mean, by the task-model convention) does not.
 
-        Found by differentiating both at two particles drawn from the prior, with one task's
-        arguments. For :class:`~pyro_bmaml.tasks.models.BayesianMLP` this is ``noise_precision``
-        (``weight_precision`` enters neither directly). Returns ``None`` for a model that
-        returns no tensor, since the mean cannot be told apart from the noise there.
+        Found by differentiating both at two particles drawn from the prior, and at the same
+        two shrunk toward the origin of the unconstrained space (x 0.1, x 0.01), with one
+        task's arguments: a site is a noise site when the mean's derivative in it is zero at
+        all six and the likelihood's is not at one. The shrunk copies matter for outputs that
+        saturate: under a broad prior (``BayesianClassifier(prior_scale=10)``) the draws' logits
+        are so large that the class probabilities are exactly one-hot in floating point, their
+        derivative is exactly zero in every weight, and all but the first layer were taken
+        for noise sites. For :class:`~pyro_bmaml.tasks.models.BayesianMLP` this is
+        ``noise_precision`` (``weight_precision`` enters neither directly). Returns ``None``
+        for a model that returns no tensor, since the mean cannot be told apart from the
+        noise there.
         """
-        particles = self.sample_prior(2, *args, **kwargs).requires_grad_(True)
+        draws = self.sample_prior(2, *args, **kwargs)
+        particles = torch.cat([draws, 0.1 * draws, 0.01 * draws]).requires_grad_(True)
         try:
             mean = self.model_output(particles, *args, **kwargs)
         except ValueError:  # the model returns no predictive mean
