@@ -49,7 +49,8 @@ def run_one(job):
         "hidden": args["hidden"], "inner_steps": 1,
         "leader_steps": 1, "seed": seed,
         "learn_step_size": True if method == "bmaml" and args.get("bmaml_learn_step_size") else None,
-        "calibration": args.get("bmaml_calibration") if method == "bmaml" else None})
+        "calibration": args.get("bmaml_calibration") if method == "bmaml" else None,
+        "objective": args.get("bmaml_objective") if method == "bmaml" else None})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
     source, tasks, _ = task_sources(config, learner)
@@ -223,6 +224,9 @@ def main():
                    help="BMAML's calibration term (default: the digits configuration's, none; "
                         "'mixture': the query mixture NLL per point, the library's default "
                         "for a classifier)")
+    p.add_argument("--bmaml-objective", choices=("chaser", "bfa"), default=None,
+                   help="BMAML's meta-loss (default: the digits configuration's, the chaser; "
+                        "'bfa': the query mixture NLL of the adapted particles)")
     add_comparison_arguments(p, "fewshot")
     args = p.parse_args()
     out = output_prefix(args, "fewshot")
@@ -233,7 +237,8 @@ def main():
                 "test_episodes": args.test_episodes,
                 "val_episodes": args.val_episodes,
                 "bmaml_learn_step_size": args.bmaml_learn_step_size,
-                "bmaml_calibration": args.bmaml_calibration}
+                "bmaml_calibration": args.bmaml_calibration,
+                "bmaml_objective": args.bmaml_objective}
     # how the body is treated is per run (the table's "body" column), not in the budget
     budget = {k: v for k, v in settings.items() if k not in ("shared", "shared_step_size")}
     budget |= {"meta_batch": 10, "lr": 1e-3, "seeds": args.seeds, "task": "digits"}

@@ -289,6 +289,25 @@ def test_short_training_beats_chance_on_unseen_classes():
     assert after["nll"][0] < math.log(5)
 
 
+def test_fit_chooses_the_step_count_on_the_validation_classes():
+    """A few-shot source's training classes are fitted by the learned prior, so fit scores
+    the step counts on episodes of its validation classes (``validation_tasks``): the
+    selection's NLLs are those of select_adapt_steps on them, not on training episodes."""
+    src = FewShotClassification(toy_classes(), ways=3, shots=1, query=2, seed=0,
+                                fractions=(0.5, 0.25, 0.25))
+    val = src.validation_tasks(1000, seed=4)
+    labels = set(val.x_support.mean((-1, -2, -3)).round().long().flatten().tolist())
+    assert labels <= set(src.splits["val"]) and val.num_tasks == 1000
+    torch.testing.assert_close(val.x_query, src.evaluation_tasks(1000, seed=4, split="val").x_query)
+    pyro.set_rng_seed(0)
+    learner = BMAML(BayesianClassifier(3, (1, 4, 4), hidden=(8,)), num_particles=3,
+                    init="paper", step_size=0.5, calibration="none")
+    chosen = learner.fit(src, 3, meta_batch_size=4, progress=False, seed=3)["adapt_steps"]
+    assert chosen["nll"] == pytest.approx(learner.select_adapt_steps(val)["nll"], rel=1e-6)
+    train = src.sample(1000, torch.Generator().manual_seed(4))
+    assert chosen["nll"] != pytest.approx(learner.select_adapt_steps(train)["nll"], rel=1e-3)
+
+
 def test_multi_output_regression_and_image_shapes_pass_the_meta_layer():
     pyro.set_rng_seed(0)
     model = BayesianMLP(in_features=3, hidden=(8,), out_features=2)

@@ -123,17 +123,22 @@ class _StopRequest:
 
 
 def _select_steps(learner, source, seed: int, device, num_tasks: int = 1000):
-    """``learner.select_adapt_steps`` on up to ``num_tasks`` tasks of ``source`` (its own
-    generator, so that the training's task stream is untouched); ``None`` where it does not
-    apply (a learner without it or without inner steps, a policy, a source whose batches
-    are not :class:`TaskBatch` with query sets)."""
+    """``learner.select_adapt_steps`` on up to ``num_tasks`` tasks of ``source``: its
+    ``validation_tasks(num_tasks, seed)`` where it has them (tasks held out of
+    meta-training, e.g. the validation classes of
+    :class:`~pyro_bmaml.tasks.fewshot.FewShotClassification`), else draws of its ``sample``
+    (with a generator of its own, so that the training's task stream is untouched);
+    ``None`` where it does not apply (a learner without it or without inner steps, a
+    policy, a source whose batches are not :class:`TaskBatch` with query sets)."""
     if (not hasattr(learner, "select_adapt_steps") or learner.inner_steps == 0
             or learner._is_policy()):
         return None
     size = getattr(source, "num_tasks", None)
     asked = min(num_tasks, size) if size else num_tasks
+    held_out = getattr(source, "validation_tasks", None)
     try:
-        batch = source.sample(asked, torch.Generator().manual_seed(seed + 1))
+        batch = (held_out(num_tasks, seed + 1) if callable(held_out)
+                 else source.sample(asked, torch.Generator().manual_seed(seed + 1)))
     except ValueError as err:  # e.g. a finite pool behind a wrapper that hides num_tasks
         warnings.warn(f"the adaptation's step count was not chosen: the task source could "
                       f"not give {asked} held-out tasks ({err}); adapt_steps stays "
@@ -246,9 +251,11 @@ def fit(
         ``lr`` unused), each step within mean KL ``max_kl`` of the adapted policies.
     :param select_steps: at the end of training, choose the adaptation's step count at test
         time (:meth:`~pyro_bmaml.meta.learners.MetaLearner.select_adapt_steps`: the query
-        NLL of up to 1,000 tasks of ``calibration_tasks`` when given, else of ``tasks``, fresh
-        draws of a generator of its own; a finite pool without held-out tasks is scored on
-        its training tasks) and keep it in the learner (``learner.adapt_steps``, saved in
+        NLL of up to 1,000 tasks of ``calibration_tasks`` when given, else of the source's
+        ``validation_tasks(num_tasks, seed)`` when it has that method (tasks held out of
+        meta-training: the validation classes of a few-shot source), else of ``tasks``,
+        fresh draws of a generator of its own; a finite pool without held-out tasks is
+        scored on its training tasks) and keep it in the learner (``learner.adapt_steps``, saved in
         the checkpoint; ``history["adapt_steps"]``). ``False``: adapt with ``inner_steps``.
         Not for policies (their query sets are rollouts, scored by returns).
     Tasks are moved to the learner's device (``learner.to("cuda")`` trains on the GPU).

@@ -179,6 +179,14 @@ class FewShotClassification:
         literature reports accuracy over 600 test episodes."""
         return self.episodes(num_tasks, torch.Generator().manual_seed(seed), split)
 
+    def validation_tasks(self, num_tasks: int, seed: int) -> TaskBatch:
+        """Episodes (fixed by ``seed``) of the ``val`` classes: tasks held out of
+        meta-training, on which ``fit`` chooses the adaptation's step count after training
+        (episodes of the training classes would not do: the learned prior already fits
+        those classes, so they favour the fewest steps; on digits 5-shot with every weight
+        latent they chose one step where ten score best on unseen classes)."""
+        return self.evaluation_tasks(num_tasks, seed=seed, split="val")
+
     def example_args(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """One episode's support set, e.g. to set up a model."""
         batch = self.episodes(1, torch.Generator().manual_seed(0))
