@@ -72,6 +72,7 @@ def run_one(job):
         chosen = (metrics if learner.adapt_steps == learner.inner_steps
                   else evaluate(learner, test, metrics=classification_metrics))
         row["adapt_steps"] = learner.adapt_steps
+        row["selected_on"] = "val"  # the source's validation classes (fit, since stop 34)
         row["chosen"] = {k: chosen[k][0] for k in ("accuracy", "nll", "ece")}
     if learner.learned_step_sizes():
         row["learned_steps"] = learner.learned_step_sizes()
@@ -156,8 +157,11 @@ def write_outputs(out: Path, budget: dict, rows: list):
                 lines.append(f"| {k} | {body} | {other} | {count} | " + " | ".join(cells) + " |")
     chosen = [e for e in table if any("chosen" in r for r in groups[(e["K"], e["body"], e["method"])])]
     if chosen:
+        where = ("1,000 episodes of the validation classes" if all(
+            r.get("selected_on") == "val" for r in rows if "chosen" in r)
+            else "1,000 fresh episodes of the training classes")
         lines += ["", "At the adaptation step count `fit` chose after training (the query NLL of "
-                  "1,000 fresh episodes of the training classes; each seed's count listed), "
+                  f"{where}; each seed's count listed), "
                   "instead of the n steps meta-trained through:", "",
                   "| K | body | method | chosen steps | accuracy | NLL | ECE |", "|---" * 7 + "|"]
         for e in chosen:
