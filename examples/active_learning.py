@@ -102,7 +102,7 @@ def main():
     grid_x = torch.linspace(-5, 5, 100).expand(args.eval_tasks, 100)
     f = sinusoid_family(args.eval_tasks, seed=12345)
     curves = {"scaled": {}, "fixed": {}, "nll": {}}
-    table = {}
+    table, steps = {}, {}
     for method in ("bmaml", "emaml"):
         config = {"method": method, "particles": args.particles, "hidden": [40, 40, 40],
                   "inner_steps": 1, "leader_steps": 1}
@@ -111,6 +111,7 @@ def main():
         tasks = Sinusoid("bmaml", args.num_tasks, args.shots, seed=args.seed)
         learner.fit(tasks, args.iterations, seed=args.seed, schedule_iterations=100_000,
                     progress=not args.no_progress)
+        steps[method] = learner.adapt_steps  # the count fit chose; every adaptation below uses it
         for scaling in ("scaled", "fixed"):
             for strategy in ("variance", "random"):
                 mse, nll = active_learning(
@@ -129,8 +130,11 @@ def main():
                 print(label, scaling, " ".join(f"{m:.3f}" for m, _ in stats), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     budget = vars(args) | {"out": str(args.out)}
-    args.out.with_suffix(".json").write_text(json.dumps({"budget": budget, "table": table}, indent=2))
-    lines = [f"Budget: {json.dumps(budget)}"]
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"budget": budget, "adapt_steps": steps, "table": table}, indent=2))
+    lines = [f"Budget: {json.dumps(budget)}", "",
+             "Adaptation steps (the count `fit` chose on held-out tasks, used for every "
+             "adaptation): " + ", ".join(f"{m.upper()} {n}" for m, n in steps.items())]
     for scaling, title in (("scaled", "grid MSE, BMAML's step size x K / N"),
                            ("fixed", "grid MSE, fixed step size"),
                            ("nll", "grid mixture NLL per point, BMAML's step size x K / N")):
