@@ -133,17 +133,18 @@ def _select_steps(learner, source, seed: int, device, num_tasks: int = 1000):
     if (not hasattr(learner, "select_adapt_steps") or learner.inner_steps == 0
             or learner._is_policy()):
         return None
-    size = getattr(source, "num_tasks", None)
-    asked = min(num_tasks, size) if size else num_tasks
     held_out = getattr(source, "validation_tasks", None)
+    size = None if callable(held_out) else getattr(source, "num_tasks", None)
+    asked = min(num_tasks, size) if size else num_tasks
+    remedy = "its validation_tasks" if callable(held_out) else "a finite pool: a num_tasks attribute"
     try:
-        batch = (held_out(num_tasks, seed + 1) if callable(held_out)
+        batch = (held_out(asked, seed + 1) if callable(held_out)
                  else source.sample(asked, torch.Generator().manual_seed(seed + 1)))
     except ValueError as err:  # e.g. a finite pool behind a wrapper that hides num_tasks
         warnings.warn(f"the adaptation's step count was not chosen: the task source could "
                       f"not give {asked} held-out tasks ({err}); adapt_steps stays "
-                      f"inner_steps. Pass select_steps=False, or a source with a num_tasks "
-                      f"attribute", stacklevel=3)
+                      f"inner_steps. Pass select_steps=False, or a source that can give them "
+                      f"({remedy})", stacklevel=3)
         return None
     if not isinstance(batch, TaskBatch) or batch.num_tasks < 2:
         return None
