@@ -40,11 +40,16 @@ METHODS = ("bmaml", "bmaml-bfa", "emaml", "maml")
 BMAML_OPTIONS = ("inner_steps", "step_size_objective", "calibration")
 
 
-def build(method, family, seed, step_size_objective=None, inner_steps=None, calibration=None):
+def build(method, family, seed, step_size_objective=None, inner_steps=None, calibration=None,
+          temperature=False):
     """The learner with its defaults; BMAML's ``inner_steps`` and (chaser)
-    ``step_size_objective`` and ``calibration`` as given, where given."""
+    ``step_size_objective`` and ``calibration`` as given, where given; ``temperature``: every
+    learner meta-learns its predictive temperature (``learn_predictive_temperature``, on
+    the classification families only)."""
     pyro.set_rng_seed(seed)
     common = dict(example_args=family.example_args())
+    if temperature and family.kind != "regression":
+        common["learn_predictive_temperature"] = True
     steps = {} if inner_steps is None else {"inner_steps": inner_steps}
     if method == "bmaml":
         given = {k: v for k, v in (("step_size_objective", step_size_objective),
@@ -115,7 +120,7 @@ def run_one(job):
     tasks = family.evaluation_tasks(args["eval_tasks"])
     refs = family.references(tasks)
     options = (method, family, seed, args.get("step_size_objective"), args.get("inner_steps"),
-               args.get("calibration"))
+               args.get("calibration"), args.get("learn_predictive_temperature", False))
     learner = build(*options)
     start = time.time()
     stopped = None
@@ -199,12 +204,17 @@ def command_options(table, budget) -> str:
             words.append(f"--{key.replace('_', '-')} {budget[key]}")
     if budget.get("no_select_steps"):
         words.append("--no-select-steps")
+    if budget.get("learn_predictive_temperature"):
+        words.append("--learn-predictive-temperature")
     return " ".join(words)
 
 
 def markdown(table, budget, out=Path("results/families")):
     given = [f"{k}={budget[k]!r}" for k in BMAML_OPTIONS if k in budget]
     settings = f" (BMAML given {', '.join(given)})" if given else ""
+    if budget.get("learn_predictive_temperature"):
+        settings += (" plus a meta-learned predictive temperature on the classification "
+                     "families (learn_predictive_temperature=True)")
     lines = [
         "# Families suite: defaults on five task families with exact references",
         "",
@@ -293,6 +303,9 @@ def main():
     p.add_argument("--no-select-steps", action="store_true",
                    help="every learner adapts with its training's step count (fit(..., "
                         "select_steps=False)) instead of the count fit chooses on held-out tasks")
+    p.add_argument("--learn-predictive-temperature", action="store_true",
+                   help="every learner meta-learns its predictive temperature on the "
+                        "classification families (learn_predictive_temperature=True)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--from-runs", type=Path, nargs="+", default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -308,6 +321,8 @@ def main():
             budget[key] = getattr(args, key)
     if args.no_select_steps:
         budget["no_select_steps"] = True
+    if args.learn_predictive_temperature:
+        budget["learn_predictive_temperature"] = True
     if args.from_runs:
         rows = read_runs(args.from_runs)
     else:

@@ -50,7 +50,8 @@ def run_one(job):
         "leader_steps": 1, "seed": seed,
         "learn_step_size": True if method == "bmaml" and args.get("bmaml_learn_step_size") else None,
         "calibration": args.get("bmaml_calibration") if method == "bmaml" else None,
-        "objective": args.get("bmaml_objective") if method == "bmaml" else None})
+        "objective": args.get("bmaml_objective") if method == "bmaml" else None,
+        "learn_predictive_temperature": True if args.get("learn_predictive_temperature") else None})
     pyro.set_rng_seed(seed)
     learner = build_learner(config)
     source, tasks, _ = task_sources(config, learner)
@@ -76,6 +77,8 @@ def run_one(job):
         row["chosen"] = {k: chosen[k][0] for k in ("accuracy", "nll", "ece")}
     if learner.learned_step_sizes():
         row["learned_steps"] = learner.learned_step_sizes()
+    if learner.log_predictive_temperature.numel():
+        row["predictive_temperature"] = learner.predictive_temperature
     row.update({k: metrics[k][0] for k in METRICS})
     row["accuracy_ci95"] = metrics["accuracy_ci95"]
     row["reliability"] = {k: v.tolist() for k, v in metrics["reliability"].items()}
@@ -231,6 +234,10 @@ def main():
     p.add_argument("--bmaml-objective", choices=("chaser", "bfa"), default=None,
                    help="BMAML's meta-loss (default: the digits configuration's, the chaser; "
                         "'bfa': the query mixture NLL of the adapted particles)")
+    p.add_argument("--learn-predictive-temperature", action="store_true",
+                   help="every learner meta-learns the temperature of its predictive "
+                        "(learn_predictive_temperature=True; default: off, as the records "
+                        "were run)")
     add_comparison_arguments(p, "fewshot")
     args = p.parse_args()
     out = output_prefix(args, "fewshot")
@@ -243,6 +250,8 @@ def main():
                 "bmaml_learn_step_size": args.bmaml_learn_step_size,
                 "bmaml_calibration": args.bmaml_calibration,
                 "bmaml_objective": args.bmaml_objective}
+    if args.learn_predictive_temperature:  # (absent when off: older records regenerate alike)
+        settings["learn_predictive_temperature"] = True
     # how the body is treated is per run (the table's "body" column), not in the budget
     budget = {k: v for k, v in settings.items() if k not in ("shared", "shared_step_size")}
     budget |= {"meta_batch": 10, "lr": 1e-3, "seeds": args.seeds, "task": "digits"}

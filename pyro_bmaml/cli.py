@@ -118,8 +118,8 @@ def build_learner(config: dict):
     Keys: ``method``, ``particles``, ``inner_steps``, ``leader_steps``, the task's keys
     (``task`` and, for sinusoid, nothing else; for classification ``ways``, ``shots``,
     ``network``, ``shared``, ``shared_step_size``, ...) and, optional (``None``: the
-    family's default for the method), ``hidden``, ``step_size``, ``objective``, ``calibration``, ``noise_step_size``
-    (BMAML only).
+    family's default for the method), ``hidden``, ``step_size``, ``objective``, ``calibration``,
+    ``learn_step_size``, ``learn_predictive_temperature``, ``noise_step_size`` (BMAML only).
     """
     config = resolve_config(config)
     family = task_family(config["task"])
@@ -132,8 +132,9 @@ def build_learner(config: dict):
         source = family.sources(config)[0]
         example = source.evaluation_tasks(1, seed=0)
         common["example_args"] = (example.x_support[0], example.y_support[0])
-    if config.get("learn_step_size") is not None:
-        common["learn_step_size"] = config["learn_step_size"]
+    for key in ("learn_step_size", "learn_predictive_temperature"):
+        if config.get(key) is not None:
+            common[key] = config[key]
     if common["inner_steps"] is None:  # the learner's own default
         del common["inner_steps"]
     if config["method"] == "bmaml":
@@ -284,6 +285,10 @@ def parser() -> argparse.ArgumentParser:
                    help="meta-learn the adaptation step per site (Meta-SGD style); None: the "
                         "family's choice (off on sinusoid, digits and point-nav, as their "
                         "records were run), else the learner's (bmaml: on)")
+    t.add_argument("--learn-predictive-temperature", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="a classifier: meta-learn the temperature of the adapted particles' "
+                        "predictive (temperature scaling across tasks); None: off")
     t.add_argument("--step-size-objective", choices=("chaser", "query_nll"), default=None,
                    help="bmaml with learned steps: what trains them (default: the learner's, "
                         "the query NLL; the chaser distance on a policy)")
@@ -387,8 +392,8 @@ def train(args) -> int:
     if args.max_kl is not None and args.meta_optimizer != "trpo":
         raise ValueError("--max-kl is a --meta-optimizer trpo option")
     config.update({key: getattr(args, key) for key in
-                   ("learn_step_size", "chaser_trains_noise", "step_size_objective",
-                    "meta_optimizer", "max_kl", "compile")
+                   ("learn_step_size", "learn_predictive_temperature", "chaser_trains_noise",
+                    "step_size_objective", "meta_optimizer", "max_kl", "compile")
                    if getattr(args, key) is not None})
     if args.imports:
         config["imports"] = list(args.imports)

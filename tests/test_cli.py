@@ -101,6 +101,26 @@ def test_out_collisions_resume_and_bad_checkpoints(tmp_path, capsys):
     assert "expected the entries" in capsys.readouterr().err
 
 
+def test_a_learned_predictive_temperature_reaches_the_checkpoint_and_back(tmp_path, capsys):
+    """``--learn-predictive-temperature``: the learner meta-learns it, the checkpoint's
+    config records it, and a learner loaded from the checkpoint adapts with it."""
+    pytest.importorskip("sklearn")
+    from pyro_bmaml.cli import load_learner
+
+    out = tmp_path / "digits"
+    assert main(["train", "--task", "digits-5way-1shot", "--iterations", "3", "--particles", "2",
+                 "--hidden", "8", "--eval-tasks", "4", "--meta-batch", "2", "--out", str(out),
+                 "--no-progress", "--learn-predictive-temperature"]) == 0
+    learner, state = load_learner(out / "checkpoint.pt")
+    assert learner.learn_predictive_temperature
+    assert state["extra"]["config"]["learn_predictive_temperature"] is True
+    t = learner.predictive_temperature
+    assert t != 1.0 and learner.describe()["predictive_temperature"] == t
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--eval-tasks", "4",
+                 "--out", str(tmp_path / "again")]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+
+
 def test_load_learner_from_a_cli_checkpoint(tmp_path):
     import torch
 

@@ -23,10 +23,11 @@ from pyro import poutine
 from torch.distributions import constraints
 from pyro.infer import Predictive
 
-from .._checks import check_has_data, check_int, value_checks_enabled
+from .._checks import check_has_data, check_int, check_positive_float, value_checks_enabled
 from .potential import ModelPotential
 
-__all__ = ["ParticlePosterior", "mixture_log_likelihood", "particle_prior", "model_with_prior"]
+__all__ = ["ParticlePosterior", "mixture_log_likelihood", "particle_prior", "model_with_prior",
+           "support_log_density", "tempered_log_predictive"]
 
 
 def mixture_log_likelihood(log_lik: torch.Tensor) -> torch.Tensor:
@@ -36,13 +37,45 @@ def mixture_log_likelihood(log_lik: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(log_lik, dim=-2) - math.log(log_lik.size(-2))
 
 
+def tempered_log_predictive(support_log_lik: torch.Tensor, temperature) -> torch.Tensor:
+    r"""The particle mixture's predictive over a finite support, tempered:
+    :math:`\log p_T(s) = \tfrac1T \log \bar p(s) - \log \sum_{s'} \bar p(s')^{1/T}`,
+    :math:`\bar p(s) = \frac1M \sum_m p(s \mid x, \theta_m)`, from per-particle log
+    likelihoods of every value ``(..., M, N, S)``; returns ``(..., N, S)`` (differentiable,
+    also in ``temperature``, a float or 0-dim tensor). :math:`T < 1` sharpens the
+    predictive, :math:`T > 1` flattens it; the class ranking never changes (temperature
+    scaling, Guo et al. 2017, applied to the mixture)."""
+    mixture = torch.logsumexp(support_log_lik, dim=-3) - math.log(support_log_lik.size(-3))
+    return (mixture / temperature).log_softmax(-1)
+
+
+def support_log_density(log_probs: torch.Tensor, y: torch.Tensor,
+                        support: torch.Tensor) -> torch.Tensor:
+    """``log_probs[..., n, s]`` at each observation's value: ``log_probs`` ``(..., N, S)``
+    over ``support`` ``(S,)`` (:func:`tempered_log_predictive`), ``y`` ``(..., N)``;
+    raises ``ValueError`` where ``y`` holds a value outside the support."""
+    match = y.unsqueeze(-1) == support.to(device=y.device, dtype=y.dtype)
+    if not bool(match.any(-1).all()):
+        raise ValueError(f"y holds values outside the likelihood's support {support.tolist()}")
+    index = match.to(torch.int8).argmax(-1)
+    return log_probs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+
+
 class ParticlePosterior:
-    """Particles of one or several tasks' posteriors.
+    r"""Particles of one or several tasks' posteriors.
 
     :param potential: the model's potential (knows the sites and the model).
     :param particles: flat unconstrained ``(M, D)`` or ``(T, M, D)``.
     :param x_support, y_support: the data adapted on (``(K, in)``/``(K,)``, or with ``T``).
     :param info: free-form description (method, kernel, steps...), kept for diagnostics.
+    :param temperature: :math:`T > 0` of the predictive over a finite support (a classifier;
+        :func:`tempered_log_predictive`), e.g. meta-learned by a learner's
+        ``learn_predictive_temperature``; 1 (default) is the plain mixture. Any other value
+        needs a likelihood over finitely many values (``potential.observation_support``). It
+        applies to the mixture predictive (:meth:`predict`'s ``"mean"``,
+        :meth:`log_predictive_density`, :meth:`predictive_log_probs`); the per-particle
+        values (``"particle_means"``, draws of ``y``, ArviZ's log likelihood) are the
+        model's own.
     """
 
     def __init__(
@@ -52,12 +85,18 @@ class ParticlePosterior:
         x_support: Optional[torch.Tensor] = None,
         y_support: Optional[torch.Tensor] = None,
         info: Optional[dict] = None,
+        temperature: float = 1.0,
     ):
         self.potential = potential
         self.particles = particles.detach()
         self.x_support = x_support
         self.y_support = y_support
         self.info = dict(info or {})
+        self.temperature = check_positive_float("temperature", temperature)
+        if self.temperature != 1.0 and potential.observation_support is None:
+            raise ValueError(
+                f"temperature={self.temperature} needs a likelihood over finitely many values "
+                "(Categorical or Bernoulli); the model's observations have none: use 1.0")
 
     @property
     def num_particles(self) -> int:
@@ -79,7 +118,8 @@ class ParticlePosterior:
             raise ValueError("task(index) needs a batched (T, M, D) posterior")
         sup = None if self.x_support is None else (self.x_support[index], self.y_support[index])
         return ParticlePosterior(self.potential.task_view(index), self.particles[index],
-                                 *(sup or (None, None)), info=self.info)
+                                 *(sup or (None, None)), info=self.info,
+                                 temperature=self.temperature)
 
     def predict(self, x: torch.Tensor, num_samples: int = 0) -> Dict[str, torch.Tensor]:
         """Posterior predictive at inputs ``x`` (``(N, in)``, or ``(T, N, in)`` if batched).
@@ -111,9 +151,35 @@ class ParticlePosterior:
         if particle_means.is_floating_point():
             self._check_not_nan("predictive mean", particle_means)
         out = {"mean": particle_means.mean(particle_dim), "particle_means": particle_means}
+        if self.temperature != 1.0:
+            out["mean"] = self._tempered_mean(x, out["mean"])
         if num_samples:
             out["samples"] = self._sample_y(x, num_samples)
         return out
+
+    def _tempered_mean(self, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """The tempered predictive in the form of the model's returned mean: class
+        probabilities over the support where the model returns them (``(..., N, S)``), else
+        the tempered expectation of the observed value (e.g. a Bernoulli's ``p(y = 1)``)."""
+        probs = self.predictive_log_probs(x).exp()  # ((T,) N, S)
+        if tuple(mean.shape) == tuple(probs.shape):
+            return probs.to(mean.dtype)
+        support = self.potential.observation_support.to(probs)
+        expected = (probs * support).sum(-1)
+        if tuple(expected.shape) != tuple(mean.shape):
+            raise ValueError(
+                f"the model's returned mean has shape {tuple(mean.shape)}, neither the class "
+                f"probabilities {tuple(probs.shape)} nor the expected label "
+                f"{tuple(expected.shape)}: a tempered predictive cannot replace it")
+        return expected.to(mean.dtype)
+
+    def predictive_log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Log probability of every value of a finite support (``potential.observation_support``,
+        e.g. each class) under the (tempered) mixture predictive: ``((T,) N, S)``."""
+        self._check_inputs(x)
+        log_lik = self.potential.support_log_likelihood(self.particles, x)
+        self._check_not_nan("log likelihood", log_lik)
+        return tempered_log_predictive(log_lik, self.temperature)
 
     def _check_inputs(self, x) -> None:
         """``x`` must be a finite floating tensor shaped like the support inputs (same
@@ -170,6 +236,9 @@ class ParticlePosterior:
             that an adaptation carried to finite but absurd values, whose logits overflow);
             ``-inf`` (a point the particle gives no density) is a value, not an error.
         """
+        if self.temperature != 1.0:
+            return support_log_density(self.predictive_log_probs(x), y,
+                                       self.potential.observation_support)
         log_lik = self.potential.log_likelihood(self.particles, x, y)
         self._check_not_nan("log likelihood", log_lik)
         return mixture_log_likelihood(log_lik)

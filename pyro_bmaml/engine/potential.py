@@ -70,6 +70,18 @@ class LatentSite:
         return slice(self.offset, self.offset + self.size)
 
 
+def _finite_support(fn) -> Optional[torch.Tensor]:
+    """``(S,)`` the values one observation of distribution ``fn`` can take, when they are
+    finitely many and one per point (``event_shape == ()``, e.g. ``Categorical``,
+    ``Bernoulli``); else ``None``."""
+    if fn is None or not getattr(fn, "has_enumerate_support", False) or tuple(fn.event_shape):
+        return None
+    try:
+        return fn.enumerate_support(expand=False).reshape(-1).detach()
+    except NotImplementedError:
+        return None
+
+
 def _is_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor)
 
@@ -169,6 +181,11 @@ class ModelPotential:
         self.observation_site: Optional[str] = None
         #: whether that site's likelihood is over discrete values (e.g. class labels)
         self.observation_discrete = False
+        #: the values one observation can take, ``(S,)``, when they are finitely many and
+        #: the same for every point (a ``Categorical`` or ``Bernoulli`` likelihood), else
+        #: ``None`` (see :meth:`support_log_likelihood`)
+        self.observation_support: Optional[torch.Tensor] = None
+        self._x_point_dims: Optional[int] = None
         #: the module parameters this view runs the model with (:meth:`with_parameters`)
         self.parameters: Optional[Dict[str, torch.Tensor]] = None
         self._active: Optional[Dict[str, torch.Tensor]] = None  # inside a vectorized call
@@ -259,7 +276,13 @@ class ModelPotential:
              and not site["infer"].get("_deterministic")), None)
         self.observation_discrete = self.observation_site is not None and bool(
             trace.nodes[self.observation_site]["fn"].support.is_discrete)
+        self.observation_support = _finite_support(
+            trace.nodes[self.observation_site]["fn"] if self.observation_site else None)
         self._check_observed_shapes(trace)
+        # input dims per data point (the example's x less the observations' point dims)
+        self._x_point_dims = (args[0].dim() - trace.nodes[self.observation_site]["value"].dim()
+                              if self.observation_support is not None and args
+                              and isinstance(args[0], torch.Tensor) else None)
         returned = trace.nodes["_RETURN"]["value"]
         #: the shape of the model's return value at setup (``None``: not a tensor), and of
         #: its first observed site's value (``None``: no observed site)
@@ -657,6 +680,28 @@ class ModelPotential:
         """
         return self._vectorized(self._log_likelihood_one, particles, args, kwargs,
                                 graph="log_likelihood")
+
+    def support_log_likelihood(self, particles: torch.Tensor, x, *args, **kwargs) -> torch.Tensor:
+        """Pointwise log likelihood of every value an observation can take
+        (:attr:`observation_support`), per particle: the model called with ``y`` set to
+        each value at every point, ``x`` and any further arguments as given.
+
+        :returns: ``(M, N, S)`` or ``(T, M, N, S)``.
+        :raises ValueError: if the model's observations have no finite support (e.g. a
+            Normal or Poisson likelihood).
+        """
+        support = self.observation_support
+        if support is None:
+            raise ValueError("support_log_likelihood needs a likelihood over finitely many "
+                             "values (Categorical or Bernoulli); the model's observed site "
+                             f"{self.observation_site!r} has none")
+        if self._x_point_dims is None:
+            raise ValueError("support_log_likelihood needs the model's inputs x as its first "
+                             "argument (a tensor, as at setup)")
+        lead = x.shape[: x.dim() - self._x_point_dims]
+        values = support.to(x.device)
+        return torch.stack([self.log_likelihood(particles, x, values[s].expand(lead), *args,
+                                                **kwargs) for s in range(values.numel())], -1)
 
     def normal_likelihood_params(self, particles, *args, **kwargs):
         """``(loc, scale)`` of a Normal observation site per particle and data point.

@@ -240,7 +240,7 @@ def classification_metrics(
         raise ValueError(f"y_query must hold integer labels of shape {tuple(x_query.shape[:2])}, "
                          f"got {tuple(y_query.shape)} ({y_query.dtype})")
     with torch.no_grad():
-        probs = posterior.potential.model_output(posterior.particles, x_query, y_query).mean(1)
+        probs = posterior.predict(x_query)["mean"]  # (tempered: ParticlePosterior.temperature)
         if probs.dim() != 3 or probs.shape[:2] != y_query.shape:
             raise ValueError("the model must return class probabilities (n, num_classes) per "
                              f"task; got {tuple(probs.shape)} for queries {tuple(y_query.shape)}")

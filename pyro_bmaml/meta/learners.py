@@ -70,6 +70,14 @@ On the families suite's N-way family with ten SVGD steps the chaser alone grew
 with the term it held at 0.8 (accuracy 0.57, ECE 0.10); with three steps the term raised
 the gap closed from 0.27 to 0.32 and lowered the ECE from 0.056 to 0.041 at Adam lr 5e-2
 (0.29 -> 0.36, 0.041 -> 0.031 at 1e-2); see the README.
+The mixture of a few particles adapted a few steps can still be under-confident (its
+particles disagree more than their accuracy warrants: on that N-way family, mean top-label
+confidence 0.485 against accuracy 0.570). ``learn_predictive_temperature=True`` is a
+classifier's counterpart of the noise offset: a meta-learned temperature :math:`T` of the
+mixture predictive, :math:`p_T(y) \propto \bar p(y)^{1/T}` over the likelihood's finite
+support, trained by the tempered query mixture NLL of the adapted particles cut from their
+graph (temperature scaling, Guo et al. 2017, meta-learned across tasks); it changes
+confidence, never the ranking of the classes, so accuracy is untouched.
 
 **Task data.** The learners get a task batch's data through its
 :meth:`~pyro_bmaml.tasks.base.TaskBatch.adaptation_data` (support for the chaser and the
@@ -104,7 +112,8 @@ from .._checks import (all_finite, check_bool, check_choice, check_has_data, che
 from ..engine.empirical_bayes import empirical_bayes_prior
 from ..engine.kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from ..engine.ksd import ksd_trajectory
-from ..engine.posterior import ParticlePosterior, mixture_log_likelihood, model_with_prior, particle_prior
+from ..engine.posterior import (ParticlePosterior, mixture_log_likelihood, model_with_prior,
+                                particle_prior, support_log_density, tempered_log_predictive)
 from ..engine.potential import ModelPotential
 from ..engine.svgd import transport
 from ..tasks.base import TaskBatch
@@ -122,8 +131,10 @@ SiteSpec = Union[str, Sequence[str], None]
 
 def _default_selected_steps(state_dict, prefix, *args) -> None:
     """Load-state-dict pre-hook: a state saved before :attr:`MetaLearner.adapt_steps`
-    existed has no ``selected_steps``; it loads as "none chosen" (``inner_steps``)."""
+    existed has no ``selected_steps``; it loads as "none chosen" (``inner_steps``). One saved
+    before ``learn_predictive_temperature`` existed has no temperature (none learned)."""
     state_dict.setdefault(prefix + "selected_steps", torch.tensor(-1))
+    state_dict.setdefault(prefix + "log_predictive_temperature", torch.zeros(0))
 
 
 class MetaLearner(nn.Module):
@@ -200,6 +211,19 @@ class MetaLearner(nn.Module):
         0.751 +- 0.035, EMAML's 0.740 (``results/fewshot_learned_steps.md``, README). Default ``False`` here and
         for the baselines (the papers' fixed alpha), ``True`` for :class:`BMAML`.
     :param step_size_lr: Adam learning rate of the log-steps (fixed, whatever ``lr``).
+    :param learn_predictive_temperature: for a likelihood over finitely many values (a
+        classifier: ``Categorical`` or ``Bernoulli``), meta-learn a temperature :math:`T`
+        of the adapted particles' mixture predictive, :math:`p_T(y) \propto \bar p(y)^{1/T}`
+        (:func:`~pyro_bmaml.engine.posterior.tempered_log_predictive`; temperature scaling,
+        Guo et al. 2017, fitted across tasks during meta-training instead of on one
+        validation set): a meta-loss term, the tempered query mixture NLL per point of the
+        adapted particles, cut from their graph so that only :math:`T` learns from it (at
+        ``calibration_lr``; on ``fit``'s held-out calibration tasks where it has them).
+        :meth:`adapt` returns posteriors with the learned :math:`T`. It is the classifier's
+        counterpart of the noise calibration: the mixture of a few particles adapted a few
+        steps can be under-confident (its particles disagree more than their accuracy
+        warrants) or over-confident, and a classifier has no noise site to absorb it.
+        Default ``False``.
     """
 
     method = "meta"
@@ -223,6 +247,7 @@ class MetaLearner(nn.Module):
         shared_step_size: Optional[float] = None,
         learn_step_size: bool = False,
         step_size_lr: float = 1e-2,
+        learn_predictive_temperature: bool = False,
     ):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         super().__init__()
@@ -308,6 +333,17 @@ class MetaLearner(nn.Module):
         #: the log prior in its coordinates at the initial particles (see ``learn_step_size``)
         self.register_buffer("max_step_sizes", self._prior_step_bounds(learned, example_args),
                              persistent=False)
+        self.learn_predictive_temperature = check_bool("learn_predictive_temperature",
+                                                       learn_predictive_temperature)
+        if self.learn_predictive_temperature and self.potential.observation_support is None:
+            raise ValueError(
+                "learn_predictive_temperature=True needs a likelihood over finitely many values "
+                f"(Categorical or Bernoulli); the model's observed site "
+                f"{self.potential.observation_site!r} has none")
+        #: meta-learned log of the predictive temperature (``learn_predictive_temperature``),
+        #: ``(1,)``; empty when off
+        self.log_predictive_temperature = nn.Parameter(torch.zeros(
+            1 if self.learn_predictive_temperature else 0, dtype=self.theta0.dtype))
 
     def _prior_step_bounds(self, sites, example_args) -> torch.Tensor:
         r"""``2 / c`` per site of ``sites`` (``inf`` where the prior is flat), ``c`` the largest
@@ -354,6 +390,14 @@ class MetaLearner(nn.Module):
         return torch.minimum(self.log_step_size.exp(), self.max_step_sizes.to(self.log_step_size))
 
     @property
+    def predictive_temperature(self) -> float:
+        """The temperature of the predictive :meth:`adapt` returns: the meta-learned one
+        (``learn_predictive_temperature``), else 1."""
+        if not self.log_predictive_temperature.numel():
+            return 1.0
+        return float(self.log_predictive_temperature.detach().exp())
+
+    @property
     def has_calibration_term(self) -> bool:
         """Whether the meta-loss has the query-NLL calibration term (``"noise_offset"`` or
         ``"initial_noise"``), the term ``fit(calibration_tasks=...)`` feeds."""
@@ -375,6 +419,9 @@ class MetaLearner(nn.Module):
         groups = [{"params": [self.theta0] + self.shared_parameters, "lr": lr}]
         if self.noise_offset.numel():
             groups.append({"params": [self.noise_offset, self.noise_log_scale],
+                           "lr": self.calibration_lr})
+        if self.log_predictive_temperature.numel():
+            groups.append({"params": [self.log_predictive_temperature],
                            "lr": self.calibration_lr})
         if self.log_step_size.numel():
             groups.append({"params": [self.log_step_size], "lr": self.step_size_lr})
@@ -574,6 +621,16 @@ class MetaLearner(nn.Module):
             particles = adapted.detach() + shift
         return self.mixture_nll(particles, *batch.adaptation_data("query", particles)).mean()
 
+    def temperature_loss(self, adapted: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+        """The tempered query mixture NLL per point that meta-learns the predictive
+        temperature (``learn_predictive_temperature``); the adapted particles are cut from
+        the graph, so only the temperature learns from it."""
+        particles = self.calibrate(adapted.detach()).detach()
+        x, y, *rest = batch.adaptation_data("query", particles)
+        log_lik = self.potential.support_log_likelihood(particles, x, *rest)
+        log_probs = tempered_log_predictive(log_lik, self.log_predictive_temperature.exp().squeeze(0))
+        return -support_log_density(log_probs, y, self.potential.observation_support).mean()
+
     def add_calibration_loss(self, loss: torch.Tensor, adapted: torch.Tensor,
                              batch: TaskBatch,
                              calibration_batch: Optional[TaskBatch] = None,
@@ -582,7 +639,8 @@ class MetaLearner(nn.Module):
         ``loss_terms["calibration_nll"]``). With ``calibration_batch`` (held-out tasks) the
         term is computed on those tasks, adapted from ``theta0`` without a graph, instead of
         on the training batch's ``adapted`` particles (and adapted ``shared`` parameters)."""
-        if not self.has_calibration_term:
+        tempered = bool(self.log_predictive_temperature.numel())
+        if not (self.has_calibration_term or tempered):
             return loss
         if calibration_batch is not None:
             batch = self.check_tasks(calibration_batch)
@@ -591,9 +649,15 @@ class MetaLearner(nn.Module):
                                                 self._expand(batch.num_tasks).detach(),
                                                 self.inner_steps)
         with self.adapted_model(_detached(shared)):
-            term = self.calibration_loss(adapted, batch)
-        self.loss_terms["calibration_nll"] = term.detach()
-        return loss + term
+            if self.has_calibration_term:
+                term = self.calibration_loss(adapted, batch)
+                self.loss_terms["calibration_nll"] = term.detach()
+                loss = loss + term
+            if tempered:
+                term = self.temperature_loss(adapted, batch)
+                self.loss_terms["temperature_nll"] = term.detach()
+                loss = loss + term
+        return loss
 
     @property
     def adapt_steps(self) -> int:
@@ -779,7 +843,8 @@ class MetaLearner(nn.Module):
             values = ksd_trajectory(self.potential, recorded, xb, yb,
                                     scores_per_step=scores)  # (steps + 1, T)
             info["ksd"] = values[:, 0] if single else values
-        return ParticlePosterior(potential, particles, x, y, info=info)
+        return ParticlePosterior(potential, particles, x, y, info=info,
+                                 temperature=self.predictive_temperature)
 
     def describe(self, steps: Optional[int] = None) -> dict:
         """Attributes for diagnostics and checkpoints."""
@@ -802,6 +867,8 @@ class MetaLearner(nn.Module):
         if self.log_step_size.numel():
             info["learned_step_sizes"] = ",".join(
                 f"{k}={v:.6g}" for k, v in self.learned_step_sizes().items())
+        if self.log_predictive_temperature.numel():
+            info["predictive_temperature"] = self.predictive_temperature
         if int(self.selected_steps) >= 0:
             info["adapt_steps"] = self.adapt_steps
         return info
@@ -812,7 +879,7 @@ class MetaLearner(nn.Module):
         checked on resume and :meth:`load_checkpoint`."""
         info = {k: v for k, v in self.describe().items()
                 if k not in ("noise_offset", "noise_log_scale", "learned_step_sizes",
-                             "adapt_steps")}
+                             "adapt_steps", "predictive_temperature")}
         info.update(
             sites={s.name: list(s.shape) for s in self.potential.sites},
             dim=self.potential.dim, calibration_lr=self.calibration_lr,
@@ -822,6 +889,8 @@ class MetaLearner(nn.Module):
             shared_parameters=[list(p.shape) for p in self.shared_parameters],
             shared_step_size=self.shared_step_size, learn_step_size=self.learn_step_size,
             step_size_lr=self.step_size_lr)
+        if self.learn_predictive_temperature:  # (absent when off: older checkpoints match)
+            info["learn_predictive_temperature"] = True
         return info
 
     def prior_particles(self) -> Dict[str, torch.Tensor]:
@@ -1128,6 +1197,7 @@ class BMAML(MetaLearner):
         step_size_objective: str = "auto",
         compile: bool = False,
         leader_step_scale: Union[str, float] = "auto",
+        learn_predictive_temperature: bool = False,
     ):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         num_particles = check_int("num_particles", num_particles, 2)
@@ -1137,7 +1207,8 @@ class BMAML(MetaLearner):
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
                          noise_sites, calibration, noise_step_size, calibration_lr,
                          offset_per_particle, chaser_trains_noise, noise_adaptation_scale,
-                         shared_step_size, learn_step_size, step_size_lr)
+                         shared_step_size, learn_step_size, step_size_lr,
+                         learn_predictive_temperature=learn_predictive_temperature)
         if self.objective == "bfa" and self.calibration in ("distance", "mixture"):
             raise ValueError(
                 f"calibration={self.calibration!r} adds to the chaser distance, which "
@@ -1385,13 +1456,15 @@ class EMAML(MetaLearner):
                  example_args: Optional[Sequence] = None, objective: str = "auto",
                  noise_sites: SiteSpec = "auto", calibration: Optional[str] = None,
                  calibration_lr: float = 1e-2, shared_step_size: Optional[float] = None,
-                 learn_step_size: bool = False, step_size_lr: float = 1e-2):
+                 learn_step_size: bool = False, step_size_lr: float = 1e-2,
+                 learn_predictive_temperature: bool = False):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         self.objective = check_choice("objective", objective, ("auto", "mse", "nll", "log_joint"))
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
                          noise_sites, calibration, calibration_lr=calibration_lr,
                          shared_step_size=shared_step_size, learn_step_size=learn_step_size,
-                         step_size_lr=step_size_lr)
+                         step_size_lr=step_size_lr,
+                         learn_predictive_temperature=learn_predictive_temperature)
         if self.objective == "auto":  # no target to take a squared error to: the NLL
             self.objective = ("nll" if self.potential.observation_discrete
                               or self.potential.observation_factor else "mse")
@@ -1492,8 +1565,8 @@ class MAML(EMAML):
                  objective: str = "auto", noise_sites: SiteSpec = "auto",
                  calibration: Optional[str] = None, calibration_lr: float = 1e-2,
                  shared_step_size: Optional[float] = None, learn_step_size: bool = False,
-                 step_size_lr: float = 1e-2):
+                 step_size_lr: float = 1e-2, learn_predictive_temperature: bool = False):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         super().__init__(model, 1, inner_steps, step_size, init, example_args, objective,
                          noise_sites, calibration, calibration_lr, shared_step_size,
-                         learn_step_size, step_size_lr)
+                         learn_step_size, step_size_lr, learn_predictive_temperature)

@@ -488,7 +488,7 @@ def _binary_hits(p1: torch.Tensor, y: torch.Tensor):
 def _binary_metrics(posterior, x_query, y_query):
     """Accuracy, NLL, Brier and top-label ECE of a Bernoulli particle mixture."""
     with torch.no_grad():
-        p1 = posterior.potential.model_output(posterior.particles, x_query, y_query).mean(1)
+        p1 = posterior.predict(x_query)["mean"]  # (tempered: ParticlePosterior.temperature)
         nll = -posterior.log_predictive_density(x_query, y_query).mean(-1)
     conf, correct = _binary_hits(p1, y_query)
     per_task = {"accuracy": correct.mean(-1), "nll": nll,
