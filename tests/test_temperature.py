@@ -152,3 +152,30 @@ def test_fit_learns_the_temperature_and_adapt_and_checkpoints_carry_it(cls):
     state = off.state_dict()
     del state["log_predictive_temperature"]
     off.load_state_dict(state)
+
+
+def test_step_count_selection_refits_the_temperature_for_each_count():
+    """Each candidate count is scored at the temperature that minimises its query NLL on
+    the selection tasks; the chosen count's temperature is the learner's afterwards, and
+    its NLL is the tempered posterior's there (a minimum: nudging T either way is worse)."""
+    family = SubspaceClassification()
+    learner = _learner(family, True)
+    learner.fit(family, 60, lr=5e-2, seed=0, progress=False, select_steps=False)
+    tasks = family.sample(30, torch.Generator().manual_seed(8))
+    report = learner.select_adapt_steps(tasks, candidates=[1, 3, 6])
+    assert len(report["temperature"]) == 3 and len(set(report["temperature"])) == 3
+    best = report["steps"].index(report["chosen"])
+    t = learner.predictive_temperature
+    assert math.isclose(t, report["temperature"][best], rel_tol=1e-6)
+    for i, n in enumerate(report["steps"]):
+        adapted = learner.adapt(tasks.x_support, tasks.y_support, num_steps=n)
+
+        def nll(temperature):
+            post = ParticlePosterior(adapted.potential, adapted.particles, tasks.x_support,
+                                     tasks.y_support, temperature=temperature)
+            return -float(post.log_predictive_density(tasks.x_query, tasks.y_query).mean())
+
+        fitted = report["temperature"][i]
+        assert 1e-2 < fitted < 1e2  # an interior minimum on these tasks
+        assert math.isclose(nll(fitted), report["nll"][i], rel_tol=1e-5)
+        assert nll(fitted) < min(nll(fitted * 1.05), nll(fitted / 1.05))

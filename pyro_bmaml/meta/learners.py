@@ -129,6 +129,10 @@ def _detached(shared: Optional[Dict[str, torch.Tensor]]) -> Optional[Dict[str, t
 SiteSpec = Union[str, Sequence[str], None]
 
 
+#: the step-count selection's fitted temperatures lie in [e^-b, e^b] = [1e-2, 1e2]
+LOG_TEMPERATURE_BOUND = math.log(100.0)
+
+
 def _default_selected_steps(state_dict, prefix, *args) -> None:
     """Load-state-dict pre-hook: a state saved before :attr:`MetaLearner.adapt_steps`
     existed has no ``selected_steps``; it loads as "none chosen" (``inner_steps``). One saved
@@ -692,11 +696,19 @@ class MetaLearner(nn.Module):
         0.83 of the NLL gap and three 0.62: heavy-tailed task NLLs make the s.e. wide
         and the rule too timid; ``fit`` gives it 1,000 tasks instead.
 
+        With a learned predictive temperature (``learn_predictive_temperature``) each count
+        is scored at its own best temperature, fitted on the same tasks (temperature
+        scaling on held-out data, Guo et al. 2017), and the chosen count's temperature
+        replaces the meta-trained one: that one was fitted for ``inner_steps`` steps, and
+        on digits (1-shot, BFA, seed 0) it over-sharpened the ten steps chosen with it
+        (ECE 0.115 against 0.017 at one step).
+
         :param tasks: held-out tasks (a :class:`TaskBatch`; e.g. ``source.sample(200, g)``),
             not the ones meta-trained on when the source is a finite pool.
         :param chunk: tasks adapted at once (memory).
         :returns: ``{"steps": [...], "nll": [...], "se": [...], "chosen": n, "diverged":
-            [...]}``: per count the mean query NLL per point and task, and the standard
+            [...]}`` (and ``"temperature": [...]``, each count's fitted temperature, with a
+            learned one): per count the mean query NLL per point and task, and the standard
             error of its paired difference to the lowest (0 at the lowest); the counts whose
             adaptation took a non-finite step (``inf``, never chosen: on the digits MLP
             with every weight latent and learned steps, ten steps diverged on 5-shot).
@@ -714,16 +726,19 @@ class MetaLearner(nn.Module):
         if not isinstance(candidates, (list, tuple)) or not candidates:
             raise TypeError(f"candidates must be a non-empty list of step counts, got {candidates!r}")
         steps = sorted({check_int("candidates", c, 0) for c in candidates})
-        per_task, diverged = [], []
+        per_task, diverged, temperatures = [], [], []
         for n in steps:
             if not diverged:  # a longer adaptation repeats the steps that diverged
                 try:
-                    per_task.append(self._query_nll_per_task(tasks, n, chunk))
+                    nll, log_t = self._query_nll_per_task(tasks, n, chunk)
+                    per_task.append(nll)
+                    temperatures.append(log_t)
                     continue
                 except FloatingPointError:  # a step the adaptation cannot take
                     pass
             diverged.append(n)
             per_task.append(torch.full((tasks.num_tasks,), math.inf, dtype=torch.float64))
+            temperatures.append(None)
         nll = [float(v.mean()) for v in per_task]
         finite = [i for i, v in enumerate(nll) if math.isfinite(v)]
         if not finite:
@@ -733,18 +748,55 @@ class MetaLearner(nn.Module):
         se = [float((v - per_task[best]).std() / math.sqrt(v.numel())) for v in per_task]
         chosen = steps[best]
         self.adapt_steps = chosen
-        return {"steps": steps, "nll": nll, "se": se, "chosen": chosen, "diverged": diverged}
+        out = {"steps": steps, "nll": nll, "se": se, "chosen": chosen, "diverged": diverged}
+        if self.log_predictive_temperature.numel():
+            with torch.no_grad():
+                self.log_predictive_temperature.fill_(temperatures[best])
+            out["temperature"] = [None if t is None else math.exp(t) for t in temperatures]
+        return out
 
-    def _query_nll_per_task(self, tasks: TaskBatch, num_steps: int, chunk: int) -> torch.Tensor:
-        """``(T,)`` query mixture NLL per point of each task adapted ``num_steps`` steps from
-        ``theta0``, ``chunk`` tasks at a time (float64)."""
+    def _query_nll_per_task(self, tasks: TaskBatch, num_steps: int, chunk: int):
+        """``((T,), log_t)``: the query mixture NLL per point of each task adapted
+        ``num_steps`` steps from ``theta0``, ``chunk`` tasks at a time (float64), and, with a
+        learned predictive temperature, the log-temperature that minimises their mean,
+        at which the NLLs are taken (else ``None``)."""
+        tempered = bool(self.log_predictive_temperature.numel())
         parts = []
         for start in range(0, tasks.num_tasks, chunk):
             part = tasks[start:start + chunk]
             posterior = self.adapt(part.x_support, part.y_support, num_steps=num_steps)
-            parts.append(-posterior.log_predictive_density(part.x_query, part.y_query)
-                         .double().mean(-1))
-        return torch.cat(parts)
+            if tempered:  # every value's log likelihood, to refit the temperature
+                with torch.no_grad():
+                    log_lik = posterior.potential.support_log_likelihood(posterior.particles,
+                                                                        part.x_query)
+                parts.append((log_lik.double(), part.y_query))
+            else:
+                parts.append(-posterior.log_predictive_density(part.x_query, part.y_query)
+                             .double().mean(-1))
+        if not tempered:
+            return torch.cat(parts), None
+        if not all(bool(torch.isfinite(ll).all()) for ll, _ in parts):
+            raise FloatingPointError(f"{num_steps} steps gave a non-finite log likelihood")
+        support = self.potential.observation_support
+        log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+
+        def per_task():  # T within [1e-2, 1e2]: past it the predictive is one-hot or uniform
+            t = log_t.clamp(-LOG_TEMPERATURE_BOUND, LOG_TEMPERATURE_BOUND).exp()
+            return torch.cat([-support_log_density(tempered_log_predictive(ll, t), y,
+                                                   support).mean(-1) for ll, y in parts])
+
+        opt = torch.optim.LBFGS([log_t], max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = per_task().mean()
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            opt.step(closure)
+        with torch.no_grad():
+            return per_task(), float(log_t.clamp(-LOG_TEMPERATURE_BOUND, LOG_TEMPERATURE_BOUND))
 
     def check_tasks(self, tasks):
         """Validate a batch of tasks (:meth:`TaskBatch.validate`) and check it against the
