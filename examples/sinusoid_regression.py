@@ -80,8 +80,11 @@ def run_one(job):
     row.update(scores(metrics))
     if "adapt_steps" in history:  # and after the count fit chose on the held-out tasks
         row["adapt_steps"] = learner.adapt_steps
-        row["chosen"] = scores(metrics if learner.adapt_steps == learner.inner_steps else
-                               evaluate(learner, eval_tasks, closed_form=True, widths=False))
+        try:
+            row["chosen"] = scores(metrics if learner.adapt_steps == learner.inner_steps else
+                                   evaluate(learner, eval_tasks, closed_form=True, widths=False))
+        except FloatingPointError as err:  # the count chosen on the selection tasks diverged
+            row["chosen"] = {"error": str(err)}  # on these: keep the paper-protocol row
     row["reliability"] = [metrics["reliability"][lv][0] for lv in RELIABILITY_LEVELS]
     row["curve"] = [{"iteration": e["iteration"], "mse": e["mse"][0], "nll": e["nll"][0],
                      "mse_particles": e["mse_particles"][0],
@@ -120,10 +123,12 @@ def summarize(rows):
         for key in METRICS:
             entry[key] = mean_se([r[key] for r in ok]) if ok else [float("nan"), None]
         by_seed = sorted(ok, key=lambda r: r["seed"])
-        chosen = [r for r in by_seed if "chosen" in r]
+        chosen = [r for r in by_seed if "chosen" in r and "error" not in r["chosen"]]
         if chosen:
-            # each seed's count in seed order, "-" for a run that chose none (older code)
-            entry["adapt_steps"] = [r.get("adapt_steps", "-") for r in by_seed]
+            # each seed's count in seed order, "-" for a run that chose none (older code),
+            # with "!" where the chosen count diverged on the evaluation tasks
+            entry["adapt_steps"] = [f"{r['adapt_steps']}!" if "error" in r.get("chosen", {})
+                                    else r.get("adapt_steps", "-") for r in by_seed]
             entry["chosen_seeds"] = len(chosen)
             entry["chosen"] = {key: mean_se([r["chosen"][key] for r in chosen]) for key in METRICS}
         table.append(entry)
@@ -150,7 +155,8 @@ def write_outputs(out: Path, budget: dict, rows: list):
              "meta-trained through (the paper's protocol); where the runs chose another "
              "count for adaptation at test time (`fit`'s default, on the held-out share), "
              "the last columns score that count (each seed's count listed, '-' for a run "
-             "made before the choice existed, and scored over the seeds that chose).", "",
+             "made before the choice existed, '!' for a count that took a non-finite step on "
+             "the evaluation tasks, and scored over the other seeds that chose).", "",
              "| K | \\|T\\| | method | M | step | calibration | MSE | per-particle MSE | NLL | "
              "cov. 50% | cov. 90% | diverged | chosen steps | MSE / NLL / cov. 90% there |",
              "|---" * 14 + "|"]
