@@ -126,7 +126,10 @@ def write_outputs(out: Path, budget: dict, rows: list):
              "hidden layers are latent (particles over every weight), or shared by the "
              "particles and meta-learned (particles over the head only, the paper's "
              "miniImageNet setup), and then adapted per task by a gradient step of size alpha "
-             "or not.", "",
+             "or not." + (" Every learner meta-learns its predictive temperature, refitted by "
+                          "fit's step-count selection for the count it chose: the n-step "
+                          "columns use that count's temperature too."
+                          if budget.get("learn_predictive_temperature") else ""), "",
              "| K | body | method | M | step | accuracy | CI95 | NLL | Brier | ECE | MCE | "
              "H right | H wrong | diverged |", "|---" * 14 + "|"]
     for e in table:

@@ -223,7 +223,10 @@ class MetaLearner(nn.Module):
         validation set): a meta-loss term, the tempered query mixture NLL per point of the
         adapted particles, cut from their graph so that only :math:`T` learns from it (at
         ``calibration_lr``; on ``fit``'s held-out calibration tasks where it has them).
-        :meth:`adapt` returns posteriors with the learned :math:`T`. It is the classifier's
+        :meth:`adapt` returns posteriors with the learned :math:`T`; ``fit``'s step-count
+        selection (:meth:`select_adapt_steps`) refits it for the count it chooses, so it
+        belongs to :attr:`adapt_steps` (``adapt(num_steps=n)`` with another count keeps
+        it: refit with ``select_adapt_steps(tasks, candidates=[n])``). It is the classifier's
         counterpart of the noise calibration: the mixture of a few particles adapted a few
         steps can be under-confident (its particles disagree more than their accuracy
         warrants) or over-confident, and a classifier has no noise site to absorb it.
