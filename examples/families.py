@@ -41,16 +41,20 @@ BMAML_OPTIONS = ("inner_steps", "step_size_objective", "calibration")
 
 
 def build(method, family, seed, step_size_objective=None, inner_steps=None, calibration=None,
-          temperature=False):
+          temperature=False, learn_prior=None):
     """The learner with its defaults; BMAML's ``inner_steps`` and (chaser)
     ``step_size_objective`` and ``calibration`` as given, where given; ``temperature``: every
     learner meta-learns its predictive temperature (``learn_predictive_temperature``, on
-    the classification families only)."""
+    the classification families only); ``learn_prior``: BMAML (chaser and BFA) adapts under
+    a meta-learned Gaussian prior of that form (the baselines' MSE / NLL steps have no
+    prior to learn)."""
     pyro.set_rng_seed(seed)
     common = dict(example_args=family.example_args())
     if temperature and family.kind != "regression":
         common["learn_predictive_temperature"] = True
     steps = {} if inner_steps is None else {"inner_steps": inner_steps}
+    if learn_prior is not None and method.startswith("bmaml"):
+        steps["learn_prior"] = learn_prior
     if method == "bmaml":
         given = {k: v for k, v in (("step_size_objective", step_size_objective),
                                    ("calibration", calibration)) if v is not None}
@@ -96,8 +100,8 @@ def nuts_scores(family, learner, tasks, num_tasks, samples, seed, form="empirica
     defaults to 500."""
     from pyro.infer import MCMC, NUTS
 
-    if form == "theta0":
-        model = learner.model_with_learned_prior()
+    if form in ("theta0", "learned"):  # theta0's mixture, or the prior learn_prior learned
+        model = learner.model_with_learned_prior(form="kde" if form == "theta0" else form)
     else:
         prior_tasks = family.sample(prior_tasks, torch.Generator().manual_seed(seed + 1000))
         model = learner.model_with_learned_prior(tasks=prior_tasks, form=form)
@@ -120,7 +124,8 @@ def run_one(job):
     tasks = family.evaluation_tasks(args["eval_tasks"])
     refs = family.references(tasks)
     options = (method, family, seed, args.get("step_size_objective"), args.get("inner_steps"),
-               args.get("calibration"), args.get("learn_predictive_temperature", False))
+               args.get("calibration"), args.get("learn_predictive_temperature", False),
+               args.get("learn_prior"))
     learner = build(*options)
     start = time.time()
     stopped = None
@@ -136,8 +141,16 @@ def run_one(job):
            "seconds": seconds, "refs": refs, "adapt_steps": learner.adapt_steps,
            "before": scores(family, start_learner, tasks, refs),
            "after": scores(family, learner, tasks, refs), "describe": learner.describe()}
-    if (args["nuts_tasks"] and method == "bmaml" and seed == args["seeds"][0]
-            and lr == args["nuts_lr"] and family.kind == "regression" and stopped is None):
+    nuts = (args["nuts_tasks"] and method == "bmaml" and seed == args["seeds"][0]
+            and lr == args["nuts_lr"] and family.kind == "regression" and stopped is None)
+    if nuts and learner.learned_prior is not None:  # NUTS under the learned prior itself
+        row["nuts_learned_nll"] = nuts_scores(family, learner, tasks, args["nuts_tasks"],
+                                              args["nuts_samples"], seed, form="learned")
+        sub = tasks[: args["nuts_tasks"]]
+        row["nuts_refs"] = family.references(sub)
+        row["nuts_adapted_nll"] = -float(learner.adapt(sub.x_support, sub.y_support)
+                                         .log_predictive_density(sub.x_query, sub.y_query).mean())
+    elif nuts:
         row["nuts_nll"] = nuts_scores(family, learner, tasks, args["nuts_tasks"],
                                       args["nuts_samples"], seed, prior_tasks=args["prior_tasks"])
         row["nuts_kde_nll"] = nuts_scores(family, learner, tasks, args["nuts_tasks"],
@@ -181,6 +194,14 @@ def summarize(rows):
                                      "refs": n["nuts_refs"],
                                      "gap_closed": gap_closed(n["nuts_nll"], n["nuts_refs"]["broad"],
                                                               n["nuts_refs"]["true"])}
+                learned = [r for r in group if "nuts_learned_nll" in r]
+                if learned:
+                    n = learned[0]
+                    entry["nuts_learned"] = {
+                        "nll": n["nuts_learned_nll"], "adapted_nll": n["nuts_adapted_nll"],
+                        "refs": n["nuts_refs"],
+                        "gap_closed": gap_closed(n["nuts_learned_nll"], n["nuts_refs"]["broad"],
+                                                 n["nuts_refs"]["true"])}
                 table.append(entry)
     return table
 
@@ -206,6 +227,8 @@ def command_options(table, budget) -> str:
         words.append("--no-select-steps")
     if budget.get("learn_predictive_temperature"):
         words.append("--learn-predictive-temperature")
+    if budget.get("learn_prior"):
+        words.append(f"--learn-prior {budget['learn_prior']}")
     return " ".join(words)
 
 
@@ -215,6 +238,9 @@ def markdown(table, budget, out=Path("results/families")):
     if budget.get("learn_predictive_temperature"):
         settings += (" plus a meta-learned predictive temperature on the classification "
                      "families (learn_predictive_temperature=True)")
+    if budget.get("learn_prior"):
+        settings += (f"; BMAML adapts under a meta-learned {budget['learn_prior']} Gaussian "
+                     f"prior (learn_prior={budget['learn_prior']!r})")
     lines = [
         "# Families suite: defaults on five task families with exact references",
         "",
@@ -277,6 +303,15 @@ def markdown(table, budget, out=Path("results/families")):
                       f"{n['gap_closed']:.2f}; Bayes-optimal / broad on those tasks "
                       f"{n['refs']['true']:.3f} / {n['refs']['broad']:.3f}){theta0}; BMAML's own "
                       f"adapted particles there {n['adapted_nll']:.3f}."]
+        for e in [e for e in rows if "nuts_learned" in e]:
+            n = e["nuts_learned"]
+            lines += ["", f"NUTS under BMAML's learned prior (learn_prior, its Gaussian as "
+                      f"learned: no fit to tasks; lr {e['lr']:g}, first seed, "
+                      f"{budget['nuts_tasks']} held-out tasks, {budget['nuts_samples']} draws "
+                      f"after as many warmup steps): NLL {n['nll']:.3f} (gap closed "
+                      f"{n['gap_closed']:.2f}; Bayes-optimal / broad on those tasks "
+                      f"{n['refs']['true']:.3f} / {n['refs']['broad']:.3f}); BMAML's own "
+                      f"adapted particles there {n['adapted_nll']:.3f}."]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -306,6 +341,9 @@ def main():
     p.add_argument("--learn-predictive-temperature", action="store_true",
                    help="every learner meta-learns its predictive temperature on the "
                         "classification families (learn_predictive_temperature=True)")
+    p.add_argument("--learn-prior", choices=("diagonal", "full"), default=None,
+                   help="BMAML (chaser and BFA) adapts under a meta-learned Gaussian prior "
+                        "(learn_prior=...) instead of the model's")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--from-runs", type=Path, nargs="+", default=None)
     p.add_argument("--out", type=Path, default=None)
@@ -323,6 +361,8 @@ def main():
         budget["no_select_steps"] = True
     if args.learn_predictive_temperature:
         budget["learn_predictive_temperature"] = True
+    if args.learn_prior:
+        budget["learn_prior"] = args.learn_prior
     if args.from_runs:
         rows = read_runs(args.from_runs)
     else:

@@ -119,7 +119,8 @@ def build_learner(config: dict):
     (``task`` and, for sinusoid, nothing else; for classification ``ways``, ``shots``,
     ``network``, ``shared``, ``shared_step_size``, ...) and, optional (``None``: the
     family's default for the method), ``hidden``, ``step_size``, ``objective``, ``calibration``,
-    ``learn_step_size``, ``learn_predictive_temperature``, ``noise_step_size`` (BMAML only).
+    ``learn_step_size``, ``learn_predictive_temperature``, ``learn_prior``,
+    ``noise_step_size`` (BMAML only).
     """
     config = resolve_config(config)
     family = task_family(config["task"])
@@ -132,7 +133,7 @@ def build_learner(config: dict):
         source = family.sources(config)[0]
         example = source.evaluation_tasks(1, seed=0)
         common["example_args"] = (example.x_support[0], example.y_support[0])
-    for key in ("learn_step_size", "learn_predictive_temperature"):
+    for key in ("learn_step_size", "learn_predictive_temperature", "learn_prior"):
         if config.get(key) is not None:
             common[key] = config[key]
     if common["inner_steps"] is None:  # the learner's own default
@@ -289,6 +290,10 @@ def parser() -> argparse.ArgumentParser:
                    default=None,
                    help="a classifier: meta-learn the temperature of the adapted particles' "
                         "predictive (temperature scaling across tasks); None: off")
+    t.add_argument("--learn-prior", choices=("diagonal", "full"), default=None,
+                   help="adapt under a meta-learned Gaussian prior over the flat parameters "
+                        "instead of the model's own (learn_prior; bmaml, or an --objective "
+                        "log_joint baseline); None: the model's")
     t.add_argument("--step-size-objective", choices=("chaser", "query_nll"), default=None,
                    help="bmaml with learned steps: what trains them (default: the learner's, "
                         "the query NLL; the chaser distance on a policy)")
@@ -392,8 +397,9 @@ def train(args) -> int:
     if args.max_kl is not None and args.meta_optimizer != "trpo":
         raise ValueError("--max-kl is a --meta-optimizer trpo option")
     config.update({key: getattr(args, key) for key in
-                   ("learn_step_size", "learn_predictive_temperature", "chaser_trains_noise",
-                    "step_size_objective", "meta_optimizer", "max_kl", "compile")
+                   ("learn_step_size", "learn_predictive_temperature", "learn_prior",
+                    "chaser_trains_noise", "step_size_objective", "meta_optimizer", "max_kl",
+                    "compile")
                    if getattr(args, key) is not None})
     if args.imports:
         config["imports"] = list(args.imports)

@@ -121,6 +121,27 @@ def test_a_learned_predictive_temperature_reaches_the_checkpoint_and_back(tmp_pa
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_a_learned_prior_reaches_the_checkpoint_and_back(tmp_path, capsys):
+    """``--learn-prior full`` on a family of the suite: the learner adapts under its learned
+    Gaussian prior, the checkpoint's config records it, and a learner loaded from it has
+    the same prior."""
+    import torch
+
+    from pyro_bmaml.cli import load_learner
+
+    out = tmp_path / "ng"
+    assert main(["train", "--task", "normal-gamma", "--iterations", "3", "--particles", "3",
+                 "--eval-tasks", "4", "--meta-batch", "2", "--out", str(out), "--no-progress",
+                 "--learn-prior", "full"]) == 0
+    learner, state = load_learner(out / "checkpoint.pt")
+    assert learner.learn_prior == "full" and state["extra"]["config"]["learn_prior"] == "full"
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["learner"]
+    assert torch.equal(learner.learned_prior.tril, saved["learned_prior.tril"])
+    assert main(["train", "--task", "normal-gamma", "--method", "emaml", "--learn-prior",
+                 "diagonal", "--out", str(tmp_path / "e")]) == 2
+    assert "objective='log_joint'" in capsys.readouterr().err
+
+
 def test_load_learner_from_a_cli_checkpoint(tmp_path):
     import torch
 

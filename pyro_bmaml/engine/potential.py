@@ -189,6 +189,8 @@ class ModelPotential:
         #: the module parameters this view runs the model with (:meth:`with_parameters`)
         self.parameters: Optional[Dict[str, torch.Tensor]] = None
         self._active: Optional[Dict[str, torch.Tensor]] = None  # inside a vectorized call
+        #: the log prior this view uses in place of the model's own (:meth:`with_prior`)
+        self.prior: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     # ------------------------------------------------------------------ module parameters
     def with_parameters(self, parameters: Optional[Dict[str, torch.Tensor]]) -> "ModelPotential":
@@ -214,6 +216,23 @@ class ModelPotential:
                         f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
         view = copy.copy(self)
         view.parameters = None if parameters is None else dict(parameters)
+        return view
+
+    def with_prior(self, log_prior: Optional[Callable[[torch.Tensor], torch.Tensor]]
+                   ) -> "ModelPotential":
+        r"""A view of this potential whose :meth:`log_density` has ``log_prior`` in place
+        of the model's priors: :math:`\sum_n \log p(y_n \mid \theta) + \log q(\theta)`,
+        the observed sites' log likelihood (:meth:`log_likelihood`) plus ``log_prior(theta)``,
+        a density over the flat *unconstrained* vector (so no Jacobian is added), mapping
+        ``(..., D)`` to ``(...)`` differentiably (e.g. a meta-learned
+        :class:`~pyro_bmaml.engine.learned_prior.GaussianPrior`'s ``log_prob``). The view's
+        log density is not recorded (the replayed and compiled fast paths read the model's
+        own prior), so it is evaluated with autograd. ``None`` gives the model's priors back."""
+        if log_prior is not None and not callable(log_prior):
+            raise TypeError(f"log_prior must be callable (particles -> log density) or None, "
+                            f"got {type(log_prior).__name__}")
+        view = copy.copy(self)
+        view.prior = log_prior
         return view
 
     def _per_task_parameters(self) -> bool:
@@ -657,6 +676,9 @@ class ModelPotential:
 
         :returns: ``(M,)`` or ``(T, M)``.
         """
+        if self.prior is not None:  # a view with another prior (with_prior)
+            return (self.log_likelihood(particles, *args, **kwargs).sum(-1)
+                    + self.prior(particles))
         return self._vectorized(self._log_joint_one, particles, args, kwargs,
                                 graph="log_density")
 
@@ -666,7 +688,10 @@ class ModelPotential:
         :meth:`log_density` (``inputs`` holds the arguments and the module's parameters, so
         that the graph can be reused, and differentiated, for other values of the same
         shapes); ``None`` where the model is not recorded (``capture=False``, ``pyro.param``,
-        data-dependent control flow). What :mod:`pyro_bmaml.engine.compiled` compiles."""
+        data-dependent control flow) and in a view with another prior (:meth:`with_prior`).
+        What :mod:`pyro_bmaml.engine.compiled` compiles."""
+        if self.prior is not None:
+            return None
         return self._vectorized(self._log_joint_one, particles, args, kwargs,
                                 graph="log_density", graph_only=True)
 
@@ -732,7 +757,8 @@ class ModelPotential:
         """
         # both from one recorded graph, without autograd, where the model can be recorded
         # (a model known not to be is not set up twice per call to find that out)
-        if not create_graph and self.capture and not (self.is_setup and self.reads_params):
+        if (not create_graph and self.capture and self.prior is None
+                and not (self.is_setup and self.reads_params)):
             both = self._vectorized(self._log_joint_one, particles.detach(), args, kwargs,
                                     graph="log_density", with_grad=True)
             if both is not None:

@@ -112,6 +112,7 @@ from .._checks import (all_finite, check_bool, check_choice, check_has_data, che
 from ..engine.empirical_bayes import empirical_bayes_prior
 from ..engine.kernels import RBFSteinKernel, SteinKernel, as_differentiable_kernel
 from ..engine.ksd import ksd_trajectory
+from ..engine.learned_prior import GaussianPrior
 from ..engine.posterior import (ParticlePosterior, mixture_log_likelihood, model_with_prior,
                                 particle_prior, support_log_density, tempered_log_predictive)
 from ..engine.potential import ModelPotential
@@ -231,6 +232,25 @@ class MetaLearner(nn.Module):
         steps can be under-confident (its particles disagree more than their accuracy
         warrants) or over-confident, and a classifier has no noise site to absorb it.
         Default ``False``.
+    :param learn_prior: ``None`` (default): the adaptation's target is the model's own
+        posterior, its priors included. ``"diagonal"`` or ``"full"``: the target's prior is
+        a meta-learned Gaussian over the flat unconstrained vector
+        (:class:`~pyro_bmaml.engine.learned_prior.GaussianPrior`, ``self.learned_prior``),
+        started at the model's prior's per-coordinate mean and standard deviation (512
+        draws) and learned through the adaptation steps, alongside ``theta0``, by the
+        query loss (BMAML's chaser: by the chaser's query mixture NLL, as its learned
+        steps: the chaser distance alone is minimised by a prior so tight that neither
+        chaser nor leader moves). The adapted particles are then a posterior under a prior
+        learned from the family, not under the model's: a start and a step can only go so
+        far when the model's prior is wrong for the family (on the families suite's N-way
+        family every learner plateaued at the accuracy MAP under the model's N(0, 1) gets,
+        below exact inference under a broad prior; ``results/families_ceilings.md``).
+        ``"full"`` learns correlations (D <= 2,048); it needs enough adaptation steps for
+        the prior to shape the posterior (``inner_steps``). After meta-training it is a
+        prior for any inference: :meth:`prior_distribution` returns it. Not with
+        :class:`EMAML` / :class:`MAML`'s MSE or NLL inner objectives (no prior in them).
+    :param prior_lr: Adam learning rate of the learned prior's parameters (fixed, whatever
+        ``lr``: a precision factor moved at ``theta0``'s 5e-2 overshoots).
     """
 
     method = "meta"
@@ -255,6 +275,8 @@ class MetaLearner(nn.Module):
         learn_step_size: bool = False,
         step_size_lr: float = 1e-2,
         learn_predictive_temperature: bool = False,
+        learn_prior: Optional[str] = None,
+        prior_lr: float = 3e-3,
     ):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         super().__init__()
@@ -351,6 +373,28 @@ class MetaLearner(nn.Module):
         #: ``(1,)``; empty when off
         self.log_predictive_temperature = nn.Parameter(torch.zeros(
             1 if self.learn_predictive_temperature else 0, dtype=self.theta0.dtype))
+        self.learn_prior = (None if learn_prior is None
+                            else check_choice("learn_prior", learn_prior, ("diagonal", "full")))
+        self.prior_lr = check_positive_float("prior_lr", prior_lr)
+        #: the meta-learned Gaussian prior of the adaptation's target (``learn_prior``), or None
+        self.learned_prior = (None if self.learn_prior is None else GaussianPrior.from_samples(
+            self._prior_draws(example_args), self.learn_prior).to(self.theta0.dtype))
+
+    def _prior_draws(self, example_args, num: int = 512) -> torch.Tensor:
+        """``num`` draws of the model's prior (flat, unconstrained), from a fixed seed and
+        without touching the global random state: where the learned prior starts."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return self.potential.sample_prior(num, *example_args)
+
+    def target(self) -> ModelPotential:
+        """The potential the adaptation steps follow: the model's (:attr:`potential`,
+        with the shared parameters of :meth:`adapted_model` inside one), or with
+        ``learn_prior`` its likelihood under the learned prior
+        (:meth:`~pyro_bmaml.engine.potential.ModelPotential.with_prior`)."""
+        if self.learned_prior is None:
+            return self.potential
+        return self.potential.with_prior(self.learned_prior.log_prob)
 
     def _prior_step_bounds(self, sites, example_args) -> torch.Tensor:
         r"""``2 / c`` per site of ``sites`` (``inf`` where the prior is flat), ``c`` the largest
@@ -432,6 +476,8 @@ class MetaLearner(nn.Module):
                            "lr": self.calibration_lr})
         if self.log_step_size.numel():
             groups.append({"params": [self.log_step_size], "lr": self.step_size_lr})
+        if self.learned_prior is not None:
+            groups.append({"params": list(self.learned_prior.parameters()), "lr": self.prior_lr})
         return groups
 
     def _resolve_noise_sites(self, noise_sites: SiteSpec, example_args) -> List[str]:
@@ -924,6 +970,8 @@ class MetaLearner(nn.Module):
                 f"{k}={v:.6g}" for k, v in self.learned_step_sizes().items())
         if self.log_predictive_temperature.numel():
             info["predictive_temperature"] = self.predictive_temperature
+        if self.learned_prior is not None:
+            info["learn_prior"] = self.learn_prior
         if int(self.selected_steps) >= 0:
             info["adapt_steps"] = self.adapt_steps
         return info
@@ -946,6 +994,8 @@ class MetaLearner(nn.Module):
             step_size_lr=self.step_size_lr)
         if self.learn_predictive_temperature:  # (absent when off: older checkpoints match)
             info["learn_predictive_temperature"] = True
+        if self.learned_prior is not None:
+            info["prior_lr"] = self.prior_lr
         return info
 
     def prior_particles(self) -> Dict[str, torch.Tensor]:
@@ -959,8 +1009,9 @@ class MetaLearner(nn.Module):
         unconstrained vector, for other inference on a new task (see
         :meth:`model_with_learned_prior`).
 
-        :param tasks: ``None``: a Gaussian kernel-density mixture of the M initial particles
-            ``theta0`` (:func:`~pyro_bmaml.engine.posterior.particle_prior`, which documents
+        :param tasks: ``None``: with ``learn_prior``, the learned Gaussian
+            (``form="learned"``); otherwise a Gaussian kernel-density mixture of the M
+            initial particles ``theta0`` (:func:`~pyro_bmaml.engine.posterior.particle_prior`, which documents
             ``bandwidth``). A :class:`TaskBatch` of the family's tasks (e.g.
             ``source.sample(200, generator)``): a prior estimated from them, as ``form``
             says. ``theta0`` is where a few SVGD steps start, not a sample of the family's
@@ -982,6 +1033,12 @@ class MetaLearner(nn.Module):
             closed less of the gap to the Bayes-optimal predictive than under the
             empirical-Bayes Gaussian (``results/families.md``).
         """
+        if form == "learned" or (form == "auto" and tasks is None
+                                 and self.learned_prior is not None):
+            if self.learned_prior is None:
+                raise ValueError("form='learned' is the prior learned with learn_prior=..., "
+                                 "and this learner has none")
+            return self.learned_prior.distribution()
         if tasks is None:
             if form not in ("auto", "kde"):
                 raise ValueError(f"form={form!r} needs tasks; without them the prior is "
@@ -990,7 +1047,7 @@ class MetaLearner(nn.Module):
         if not isinstance(tasks, TaskBatch):
             raise TypeError(f"tasks must be a TaskBatch of the family's tasks, got "
                             f"{type(tasks).__name__}")
-        form = check_choice("form", form, ("auto", "empirical_bayes", "kde"))
+        form = check_choice("form", form, ("auto", "empirical_bayes", "kde", "learned"))
         if form == "auto":
             form = "empirical_bayes" if self.potential.dim <= 64 else "kde"
         tasks = tasks.validate()
@@ -1253,6 +1310,8 @@ class BMAML(MetaLearner):
         compile: bool = False,
         leader_step_scale: Union[str, float] = "auto",
         learn_predictive_temperature: bool = False,
+        learn_prior: Optional[str] = None,
+        prior_lr: float = 3e-3,
     ):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         num_particles = check_int("num_particles", num_particles, 2)
@@ -1263,7 +1322,14 @@ class BMAML(MetaLearner):
                          noise_sites, calibration, noise_step_size, calibration_lr,
                          offset_per_particle, chaser_trains_noise, noise_adaptation_scale,
                          shared_step_size, learn_step_size, step_size_lr,
-                         learn_predictive_temperature=learn_predictive_temperature)
+                         learn_predictive_temperature=learn_predictive_temperature,
+                         learn_prior=learn_prior, prior_lr=prior_lr)
+        if self.compile and self.learned_prior is not None:
+            raise ValueError(
+                "learn_prior adapts under a prior that is not the model's, whose log density "
+                "is not recorded, so the steps cannot be compiled (and the chaser's prior is "
+                "trained by the query NLL, three backward passes through the steps): build "
+                "the learner with compile=False")
         if self.objective == "bfa" and self.calibration in ("distance", "mixture"):
             raise ValueError(
                 f"calibration={self.calibration!r} adds to the chaser distance, which "
@@ -1322,7 +1388,7 @@ class BMAML(MetaLearner):
 
     def adapt_particles(self, particles, data, num_steps, callback=None, step_size=None):
         return transport(
-            self.potential, self.kernel, particles, *data,
+            self.target(), self.kernel, particles, *data,
             num_steps=num_steps, step_size=self._step(step_size), mode=self.mode,
             callback=callback, temperature=self.temperature,
             compile=self.compile and callback is None,
@@ -1359,7 +1425,7 @@ class BMAML(MetaLearner):
                     term = self.calibration_weight * self.bfa_loss(chaser, batch)
             self.loss_terms["mixture_nll"] = term.detach()
             loss = loss + term
-        if self.step_size_objective == "query_nll":
+        if self.step_size_objective == "query_nll" or self.learned_prior is not None:
             loss = self._steps_by_query_nll(loss, chaser, batch, shared, nll)
         return self.add_calibration_loss(loss, chaser, batch, calibration_batch, shared)
 
@@ -1435,7 +1501,10 @@ class BMAML(MetaLearner):
         stationary point; the query NLL, a proper scoring rule on held-out points, rewards
         the step that predicts best (on sinusoid the first shrank the steps 3-10x and cost
         MSE). ``nll``: :meth:`_query_nll` of ``chaser`` when the meta-loss already has it."""
-        routed = [(p, None) for p in (self.log_step_size,) if p.numel() and p.requires_grad]
+        steps = (self.log_step_size,) if self.step_size_objective == "query_nll" else ()
+        if self.learned_prior is not None:  # always: the distance alone would collapse it
+            steps += tuple(self.learned_prior.parameters())
+        routed = [(p, None) for p in steps if p.numel() and p.requires_grad]
         if self.initial_noise_in_graph and self.theta0.requires_grad:
             routed.append((self.theta0, self.noise_mask))
         if not routed or not torch.is_grad_enabled():
@@ -1512,17 +1581,24 @@ class EMAML(MetaLearner):
                  noise_sites: SiteSpec = "auto", calibration: Optional[str] = None,
                  calibration_lr: float = 1e-2, shared_step_size: Optional[float] = None,
                  learn_step_size: bool = False, step_size_lr: float = 1e-2,
-                 learn_predictive_temperature: bool = False):
+                 learn_predictive_temperature: bool = False,
+                 learn_prior: Optional[str] = None, prior_lr: float = 3e-3):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         self.objective = check_choice("objective", objective, ("auto", "mse", "nll", "log_joint"))
         super().__init__(model, num_particles, inner_steps, step_size, init, example_args,
                          noise_sites, calibration, calibration_lr=calibration_lr,
                          shared_step_size=shared_step_size, learn_step_size=learn_step_size,
                          step_size_lr=step_size_lr,
-                         learn_predictive_temperature=learn_predictive_temperature)
+                         learn_predictive_temperature=learn_predictive_temperature,
+                         learn_prior=learn_prior, prior_lr=prior_lr)
         if self.objective == "auto":  # no target to take a squared error to: the NLL
             self.objective = ("nll" if self.potential.observation_discrete
                               or self.potential.observation_factor else "mse")
+        if self.learned_prior is not None and self.objective != "log_joint":
+            raise ValueError(
+                f"learn_prior learns the prior of the inner steps' log joint, and "
+                f"objective={self.objective!r} steps on the {self.objective.upper()} alone "
+                "(no prior): use objective='log_joint'")
         if self.objective == "log_joint" and self.calibration != "none":
             raise ValueError(
                 "objective='log_joint' meta-learns the noise through its query NLL already; "
@@ -1547,7 +1623,7 @@ class EMAML(MetaLearner):
     def _inner_objective(self, theta, data, create_graph):
         """``(score, direction)``: the value logged and the ascent direction of one step."""
         if self.objective == "log_joint":
-            return self.potential.log_density_and_grad(theta, *data, create_graph=create_graph)
+            return self.target().log_density_and_grad(theta, *data, create_graph=create_graph)
         with torch.enable_grad():
             t = theta if create_graph else theta.detach().requires_grad_(True)
             loss = self.point_loss(t, *data)
@@ -1620,8 +1696,10 @@ class MAML(EMAML):
                  objective: str = "auto", noise_sites: SiteSpec = "auto",
                  calibration: Optional[str] = None, calibration_lr: float = 1e-2,
                  shared_step_size: Optional[float] = None, learn_step_size: bool = False,
-                 step_size_lr: float = 1e-2, learn_predictive_temperature: bool = False):
+                 step_size_lr: float = 1e-2, learn_predictive_temperature: bool = False,
+                 learn_prior: Optional[str] = None, prior_lr: float = 3e-3):
         """Build the learner; the arguments are documented on the class (``help(type(self))``)."""
         super().__init__(model, 1, inner_steps, step_size, init, example_args, objective,
                          noise_sites, calibration, calibration_lr, shared_step_size,
-                         learn_step_size, step_size_lr, learn_predictive_temperature)
+                         learn_step_size, step_size_lr, learn_predictive_temperature,
+                         learn_prior, prior_lr)
