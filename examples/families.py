@@ -146,10 +146,6 @@ def run_one(job):
     if nuts and learner.learned_prior is not None:  # NUTS under the learned prior itself
         row["nuts_learned_nll"] = nuts_scores(family, learner, tasks, args["nuts_tasks"],
                                               args["nuts_samples"], seed, form="learned")
-        sub = tasks[: args["nuts_tasks"]]
-        row["nuts_refs"] = family.references(sub)
-        row["nuts_adapted_nll"] = -float(learner.adapt(sub.x_support, sub.y_support)
-                                         .log_predictive_density(sub.x_query, sub.y_query).mean())
     elif nuts:
         row["nuts_nll"] = nuts_scores(family, learner, tasks, args["nuts_tasks"],
                                       args["nuts_samples"], seed, prior_tasks=args["prior_tasks"])
@@ -158,6 +154,7 @@ def run_one(job):
                                           prior_tasks=args["prior_tasks"])
         row["nuts_theta0_nll"] = nuts_scores(family, learner, tasks, args["nuts_tasks"],
                                              args["nuts_samples"], seed, form="theta0")
+    if nuts:
         sub = tasks[: args["nuts_tasks"]]
         row["nuts_refs"] = family.references(sub)
         row["nuts_adapted_nll"] = -float(learner.adapt(sub.x_support, sub.y_support)
