@@ -373,12 +373,17 @@ class MetaLearner(nn.Module):
         #: ``(1,)``; empty when off
         self.log_predictive_temperature = nn.Parameter(torch.zeros(
             1 if self.learn_predictive_temperature else 0, dtype=self.theta0.dtype))
-        self.learn_prior = (None if learn_prior is None
-                            else check_choice("learn_prior", learn_prior, ("diagonal", "full")))
+        if learn_prior is not None:
+            check_choice("learn_prior", learn_prior, ("diagonal", "full"))
         self.prior_lr = check_positive_float("prior_lr", prior_lr)
         #: the meta-learned Gaussian prior of the adaptation's target (``learn_prior``), or None
-        self.learned_prior = (None if self.learn_prior is None else GaussianPrior.from_samples(
-            self._prior_draws(example_args), self.learn_prior).to(self.theta0.dtype))
+        self.learned_prior = (None if learn_prior is None else GaussianPrior.from_samples(
+            self._prior_draws(example_args), learn_prior).to(self.theta0.dtype))
+
+    @property
+    def learn_prior(self) -> Optional[str]:
+        """The learned prior's form (``"diagonal"`` or ``"full"``), or ``None``."""
+        return None if self.learned_prior is None else self.learned_prior.form
 
     def _prior_draws(self, example_args, num: int = 512) -> torch.Tensor:
         """``num`` draws of the model's prior (flat, unconstrained), from a fixed seed and
@@ -1500,7 +1505,10 @@ class BMAML(MetaLearner):
         The chaser distance rewards a step that lands one SVGD step near the leader's
         stationary point; the query NLL, a proper scoring rule on held-out points, rewards
         the step that predicts best (on sinusoid the first shrank the steps 3-10x and cost
-        MSE). ``nll``: :meth:`_query_nll` of ``chaser`` when the meta-loss already has it."""
+        MSE). The learned prior's parameters (``learn_prior``) are always routed so, whatever
+        ``step_size_objective``: the distance alone is minimised by a prior that holds every
+        particle still. ``nll``: :meth:`_query_nll` of ``chaser`` when the meta-loss already
+        has it."""
         steps = (self.log_step_size,) if self.step_size_objective == "query_nll" else ()
         if self.learned_prior is not None:  # always: the distance alone would collapse it
             steps += tuple(self.learned_prior.parameters())
